@@ -1,0 +1,10 @@
+"""peregrine: a readable, fast LLM inference and serving engine."""
+
+from peregrine.config import EngineConfig
+from peregrine.llm import LLM
+from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
+from peregrine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "Logprob"]
+__version__ = "0.1.0"

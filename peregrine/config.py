@@ -1,0 +1,135 @@
+"""EngineConfig: every knob of the engine in one place, with its default and why."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Batching = Literal["continuous", "dynamic", "static"]
+
+
+@dataclass
+class EngineConfig:
+    """Configuration of one engine; every field is also a keyword argument of `LLM(...)`."""
+
+    # --- model -------------------------------------------------------------------------
+    model: str | None = None
+    """Model name (`smollm2-135m`, a shipped config such as `llama-3-8b`), a GGUF file or a
+    Hugging Face directory. None means the embedded default, SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Where to take the tokenizer from when it differs from `model` (a directory or GGUF)."""
+    load_format: Literal["auto", "gguf", "hf", "dummy"] = "auto"
+    """`auto` picks by path; `dummy` builds random weights from the config (speed work)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. `auto`: float32 on CPU (bf16 is emulated and slow there), bf16 on GPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available, else CPU."""
+    seed: int = 0
+    """Seed for dummy weights and for requests that sample without a seed of their own."""
+    quantization: str = "none"
+    """Weight quantization applied at load: none|int8|int4|nf4|fp8|gguf."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens. None: the model's context length."""
+
+    # --- KV cache ----------------------------------------------------------------------
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_kv_blocks: int | None = None
+    """Explicit pool size in blocks; overrides the memory budget when set."""
+    kv_cache_memory: float = 2.0
+    """KV pool budget in GiB on CPU."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory the engine may use (weights + activations + KV pool)."""
+    kv_cache_dtype: Literal["auto", "int8", "fp8"] = "auto"
+    """`auto` stores K/V in the compute dtype; int8/fp8 store one byte per value with scales."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes across requests."""
+
+    # --- scheduling --------------------------------------------------------------------
+    max_num_seqs: int = 128
+    """Most sequences in one step."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step. None: 512 on CPU (keeps decode latency low while a long
+    prompt is prefilled in chunks), 8192 on GPU."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps so prefill and decode share each forward pass."""
+    batching: Batching = "continuous"
+    """`continuous`: join/leave every step. `static`: a fixed batch runs to completion.
+    `dynamic`: like static, but the batch forms after waiting up to `batch_wait_ms`."""
+    batch_wait_ms: float = 50.0
+    """How long `dynamic` batching waits for a batch to fill before starting it."""
+
+    # --- execution ---------------------------------------------------------------------
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """`auto`: torch on CPU, Triton on GPU."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs (GPU only)."""
+    max_logprobs: int = 20
+    """Largest `logprobs` / `top_logprobs` a request may ask for."""
+    num_threads: int | None = None
+    """torch intra-op threads on CPU. None: torch's default (all cores)."""
+
+    # --- speculative decoding ------------------------------------------------------------
+    speculative: str | None = None
+    """None, `ngram`, `draft:<model>` or `layers:<k>`."""
+    num_speculative_tokens: int = 4
+    """Tokens proposed per step when speculating."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form options for experiments; nothing in the engine depends on it."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value is out of range."""
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1, got "
+                             f"{self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.batching not in ("continuous", "dynamic", "static"):
+            raise ValueError(f"batching must be continuous|dynamic|static, got {self.batching!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        """The device the engine runs on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens one step may compute."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.torch_device.type == "cuda" else 512
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of all fields (the keyword arguments `LLM(...)` accepts)."""
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,1 @@
+"""The engine: sequences, paged KV cache, scheduler, model runner and the step loop."""

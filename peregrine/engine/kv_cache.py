@@ -1,0 +1,216 @@
+"""The paged KV cache: a preallocated pool of fixed-size blocks, per-sequence block tables,
+reference counts, and prefix caching by chained block hashes with LRU eviction.
+
+Prefix caching. Every *full* block is named by a hash chained over the whole prefix up to
+and including it: h_i = hash((h_{i-1}, tokens of block i)). Two sequences with the same
+first k blocks of tokens produce the same k hashes, so a dict hash -> block finds the
+longest cached prefix in one pass over the new prompt's blocks. A block is registered as
+soon as it is allocated for tokens that fill it (their K/V are written in the same step,
+before any later reader runs), so siblings scheduled in the same step already share it.
+Freed blocks keep their hash and stay findable until the allocator reuses them; the free
+list is ordered least-recently-freed first, and sequences free their blocks tail first, so
+the deepest (least shared) blocks of a prefix are evicted before its root."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+
+from peregrine.engine.sequence import Sequence
+from peregrine.layers.attention import LayerCache
+from peregrine.models.config import ModelConfig
+
+NULL_BLOCK = -1  # a block-table entry whose block was freed (out of the sliding window)
+
+
+def kv_dtype_bytes(kv_cache_dtype: str, compute_dtype: torch.dtype) -> int:
+    """Bytes per stored K or V value."""
+    if kv_cache_dtype in ("int8", "fp8"):
+        return 1
+    return torch.empty((), dtype=compute_dtype).element_size()
+
+
+def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: float,
+                          memory_bytes: float) -> int:
+    """How many blocks of `block_size` tokens fit in `memory_bytes` (K and V, all layers)."""
+    per_block = cfg.kv_bytes_per_token(bytes_per_value) * block_size
+    return max(1, int(memory_bytes // per_block))
+
+
+def allocate_kv_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                     device: torch.device) -> list[LayerCache]:
+    """One zeroed K and V tensor per layer: [num_blocks, block_size, kv_heads, head_dim]."""
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    return [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_layers)]
+
+
+class KVCacheManager:
+    """Hands out blocks of the pool to sequences and tracks which prefixes are cached."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None, watermark: float = 0.01) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # With a sliding window, blocks that leave the window are freed, so a cached prefix
+        # may have holes; prefix caching is switched off for such models.
+        self.enable_prefix_caching = enable_prefix_caching and sliding_window is None
+        self.sliding_window = sliding_window
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no live sequence holds (cached ones included: they are evictable)."""
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live sequences."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- prefix cache ---------------------------------------------------------------------------
+    def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        """Extend seq.block_hashes to every full block among its first num_tokens tokens."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))))
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of the longest prefix of `seq` (full blocks, leaving at least the
+        last token to compute so the step has logits to sample from)."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = seq.num_tokens - 1
+        self._update_hashes(seq, limit)
+        hits = []
+        for h in seq.block_hashes[:limit // self.block_size]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    # --- allocation -----------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: Iterable[int] = (),
+                     reserve: int = 0) -> bool:
+        """Whether `allocate` would succeed, keeping `reserve` blocks free afterwards."""
+        hits = list(hits)
+        total = len(seq.block_table) + len(hits)
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - total
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)
+        return max(need, 0) + revived + reserve <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, hits: Iterable[int] = (),
+                 reserve: int = 0) -> bool:
+        """Give `seq` blocks for `num_new_tokens` more tokens (after taking the prefix-cache
+        `hits`, which advance seq.num_computed_tokens). False, changing nothing, if the pool
+        cannot spare them."""
+        hits = list(hits)
+        if not self.can_allocate(seq, num_new_tokens, hits, reserve):
+            return False
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        seq.num_computed_tokens += len(hits) * self.block_size
+        end = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) < self.blocks_needed(end):
+            seq.block_table.append(self._take_free_block())
+        if self.enable_prefix_caching:
+            self._register_full_blocks(seq, end)
+        return True
+
+    def _take_free_block(self) -> int:
+        """Pop the least recently freed block, evicting the prefix it cached."""
+        block, _ = self.free_blocks.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:
+            del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        self._update_hashes(seq, num_tokens)
+        full = num_tokens // self.block_size
+        for i in range(seq.num_registered_blocks, full):
+            block, h = seq.block_table[i], seq.block_hashes[i]
+            if self.block_hash[block] is None and h not in self.cached:
+                self.block_hash[block] = h
+                self.cached[h] = block
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    def free(self, seq: Sequence) -> None:
+        """Release all of `seq`'s blocks (tail first, so shared roots are evicted last)."""
+        for block in reversed(seq.block_table):
+            if block != NULL_BLOCK:
+                self._release(block)
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            if self.block_hash[block] is None:
+                # Nothing to reuse: put it first in line for the next allocation.
+                self.free_blocks[block] = None
+                self.free_blocks.move_to_end(block, last=False)
+            else:
+                self.free_blocks[block] = None
+
+    def free_out_of_window(self, seq: Sequence) -> None:
+        """Free blocks no future query of a sliding-window sequence can attend to."""
+        if self.sliding_window is None:
+            return
+        first_visible = seq.num_computed_tokens - self.sliding_window + 1
+        for i in range(max(first_visible, 0) // self.block_size):
+            if seq.block_table[i] != NULL_BLOCK:
+                self._release(seq.block_table[i])
+                seq.block_table[i] = NULL_BLOCK
+
+    def evict_all(self) -> None:
+        """Forget every cached prefix (blocks stay free)."""
+        for h, block in self.cached.items():
+            self.block_hash[block] = None
+        self.cached.clear()
+
+    # --- invariants -----------------------------------------------------------------------------
+    def check_invariants(self, live: Iterable[Sequence]) -> None:
+        """Assert that reference counts equal the references live block tables hold, and
+        that every unreferenced block is in the free list (cached ones with refcount 0)."""
+        expected = [0] * self.num_blocks
+        for seq in live:
+            for block in seq.block_table:
+                if block != NULL_BLOCK:
+                    expected[block] += 1
+        assert expected == self.ref_counts, "reference counts disagree with block tables"
+        for block in range(self.num_blocks):
+            in_free = block in self.free_blocks
+            assert in_free == (self.ref_counts[block] == 0), f"block {block} misfiled"
+        for h, block in self.cached.items():
+            assert self.block_hash[block] == h, f"cache entry of block {block} is stale"

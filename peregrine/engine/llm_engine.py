@@ -1,0 +1,246 @@
+"""LLMEngine: requests in, outputs out, one `step()` at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from peregrine.config import EngineConfig
+from peregrine.engine.detokenizer import IncrementalDetokenizer
+from peregrine.engine.kv_cache import (KVCacheManager, allocate_kv_pool, kv_dtype_bytes,
+                                       num_blocks_for_memory)
+from peregrine.engine.model_runner import ModelRunner
+from peregrine.engine.scheduler import ScheduledBatch, Scheduler
+from peregrine.engine.sequence import Request, RequestTimes, Sequence
+from peregrine.layers.sampler import SamplerOutput
+from peregrine.models.loader import LoadedModel, load_model
+from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from peregrine.sampling_params import SamplingParams
+
+logger = logging.getLogger("peregrine")
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for metrics and logs."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks held by live sequences
+    num_kv_blocks: int
+    num_free_blocks: int
+    prefix_cache_hit_rate: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_steps: int
+    last_step_tokens: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class LLMEngine:
+    """Owns the model, the KV pool, the scheduler and every live request."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device, dtype = config.torch_device, config.torch_dtype
+        t0 = time.perf_counter()
+        self.loaded = loaded or load_model(
+            config.model, load_format=config.load_format, dtype=dtype, device=device,
+            tokenizer=config.tokenizer, max_model_len=config.max_model_len, seed=config.seed)
+        self.load_time = time.perf_counter() - t0
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.kv_caches = allocate_kv_pool(self.model_config, num_blocks, config.block_size,
+                                          dtype, device)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 self.model_config.sliding_window)
+        self.scheduler = Scheduler(config, self.kv, self.max_model_len)
+        self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.last_step_tokens = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info("loaded %s in %.1fs: %d KV blocks of %d tokens (%d tokens)",
+                    self.loaded.source.name, self.load_time, num_blocks, config.block_size,
+                    num_blocks * config.block_size)
+
+    def _blocks_for_budget(self) -> int:
+        cfg = self.config
+        per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype)
+        if cfg.torch_device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(cfg.torch_device)
+            budget = free - (1 - cfg.gpu_memory_utilization) * total
+        else:
+            budget = cfg.kv_cache_memory * 2**30
+        return num_blocks_for_memory(self.model_config, cfg.block_size, per_value, budget)
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: PromptType,
+                    params: SamplingParams | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> Request:
+        """Validate and queue a request; ValueError says what is wrong with it."""
+        params = params or SamplingParams()
+        params.validate(self.config.max_logprobs)
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        room = self.max_model_len - len(ids)
+        if params.max_tokens is None:
+            if room < 1:
+                raise ValueError(f"the prompt ({len(ids)} tokens) leaves no room to generate in "
+                                 f"the context of {self.max_model_len} tokens")
+            params.max_tokens = room
+        elif len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens "
+                             f"({params.max_tokens}) is longer than the model's context "
+                             f"({self.max_model_len} tokens)")
+        capacity = self.kv.num_blocks * self.kv.block_size
+        if len(ids) + params.max_tokens > capacity:
+            raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens "
+                             f"({params.max_tokens}) does not fit the KV cache ({capacity} tokens)")
+        times = RequestTimes(arrival_time if arrival_time is not None else time.monotonic())
+        req = Request(request_id, text, ids, params, priority, times)
+        for i in range(params.n):
+            seq = Sequence(req, i, params)
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, ids, params.skip_special_tokens, params.stop,
+                params.include_stop_str_in_output)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (unknown ids are ignored)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the model once, process what it sampled."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampled = self.runner.execute(batch)
+        return self.postprocess(batch, sampled)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[RequestOutput]:
+        """Advance computed counts, append sampled tokens, stop finished sequences, and
+        report every request that changed."""
+        now = time.monotonic()
+        self.num_steps += 1
+        self.last_step_tokens = batch.num_tokens
+        tokens = iter(sampled.token_ids)
+        changed: dict[str, Request] = {}
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            samples = batch.samples(i)
+            if seq.is_prefilling:
+                self.prompt_tokens_total += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+            if not samples:
+                continue
+            token = next(tokens)
+            seq.token_ids.append(token)
+            self.generation_tokens_total += 1
+            times = seq.request.times
+            times.first_token = times.first_token or now
+            times.last_token = now
+            stop_str = seq.detokenizer.update([token])
+            reason = self._finish_reason(seq, token, stop_str)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            changed[seq.request.request_id] = seq.request
+        outputs = []
+        for req in changed.values():
+            if req.is_finished:
+                req.times.finished = now
+                self.requests.pop(req.request_id, None)
+            outputs.append(self.make_output(req))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int, stop_str: str | None) -> str | None:
+        p = seq.params
+        enough = seq.num_output_tokens >= p.min_tokens
+        if enough and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return "stop"
+        if enough and token in p.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if stop_str is not None:
+            seq.stop_reason = stop_str
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def make_output(self, req: Request) -> RequestOutput:
+        """The current state of a request as a RequestOutput."""
+        outs = [CompletionOutput(
+            index=s.index, text=s.detokenizer.visible_text(s.is_finished),
+            token_ids=s.output_token_ids, cumulative_logprob=None, logprobs=None,
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+        t = req.times
+        return RequestOutput(
+            request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            outputs=outs, finished=req.is_finished,
+            num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
+            metrics=RequestMetrics(t.arrival, t.first_scheduled, t.first_token, t.last_token,
+                                   t.finished))
+
+    def get_stats(self) -> EngineStats:
+        """Counters and gauges of the engine right now."""
+        kv = self.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks, prefix_cache_hit_rate=kv.prefix_hit_rate,
+            prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
+            last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total)
+
+    def check_invariants(self) -> None:
+        """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""
+        self.kv.check_invariants(self.scheduler.live_sequences())

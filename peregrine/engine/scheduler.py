@@ -1,0 +1,170 @@
+"""The scheduler: which sequences run this step, and how many tokens of each.
+
+Continuous batching: sequences join and leave the running set at every step. Each step
+has a token budget and a sequence cap; running sequences go first (decodes and the rest
+of chunked prefills, in priority order), then waiting ones are admitted with as much of
+their prompt as the budget leaves (chunked prefill), so prefill and decode of different
+requests share one forward pass. When the KV pool runs dry, the lowest-priority (latest)
+running sequence is preempted: its blocks are freed and it will be recomputed.
+
+`static` and `dynamic` batching are the baselines continuous batching is measured
+against: a batch is admitted only when nothing runs, and runs until all of it finishes
+(dynamic waits up to `batch_wait_ms` for the batch to fill before starting)."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+from peregrine.config import EngineConfig
+from peregrine.engine.kv_cache import KVCacheManager
+from peregrine.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """This step's work: sequences (single-token ones first) and tokens to compute of each."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_decodes: int = 0  # leading entries with exactly one new token
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether entry i reaches its last token this step (so a token is sampled for it)."""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] >= seq.num_tokens
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the KV block manager."""
+
+    def __init__(self, config: EngineConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.chunked = config.enable_chunked_prefill
+        # Without chunking a whole prompt must fit one step.
+        self.token_budget = (config.token_budget if self.chunked
+                             else max(config.token_budget, max_model_len))
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.running: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.num_preemptions = 0
+
+    # --- queues --------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new (or preempted) sequence by priority, then arrival."""
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=Sequence.sort_key)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence from whichever queue holds it and free its blocks."""
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        self.kv.free(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def live_sequences(self) -> list[Sequence]:
+        return self.running + self.waiting
+
+    # --- one step -------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's sequences and token counts, allocating their KV slots."""
+        batch = ScheduledBatch()
+        budget = self.token_budget
+        scheduled: list[tuple[Sequence, int]] = []
+
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue  # preempted earlier in this loop, or no budget left
+            n = seq.num_tokens - seq.num_computed_tokens
+            if n > budget and not self.chunked:
+                continue  # an unchunked prompt runs whole, in a later step
+            n = min(n, budget)
+            self.kv.free_out_of_window(seq)
+            while not self.kv.allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+
+        if not batch.preempted and self._admission_open():
+            # A static/dynamic batch is admitted whole even when this step's budget covers
+            # only part of its prompts; the rest are prefilled in the following steps.
+            whole_batch = self.config.batching != "continuous"
+            while (self.waiting and len(self.running) < self.config.max_num_seqs
+                   and (budget > 0 or whole_batch)):
+                seq = self.waiting[0]
+                hits = self.kv.lookup_prefix(seq) if seq.num_computed_tokens == 0 else []
+                n = seq.num_tokens - seq.num_computed_tokens - len(hits) * self.kv.block_size
+                if n > budget and not self.chunked:
+                    if not whole_batch:
+                        break
+                    n = 0
+                n = min(n, budget)
+                if not self.kv.allocate(seq, n, hits, reserve=self.kv.watermark_blocks):
+                    break
+                if seq.num_preemptions == 0:
+                    self.kv.record_lookup(seq.num_tokens, len(hits) * self.kv.block_size)
+                    seq.num_cached_tokens = len(hits) * self.kv.block_size
+                self.waiting.pop(0)
+                seq.status = SequenceStatus.RUNNING
+                bisect.insort(self.running, seq, key=Sequence.sort_key)
+                if seq.request.times.first_scheduled is None:
+                    seq.request.times.first_scheduled = time.monotonic()
+                if n:
+                    scheduled.append((seq, n))
+                    budget -= n
+
+        # Single-token entries first: the attention backend runs them as one batch.
+        scheduled.sort(key=lambda e: e[1] != 1)
+        batch.seqs = [s for s, _ in scheduled]
+        batch.num_new_tokens = [n for _, n in scheduled]
+        batch.num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
+        return batch
+
+    def _admission_open(self) -> bool:
+        """Continuous: always. Static/dynamic: only between batches (dynamic also waits for
+        the batch to fill or for its oldest request to have waited batch_wait_ms)."""
+        if self.config.batching == "continuous":
+            return True
+        if self.running:
+            return False
+        if self.config.batching == "dynamic" and self.waiting:
+            full = len(self.waiting) >= self.config.max_num_seqs
+            oldest = min(s.request.times.arrival for s in self.waiting)
+            waited = (time.monotonic() - oldest) * 1000 >= self.config.batch_wait_ms
+            return full or waited
+        return True
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Free a running sequence's blocks; it goes back to waiting and is recomputed."""
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+        self.add(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a sequence finished and return its blocks to the pool."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.remove(seq)

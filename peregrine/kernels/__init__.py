@@ -1,0 +1,1 @@
+"""Compute kernels: torch reference ops (CPU) and Triton kernels (GPU), same signatures."""

@@ -1,0 +1,106 @@
+"""The torch attention backend: paged KV write + attention, vectorized, runs anywhere.
+
+Decodes (one query each) run as one batched matmul over K/V gathered through the block
+tables. Prefill chunks run one sequence at a time (a step holds few of them, each many
+tokens) through scaled_dot_product_attention; a chunk with no cached context attends to
+its own fresh K/V without touching the cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peregrine.layers.attention import AttentionMetadata, LayerCache
+
+
+def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k/v [T, Hkv, D] at flat slots `slot_mapping` [T] (slot = block * size + offset)."""
+    hkv, d = k.shape[1], k.shape[2]
+    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
+    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+
+
+def gather_kv(cache: LayerCache, block_tables: torch.Tensor, num_blocks: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V of each sequence laid out contiguously: [B, num_blocks * block_size, Hkv, D]."""
+    table = block_tables[:, :num_blocks].long()
+    b = table.shape[0]
+    k = cache.k[table].flatten(1, 2)
+    v = cache.v[table].flatten(1, 2)
+    return k.view(b, -1, *k.shape[-2:]), v.view(b, -1, *v.shape[-2:])
+
+
+def key_mask(query_pos: torch.Tensor, seq_lens: torch.Tensor, num_keys: int,
+             sliding_window: int | None) -> torch.Tensor:
+    """Bool [B, Q, K]: key j is visible to a query at position p iff j <= p, j < seq_len and,
+    with a window w, j > p - w."""
+    j = torch.arange(num_keys, device=query_pos.device)
+    p = query_pos.unsqueeze(-1)
+    mask = (j <= p) & (j < seq_lens.view(-1, 1, 1))
+    if sliding_window is not None:
+        mask &= j > p - sliding_window
+    return mask
+
+
+class TorchAttentionBackend:
+    """Reference backend: correct for every shape, vectorized, used on CPU."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: LayerCache | None, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        if cache is not None:
+            write_kv(cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], cache, meta, scale, sliding_window)
+        qs = meta.query_start_loc
+        for i in range(nd, meta.num_seqs):
+            s, e = qs[i], qs[i + 1]
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], cache, meta, i, scale,
+                                     sliding_window)
+        return out
+
+    @staticmethod
+    def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        """One query per sequence: [B, Hq, D] against each sequence's paged K/V."""
+        b, hq, d = q.shape
+        seq_lens = meta.seq_lens_t[:b]
+        max_len = max(meta.seq_lens[:b])
+        nblocks = -(-max_len // cache.block_size)
+        k, v = gather_kv(cache, meta.block_tables[:b], nblocks)  # [B, L, Hkv, D]
+        hkv = k.shape[2]
+        # Grouped layout [B, Hkv, G, D] keeps GQA free of repeat_interleave copies.
+        qg = q.view(b, hkv, hq // hkv, d)
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1).to(q.dtype)) * scale  # [B,Hkv,G,L]
+        visible = key_mask((seq_lens - 1).view(b, 1), seq_lens, k.shape[1], sliding_window)
+        scores.masked_fill_(~visible.view(b, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = torch.matmul(probs, v.transpose(1, 2).to(q.dtype))  # [B, Hkv, G, D]
+        return out.reshape(b, hq, d)
+
+    @staticmethod
+    def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
+                 meta: AttentionMetadata, i: int, scale: float,
+                 sliding_window: int | None) -> torch.Tensor:
+        """A chunk of one sequence: queries attend to cached context plus themselves."""
+        n = q.shape[0]
+        seq_len = meta.seq_lens[i]
+        context = seq_len - n
+        if context > 0:
+            nblocks = -(-seq_len // cache.block_size)
+            k, v = gather_kv(cache, meta.block_tables[i:i + 1], nblocks)
+            k, v = k[0, :seq_len].to(q.dtype), v[0, :seq_len].to(q.dtype)
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, D]
+        if context == 0 and (sliding_window is None or seq_len <= sliding_window):
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                                 enable_gqa=True)
+        else:
+            pos = torch.arange(context, seq_len, device=q.device).view(1, n)
+            lens = torch.tensor([seq_len], device=q.device)
+            mask = key_mask(pos, lens, seq_len, sliding_window)  # [1, n, seq_len]
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                                 enable_gqa=True)
+        return out.transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Models: the Llama family in plain PyTorch, their configs, loaders and tokenizers."""

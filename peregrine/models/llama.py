@@ -1,0 +1,100 @@
+"""The Llama family (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral) in plain PyTorch.
+
+The model sees one flat batch of tokens from many sequences: token ids [T], their
+positions [T], and attention metadata saying where each sequence starts and where its
+K/V live. Nothing about batching or caching is hidden inside the modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peregrine.layers.activation import silu_and_mul
+from peregrine.layers.attention import (Attention, AttentionBackend, AttentionMetadata,
+                                        LayerCache, get_attention_backend)
+from peregrine.layers.linear import Linear
+from peregrine.layers.norm import RMSNorm
+from peregrine.layers.rotary import RotaryEmbedding
+from peregrine.models.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up projections fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                   cfg.head_dim, rotary, bias=cfg.attention_bias,
+                                   sliding_window=cfg.sliding_window)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                cache: LayerCache | None, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head (tied to the embedding or not)."""
+
+    # Checkpoint tensors that load into one fused parameter, in order along dim 0.
+    packed_modules = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions or cfg.max_position_embeddings,
+                                 cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.set_attention_backend(get_attention_backend("torch", torch.device("cpu")))
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        """Route every layer's attention through `backend`."""
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_caches: list[LayerCache] | None = None,
+                num_layers: int | None = None) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm. `num_layers` runs only the first
+        layers (the self-speculative draft)."""
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers[:num_layers]):
+            x, residual = layer(positions, x, residual,
+                                None if kv_caches is None else kv_caches[i], meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab] for the selected hidden states [N, hidden]."""
+        return self.lm_head(hidden).float()

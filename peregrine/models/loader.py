@@ -1,0 +1,250 @@
+"""Build a model and its tokenizer from a GGUF file, a Hugging Face directory or a config
+with random ("dummy") weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from peregrine.models.config import ModelConfig
+from peregrine.models.errors import ModelLoadError
+from peregrine.models.gguf_file import GGUFFile
+from peregrine.models.llama import LlamaForCausalLM
+from peregrine.models.registry import ModelSource, default_gguf_path, resolve_model
+from peregrine.models.tokenizer import Tokenizer
+
+# A checkpoint tensor, produced lazily (so a 7B model never sits in memory twice).
+TensorSource = Callable[[], torch.Tensor]
+
+
+@dataclass
+class LoadedModel:
+    """What the loader hands the engine."""
+
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: ModelSource
+    gguf: GGUFFile | None = None  # kept for quantization methods that reuse GGUF blocks
+
+
+def load_model(model: str | None = None, *, load_format: str = "auto",
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               tokenizer: str | None = None, max_model_len: int | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load `model` (see `resolve_model`) onto `device` in `dtype`."""
+    source = resolve_model(model, load_format)
+    device = torch.device(device)
+    gguf_file = None
+    if source.format == "gguf" or (source.format == "dummy" and source.path.endswith(".gguf")):
+        gguf_file = GGUFFile(source.path)
+        cfg = gguf_config(gguf_file, source.name)
+        tok = Tokenizer.from_gguf_metadata(gguf_file.metadata, source.name)
+    else:
+        cfg = ModelConfig.from_hf(_read_config(source.path), source.name)
+        tok = _tokenizer_for_dir(source.path)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    if not tok.eos_token_ids:
+        tok.eos_token_ids = list(cfg.eos_token_id)
+    max_len = max_model_len or cfg.max_position_embeddings
+    with torch.device("meta"):
+        net = LlamaForCausalLM(cfg, max_positions=max_len)
+    net = _materialize(net, device, dtype, cfg)
+    if source.format == "gguf":
+        load_weights(net, gguf_tensors(gguf_file, cfg))
+    elif source.format == "hf":
+        load_weights(net, safetensors_tensors(source.path))
+    else:
+        init_dummy_weights(net, seed)
+    return LoadedModel(net.eval(), cfg, tok, source, gguf_file)
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """A tokenizer from a GGUF file, a Hugging Face directory or a model name."""
+    source = resolve_model(path)
+    if source.path.endswith(".gguf"):
+        return Tokenizer.from_gguf_metadata(GGUFFile(source.path).metadata, source.name)
+    return _tokenizer_for_dir(source.path)
+
+
+def _tokenizer_for_dir(path: str) -> Tokenizer:
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return Tokenizer.from_dir(path)
+    # Shipped configs carry no tokenizer; the default model's byte-level BPE gives valid ids
+    # for any vocabulary at least as large (random weights make the text meaningless anyway).
+    return Tokenizer.from_gguf_metadata(GGUFFile(default_gguf_path()).metadata, "smollm2-135m")
+
+
+def _read_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from None
+
+
+def gguf_config(f: GGUFFile, name: str = "") -> ModelConfig:
+    """ModelConfig from GGUF metadata and the tensors present."""
+    return ModelConfig.from_gguf(f.metadata, has_output_tensor="output.weight" in f.tensors,
+                                 has_qkv_bias="blk.0.attn_q.bias" in f.tensors, name=name)
+
+
+def _materialize(net: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
+                 cfg: ModelConfig) -> LlamaForCausalLM:
+    """Allocate the meta-device model on `device` and rebuild its non-persistent buffers."""
+    net = net.to_empty(device=device).to(dtype)
+    rotary = net.layers[0].self_attn.rotary
+    rotary.cos_sin = rotary.build(device)  # stays float32
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    return net
+
+
+# --- checkpoint name mapping ------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None for tensors we do not use)."""
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of Q/K (interleaved RoPE pairs -> rotate-half)."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))
+
+
+def gguf_tensors(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, TensorSource]]:
+    """(Hugging Face name, lazy float tensor) for every tensor of a GGUF file."""
+    for name in f.tensors:
+        hf = gguf_to_hf_name(name)
+        if hf is None:
+            continue
+        heads = None
+        if cfg.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+
+        def get(name: str = name, heads: int | None = heads) -> torch.Tensor:
+            t = f.dequantize(name)
+            return t if heads is None else unpermute_rope_rows(t, heads)
+        yield hf, get
+
+
+def safetensors_tensors(path: str) -> Iterator[tuple[str, TensorSource]]:
+    """(name, lazy tensor) for every tensor of every *.safetensors shard in `path`."""
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors files")
+    for file in files:
+        handle = safe_open(file, framework="pt")
+        for key in handle.keys():
+            yield key, (lambda h=handle, k=key: h.get_tensor(k))
+
+
+def load_weights(net: LlamaForCausalLM, tensors: Iterator[tuple[str, TensorSource]]) -> None:
+    """Copy checkpoint tensors (Hugging Face names) into the model, filling fused params."""
+    params = dict(net.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for hf_name, get in tensors:
+        target, shard = _target_of(net, hf_name)
+        if target is None:
+            continue
+        if target not in params:
+            raise ModelLoadError(f"checkpoint tensor {hf_name} has no place in the model")
+        param = params[target]
+        value = get()
+        if shard is None:
+            if value.shape != param.shape:
+                raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
+                                     f"the model's {tuple(param.shape)}")
+            param.data.copy_(value)
+        else:
+            index, sizes = shard
+            start = sum(sizes[:index])
+            dest = param.data.narrow(0, start, sizes[index])
+            if value.shape != dest.shape:
+                raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
+                                     f"the model's {tuple(dest.shape)}")
+            dest.copy_(value)
+        loaded.add(f"{target}#{shard[0] if shard else ''}")
+    if net.config.tie_word_embeddings:
+        loaded.add("lm_head.weight#")
+    missing = [n for n in _expected_slots(net) if n not in loaded]
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _target_of(net: LlamaForCausalLM, hf_name: str
+               ) -> tuple[str | None, tuple[int, list[int]] | None]:
+    """Our parameter name for a Hugging Face name, and (shard index, shard sizes) when the
+    parameter is a fused one."""
+    name = hf_name.removeprefix("model.")
+    if name.endswith("rotary_emb.inv_freq"):
+        return None, None
+    if name == "lm_head.weight" and net.config.tie_word_embeddings:
+        return None, None
+    cfg = net.config
+    sizes = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
+             "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
+    for fused, parts in net.packed_modules.items():
+        for i, part in enumerate(parts):
+            if f".{part}." in name:
+                return name.replace(f".{part}.", f".{fused}."), (i, sizes[fused])
+    return name, None
+
+
+def _expected_slots(net: LlamaForCausalLM) -> list[str]:
+    slots = []
+    for name, _ in net.named_parameters(remove_duplicate=False):
+        fused = next((f for f in net.packed_modules if f".{f}." in name), None)
+        if fused is None:
+            slots.append(f"{name}#")
+        else:
+            slots.extend(f"{name}#{i}" for i in range(len(net.packed_modules[fused])))
+    return slots
+
+
+def init_dummy_weights(net: LlamaForCausalLM, seed: int = 0) -> None:
+    """Random weights with the scale of trained ones: norms 1, biases 0, matrices N(0, 0.02)."""
+    gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.data.zero_()
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,66 @@
+"""Shared fixtures: the real default model, transformers references, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Path of the embedded SmolLM2-135M-Instruct Q4_1 GGUF."""
+    from peregrine.models.registry import default_gguf_path
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path: str):
+    """transformers' own model and tokenizer, loaded from the same GGUF (the reference)."""
+    transformers = pytest.importorskip("transformers")
+    folder, name = os.path.split(smollm2_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                              dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """One float32 engine on the real default model, shared by read-only tests."""
+    from peregrine import LLM
+    return LLM(kv_cache_memory=0.5)
+
+
+def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch.nn.Module"]:
+    """A tiny random transformers model of `family` saved as a HF directory; returns
+    (directory, the transformers model)."""
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[family]
+    cfg = cls(**base)
+    torch.manual_seed(0)
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "mistral": transformers.MistralForCausalLM}[family]
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # biases are zero at init; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    path = str(tmp_path / family)
+    model.save_pretrained(path, safe_serialization=True)
+    with open(os.path.join(path, "config.json")) as f:
+        json.load(f)  # saved and readable
+    return path, model
