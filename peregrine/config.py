@@ -23,8 +23,9 @@ class EngineConfig:
     """Where to take the tokenizer from when it differs from `model` (a directory or GGUF)."""
     load_format: Literal["auto", "gguf", "hf", "dummy"] = "auto"
     """`auto` picks by path; `dummy` builds random weights from the config (speed work)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Compute dtype. `auto`: float32 on CPU (bf16 is emulated and slow there), bf16 on GPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    """Compute dtype. `auto`: float32 on CPU (bf16 is emulated and slow there), bf16 on GPU.
+    float64 exists for exactness tests: it removes floating-point near-ties."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when available, else CPU."""
     seed: int = 0

@@ -64,3 +64,29 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
     with open(os.path.join(path, "config.json")) as f:
         json.load(f)  # saved and readable
     return path, model
+
+
+TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512,
+                  hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def tiny_config_dir(tmp_path_factory, **overrides) -> str:
+    """A directory holding only a config.json of a tiny Llama (run with dummy weights)."""
+    path = tmp_path_factory.mktemp("tiny")
+    with open(path / "config.json", "w") as f:
+        json.dump({**TINY_LLAMA, **overrides}, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return tiny_config_dir(tmp_path_factory)
+
+
+def make_tiny_llm(model_dir: str, **kwargs):
+    """An engine on the tiny random model in float64 (no floating-point near-ties)."""
+    from peregrine import LLM
+    defaults = dict(load_format="dummy", dtype="float64", num_kv_blocks=256, block_size=4)
+    return LLM(model_dir, **{**defaults, **kwargs})

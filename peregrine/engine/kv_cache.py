@@ -118,8 +118,8 @@ class KVCacheManager:
                      reserve: int = 0) -> bool:
         """Whether `allocate` would succeed, keeping `reserve` blocks free afterwards."""
         hits = list(hits)
-        total = len(seq.block_table) + len(hits)
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - total
+        end = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        need = self.blocks_needed(end) - len(seq.block_table) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
         return max(need, 0) + revived + reserve <= self.num_free_blocks
 

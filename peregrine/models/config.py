@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from peregrine.models.errors import ModelLoadError
+
 # Hugging Face `architectures` entries we run, and the family name each maps to.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -77,7 +79,7 @@ class ModelConfig:
             family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(
                 cfg.get("model_type", ""))
         if family is None:
-            raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+            raise ModelLoadError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                              f"peregrine runs {sorted(SUPPORTED_ARCHITECTURES)}")
         num_heads = cfg["num_attention_heads"]
         # transformers 5 moved rope_theta/rope_scaling into rope_parameters.
@@ -119,7 +121,7 @@ class ModelConfig:
         """Build from GGUF metadata (keys such as `llama.block_count`)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "mistral"):
-            raise ValueError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
+            raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
                              "llama, mistral and qwen2")
 
         def get(key: str, default: Any = None) -> Any:
