@@ -66,6 +66,7 @@ class KVCacheManager:
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies to run
 
     # --- queries ------------------------------------------------------------------------------
     @property
@@ -121,7 +122,8 @@ class KVCacheManager:
         end = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         need = self.blocks_needed(end) - len(seq.block_table) - len(hits)
         revived = sum(1 for b in hits if self.ref_counts[b] == 0)
-        return max(need, 0) + revived + reserve <= self.num_free_blocks
+        copy = 1 if num_new_tokens and self._shared_partial_block(seq) is not None else 0
+        return max(need, 0) + revived + copy + reserve <= self.num_free_blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int, hits: Iterable[int] = (),
                  reserve: int = 0) -> bool:
@@ -137,6 +139,8 @@ class KVCacheManager:
             self.ref_counts[block] += 1
             seq.block_table.append(block)
         seq.num_computed_tokens += len(hits) * self.block_size
+        if num_new_tokens:
+            self._copy_on_write(seq)
         end = seq.num_computed_tokens + num_new_tokens
         while len(seq.block_table) < self.blocks_needed(end):
             seq.block_table.append(self._take_free_block())
@@ -163,6 +167,44 @@ class KVCacheManager:
                 self.block_hash[block] = h
                 self.cached[h] = block
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    # --- forks (beam search) ----------------------------------------------------------------------
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let `child` share every block of `parent` (reference counts go up). A shared block
+        that is only partly filled is copied when either sequence next writes to it."""
+        for block in parent.block_table:
+            if block != NULL_BLOCK:
+                self.ref_counts[block] += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_registered_blocks = parent.num_registered_blocks
+
+    def _shared_partial_block(self, seq: Sequence) -> int | None:
+        """Index in seq's block table of the block its next token goes into, if that block
+        already holds tokens and another sequence shares it (it must be copied first)."""
+        pos = seq.num_computed_tokens
+        i = pos // self.block_size
+        if pos % self.block_size == 0 or i >= len(seq.block_table):
+            return None
+        block = seq.block_table[i]
+        return i if block != NULL_BLOCK and self.ref_counts[block] > 1 else None
+
+    def _copy_on_write(self, seq: Sequence) -> None:
+        """Give `seq` its own copy of a shared partial block before it writes into it."""
+        i = self._shared_partial_block(seq)
+        if i is None:
+            return
+        src = seq.block_table[i]
+        dst = self._take_free_block()
+        self.ref_counts[src] -= 1  # still >= 1: the other sharers keep it
+        seq.block_table[i] = dst
+        self.pending_copies.append((src, dst))
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """The block copies copy-on-write scheduled since the last call (run them before the
+        forward pass that writes into the copies)."""
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
 
     def free(self, seq: Sequence) -> None:
         """Release all of `seq`'s blocks (tail first, so shared roots are evicted last)."""
@@ -214,3 +256,16 @@ class KVCacheManager:
             assert in_free == (self.ref_counts[block] == 0), f"block {block} misfiled"
         for h, block in self.cached.items():
             assert self.block_hash[block] == h, f"cache entry of block {block} is stale"
+
+
+def copy_kv_blocks(kv_caches: list[LayerCache], copies: list[tuple[int, int]]) -> None:
+    """Copy whole blocks (K, V and any scales) src -> dst in every layer of the pool."""
+    if not copies:
+        return
+    device = kv_caches[0].k.device
+    src = torch.tensor([s for s, _ in copies], device=device)
+    dst = torch.tensor([d for _, d in copies], device=device)
+    for cache in kv_caches:
+        for t in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+            if t is not None:
+                t[dst] = t[src]

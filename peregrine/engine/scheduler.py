@@ -30,6 +30,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     num_decodes: int = 0  # leading entries with exactly one new token
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
 
     @property
     def is_empty(self) -> bool:
@@ -66,6 +67,14 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=Sequence.sort_key)
 
+    def add_fork(self, child: Sequence) -> None:
+        """Queue a sequence forked from a live one (beam search) beside its parent: running
+        if the parent runs (it shares the parent's blocks), else waiting."""
+        if child.status is SequenceStatus.RUNNING:
+            bisect.insort(self.running, child, key=Sequence.sort_key)
+        else:
+            self.add(child)
+
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence from whichever queue holds it and free its blocks."""
         for queue in (self.waiting, self.running):
@@ -91,6 +100,8 @@ class Scheduler:
             if seq not in self.running or budget == 0:
                 continue  # preempted earlier in this loop, or no budget left
             n = seq.num_tokens - seq.num_computed_tokens
+            if n == 0:
+                continue  # a beam waiting for its siblings' candidates: nothing to compute
             if n > budget and not self.chunked:
                 continue  # an unchunked prompt runs whole, in a later step
             n = min(n, budget)
@@ -111,7 +122,9 @@ class Scheduler:
             while (self.waiting and len(self.running) < self.config.max_num_seqs
                    and (budget > 0 or whole_batch)):
                 seq = self.waiting[0]
-                hits = self.kv.lookup_prefix(seq) if seq.num_computed_tokens == 0 else []
+                # Prompt logprobs need the logits of every prompt position: no cache skip.
+                fresh = seq.num_computed_tokens == 0 and not seq.collects_prompt_logprobs
+                hits = self.kv.lookup_prefix(seq) if fresh else []
                 n = seq.num_tokens - seq.num_computed_tokens - len(hits) * self.kv.block_size
                 if n > budget and not self.chunked:
                     if not whole_batch:
@@ -137,6 +150,7 @@ class Scheduler:
         batch.seqs = [s for s, _ in scheduled]
         batch.num_new_tokens = [n for _, n in scheduled]
         batch.num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
+        batch.block_copies = self.kv.take_pending_copies()
         return batch
 
     def _admission_open(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Any]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
-        self.generator: torch.Generator | None = None  # seeded requests sample from their own
+        self.generator: random.Random | None = None  # seeded requests sample from their own
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -89,6 +90,27 @@ class Sequence:
     def priority(self) -> int:
         return self.request.priority
 
+    @property
+    def collects_prompt_logprobs(self) -> bool:
+        """Whether this sequence's prefill must still produce prompt logprobs (the first
+        sample of a request that asked for them, until every prompt position has one)."""
+        collected = self.request.prompt_logprobs
+        return (self.index == 0 and collected is not None
+                and len(collected) < self.num_prompt_tokens)
+
+    def fork(self, index: int) -> "Sequence":
+        """A copy of this sequence as a new sample `index` of the same request (beam search);
+        the caller shares the blocks (KVCacheManager.fork) and queues it."""
+        child = Sequence(self.request, index, self.params)
+        child.token_ids = list(self.token_ids)
+        child.status = self.status
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.cumulative_logprob = self.cumulative_logprob
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.detokenizer = None if self.detokenizer is None else self.detokenizer.fork()
+        return child
+
     def sort_key(self) -> tuple[int, float, int]:
         """Scheduling order: lower priority value first, then earlier arrival."""
         return (self.request.priority, self.request.times.arrival, self.seq_id)
@@ -111,6 +133,15 @@ class Request:
     times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[dict[int, Any] | None] | None = None
+    eos_token_ids: list[int] = field(default_factory=list)  # suppressed until min_tokens
+    beam: Any = None  # BeamSearchState while a beam search runs
+    prompt_tensor: torch.Tensor | None = None  # prompt ids on the device (repetition penalty)
+
+    def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
+        """The prompt token ids as a tensor on `device`, built once per request."""
+        if self.prompt_tensor is None:  # an engine runs on one device
+            self.prompt_tensor = torch.tensor(self.prompt_token_ids, device=device)
+        return self.prompt_tensor
 
     @property
     def is_finished(self) -> bool:
