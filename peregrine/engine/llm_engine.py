@@ -11,13 +11,15 @@ from typing import Any
 import torch
 
 from peregrine.config import EngineConfig
+from peregrine.engine.beam_search import BeamSearch, BeamSearchState
 from peregrine.engine.detokenizer import IncrementalDetokenizer
 from peregrine.engine.kv_cache import (KVCacheManager, allocate_kv_pool, kv_dtype_bytes,
                                        num_blocks_for_memory)
+from peregrine.engine.logprobs import LogprobFormatter
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import ScheduledBatch, Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
-from peregrine.layers.sampler import SamplerOutput
+from peregrine.layers.sampler import SamplerOutput, TokenLogprobs
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -70,6 +72,9 @@ class LLMEngine:
                                  self.model_config.sliding_window)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size)
+        self.formatter = LogprobFormatter(self.tokenizer)
+        self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
+                                self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -95,7 +100,8 @@ class LLMEngine:
                     params: SamplingParams | None = None, priority: int = 0,
                     arrival_time: float | None = None) -> Request:
         """Validate and queue a request; ValueError says what is wrong with it."""
-        params = params or SamplingParams()
+        # A copy: the engine fills in max_tokens, and callers reuse one object for many prompts.
+        params = params.clone() if params is not None else SamplingParams()
         params.validate(self.config.max_logprobs)
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
@@ -106,6 +112,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad_bias = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[0]}")
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             if room < 1:
@@ -120,9 +129,22 @@ class LLMEngine:
         if len(ids) + params.max_tokens > capacity:
             raise ValueError(f"the prompt ({len(ids)} tokens) plus max_tokens "
                              f"({params.max_tokens}) does not fit the KV cache ({capacity} tokens)")
+        if params.use_beam_search:
+            # Beams share the prompt; each may hold its own copy of every generated block.
+            need = (self.kv.blocks_needed(len(ids))
+                    + params.beam_width * (self.kv.blocks_needed(params.max_tokens) + 1))
+            if need > self.kv.num_blocks:
+                raise ValueError(f"beam search with beam_width={params.beam_width} and "
+                                 f"max_tokens={params.max_tokens} needs {need} KV blocks, the "
+                                 f"pool has {self.kv.num_blocks}")
         times = RequestTimes(arrival_time if arrival_time is not None else time.monotonic())
-        req = Request(request_id, text, ids, params, priority, times)
-        for i in range(params.n):
+        req = Request(request_id, text, ids, params, priority, times,
+                      eos_token_ids=list(self.tokenizer.eos_token_ids))
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first prompt token has no logprob
+        if params.use_beam_search:
+            req.beam = BeamSearchState(params.beam_width, params.length_penalty)
+        for i in range(params.num_sequences):
             seq = Sequence(req, i, params)
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, ids, params.skip_special_tokens, params.stop,
@@ -172,33 +194,54 @@ class LLMEngine:
         now = time.monotonic()
         self.num_steps += 1
         self.last_step_tokens = batch.num_tokens
-        tokens = iter(sampled.token_ids)
+        rows = iter(range(len(sampled.token_ids)))
         changed: dict[str, Request] = {}
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             samples = batch.samples(i)
+            if sampled.prompt_logprobs and seq.seq_id in sampled.prompt_logprobs:
+                self._add_prompt_logprobs(seq, sampled.prompt_logprobs[seq.seq_id])
             if seq.is_prefilling:
                 self.prompt_tokens_total += min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             if not samples:
                 continue
-            token = next(tokens)
-            seq.token_ids.append(token)
+            row = next(rows)
             self.generation_tokens_total += 1
             times = seq.request.times
             times.first_token = times.first_token or now
             times.last_token = now
+            changed[seq.request.request_id] = seq.request
+            if seq.request.beam is not None:
+                self.beams.collect(seq, sampled.logprobs[row])
+                continue
+            token = sampled.token_ids[row]
+            self._append_token(seq, token, sampled.logprobs[row] if sampled.logprobs else None)
             stop_str = seq.detokenizer.update([token])
             reason = self._finish_reason(seq, token, stop_str)
             if reason is not None:
+                if stop_str is None:
+                    seq.detokenizer.flush()  # an incomplete character at the very end
                 self.scheduler.finish(seq, reason)
-            changed[seq.request.request_id] = seq.request
         outputs = []
         for req in changed.values():
+            if req.beam is not None:
+                self.beams.advance(req)
             if req.is_finished:
                 req.times.finished = now
                 self.requests.pop(req.request_id, None)
             outputs.append(self.make_output(req))
         return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.cumulative_logprob += logprobs.logprob
+            if seq.logprobs is not None:
+                seq.logprobs.append(self.formatter.entry(logprobs, seq.params.logprobs))
+
+    def _add_prompt_logprobs(self, seq: Sequence, rows: list[TokenLogprobs]) -> None:
+        num = seq.params.prompt_logprobs
+        seq.request.prompt_logprobs.extend(self.formatter.entry(r, num) for r in rows)
 
     def _finish_reason(self, seq: Sequence, token: int, stop_str: str | None) -> str | None:
         p = seq.params
@@ -217,14 +260,24 @@ class LLMEngine:
 
     def make_output(self, req: Request) -> RequestOutput:
         """The current state of a request as a RequestOutput."""
-        outs = [CompletionOutput(
-            index=s.index, text=s.detokenizer.visible_text(s.is_finished),
-            token_ids=s.output_token_ids, cumulative_logprob=None, logprobs=None,
-            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in req.seqs]
+        p = req.params
+        if req.beam is not None:
+            outs = self.beams.outputs(req)
+        else:
+            seqs = req.seqs
+            if len(seqs) > p.n:  # best_of: the n samples of highest cumulative logprob
+                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:p.n]
+            outs = [CompletionOutput(
+                index=i if len(req.seqs) > p.n else s.index,
+                text=s.detokenizer.visible_text(s.is_finished), token_ids=s.output_token_ids,
+                cumulative_logprob=s.cumulative_logprob if p.needs_sampled_logprobs else None,
+                logprobs=None if s.logprobs is None else list(s.logprobs),
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason)
+                for i, s in enumerate(seqs)]
         t = req.times
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outs, finished=req.is_finished,
+            outputs=outs, finished=req.is_finished, prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
             metrics=RequestMetrics(t.arrival, t.first_scheduled, t.first_token, t.last_token,
                                    t.finished))

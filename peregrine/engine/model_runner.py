@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from peregrine.config import EngineConfig
-from peregrine.engine.kv_cache import NULL_BLOCK
+from peregrine.engine.kv_cache import NULL_BLOCK, copy_kv_blocks
+from peregrine.engine.sampling_metadata import build_sampling_tensors, prompt_logprob_positions
 from peregrine.engine.scheduler import ScheduledBatch
 from peregrine.engine.sequence import Sequence
 from peregrine.layers.attention import AttentionMetadata, LayerCache, get_attention_backend
-from peregrine.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from peregrine.layers.sampler import (Sampler, SamplerOutput, SamplingTensors, TokenLogprobs,
+                                     prompt_logprobs)
 from peregrine.models.llama import LlamaForCausalLM
 
 
@@ -37,19 +40,42 @@ class ModelRunner:
         self.block_size = block_size
         self.device = config.torch_device
         model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
-        gen = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.sampler = Sampler(gen)
+        self.rng = random.Random(config.seed)  # uniforms of requests without a seed
+        self.sampler = Sampler()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> SamplerOutput:
         """Run one step; the output has one token per sampling entry of the batch."""
+        copy_kv_blocks(self.kv_caches, batch.block_copies)
         inp = self.prepare(batch)
         hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+        prompt_lps = self.prompt_logprobs(batch, hidden)
         if not inp.sample_rows:
-            return SamplerOutput([])
+            return SamplerOutput([], prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         seqs = [batch.seqs[i] for i in inp.sample_rows]
-        return self.sampler(logits, self.sampling_tensors(seqs))
+        out = self.sampler(logits, self.sampling_tensors(seqs))
+        out.prompt_logprobs = prompt_lps
+        return out
+
+    def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor
+                        ) -> dict[int, list[TokenLogprobs]] | None:
+        """Logprobs of the prompt tokens this step's prefill chunks predict (seq_id -> list),
+        for requests that asked for prompt_logprobs."""
+        spans = prompt_logprob_positions(batch)
+        if not spans:
+            return None
+        rows = torch.cat([torch.arange(r, r + n) for _, r, _, n in spans]).to(self.device)
+        targets = torch.tensor([t for seq, _, p, n in spans
+                                for t in seq.token_ids[p + 1:p + 1 + n]], device=self.device)
+        nums = [seq.params.prompt_logprobs for seq, _, _, n in spans for _ in range(n)]
+        logits = self.model.compute_logits(hidden[rows])
+        flat = prompt_logprobs(logits, targets, nums)
+        out, i = {}, 0
+        for seq, _, _, n in spans:
+            out[seq.seq_id] = flat[i:i + n]
+            i += n
+        return out
 
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
         """Flatten the scheduled chunks into token ids, positions and attention metadata."""
@@ -89,28 +115,4 @@ class ModelRunner:
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling controls of the sequences being sampled."""
-        params = [s.params for s in seqs]
-        dev = self.device
-        greedy = [p.greedy for p in params]
-        vocab = self.model.config.vocab_size
-        top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        gens = [seq_generator(s, dev) for s in seqs]
-        return SamplingTensors(
-            temperature=torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                                     device=dev),
-            top_k=torch.tensor(top_k, device=dev) if any(k < vocab for k in top_k) else None,
-            top_p=torch.tensor(top_p, device=dev) if any(p < 1 for p in top_p) else None,
-            min_p=torch.tensor(min_p, device=dev) if any(p > 0 for p in min_p) else None,
-            greedy=torch.tensor(greedy, device=dev), all_greedy=all(greedy), generators=gens)
-
-
-def seq_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
-    """The sequence's own generator when its request has a seed (sample i: seed + i)."""
-    seed = seq.params.seed
-    if seed is None or seq.params.greedy:
-        return None
-    if seq.generator is None:
-        seq.generator = torch.Generator(device=device).manual_seed(seed + seq.index)
-    return seq.generator
+        return build_sampling_tensors(seqs, self.model.config.vocab_size, self.device, self.rng)
