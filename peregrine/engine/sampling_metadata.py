@@ -68,14 +68,14 @@ def seq_generator(seq: Sequence) -> random.Random | None:
 def _flat_index(rows: list[int], ids: list[torch.Tensor] | list[list[int]], V: int,
                 device: torch.device) -> torch.Tensor:
     """row * V + token for every token of every row (ids given per row)."""
-    lengths = torch.tensor([len(t) for t in ids], device=device)
+    offsets = torch.tensor(list(itertools.chain.from_iterable(
+        [r * V] * len(t) for r, t in zip(rows, ids))), dtype=torch.long, device=device)
     if ids and isinstance(ids[0], torch.Tensor):
         flat = torch.cat(ids)
     else:
         flat = torch.tensor(list(itertools.chain.from_iterable(ids)), dtype=torch.long,
                             device=device)
-    offsets = torch.repeat_interleave(torch.tensor(rows, device=device) * V, lengths)
-    return flat.to(device) + offsets
+    return flat + offsets
 
 
 def penalty_tensors(seqs: list[Sequence], V: int, device: torch.device) -> PenaltyTensors | None:

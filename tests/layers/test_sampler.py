@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from peregrine.layers.sampler import (PenaltyTensors, Sampler, SamplingTensors,
-                                      apply_penalties_, head_keep, sample_filtered)
+from peregrine.layers.sampler import (CDF_BLOCK, PenaltyTensors, Sampler, SamplingTensors,
+                                      apply_penalties_, head_keep, inverse_cdf,
+                                      sample_filtered)
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.6, 0.3, 0.0, -0.4, -1.0, -1.7, -2.5])
 V = len(LOGITS)
@@ -127,8 +128,9 @@ def random_controls(B: int, V: int, seed: int) -> SamplingTensors:
 
 
 def test_head_of_the_distribution_gives_the_same_draws_as_a_full_sort():
-    """top-p over the 16 most likely tokens (with the full-sort fallback for rows whose
-    nucleus is larger) draws exactly the tokens a full sort draws, for the same uniforms."""
+    """top-p over the 16 most likely tokens (looking again at 128, then at whole sorted rows,
+    for rows whose nucleus is larger) draws exactly the tokens a full sort draws, for the
+    same uniforms."""
     B, V = 64, 2000
     nucleus_sizes = []
     for seed in range(4):
@@ -145,8 +147,9 @@ def test_head_of_the_distribution_gives_the_same_draws_as_a_full_sort():
         vals = probs.sort(dim=-1, descending=True).values
         kept = head_keep(vals, st.top_k, st.top_p, st.min_p)
         nucleus_sizes += kept.sum(dim=-1)[st.top_p < 1].tolist()
-    # Both paths ran: nuclei within the head, and nuclei that needed the fallback sort.
+    # Every path ran: nuclei within the first head, the second, and only the whole row.
     assert min(nucleus_sizes) < 16 < max(nucleus_sizes)
+    assert any(16 < n <= 128 for n in nucleus_sizes) and max(nucleus_sizes) > 128
 
 
 def test_each_row_is_sampled_on_its_own():
@@ -193,3 +196,21 @@ def test_penalties_math_on_a_hand_worked_row():
     apply_penalties_(out, pt)
     # token 0: 2/2 - 0.5*2 - 0.25 ; token 1: -1*2 - 0.5 - 0.25 ; token 3: 3/2 ; others as is
     assert out.tolist() == [[-0.25, -2.75, 0.5, 1.5, -2.0]]
+
+
+def test_two_level_inverse_cdf_draws_what_one_running_sum_draws():
+    """Blocks first, then a token inside the block: the same token as one float64 running
+    sum over the row, and never a token of zero weight (even at u = 0 or u -> 1)."""
+    B, V = 200, CDF_BLOCK * 40
+    g = torch.Generator().manual_seed(11)
+    weights = torch.rand(B, V, generator=g) ** 8
+    weights[torch.rand(B, V, generator=g) < 0.7] = 0  # sparse rows
+    weights[:50, : V // 2] = 0  # whole zero blocks in front...
+    weights[50:100, V // 2:] = 0  # ...and at the end
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    u[:5], u[5:10] = 0.0, 1 - 2 ** -53
+    got = inverse_cdf(weights, u)
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    want = torch.searchsorted(cdf, (u.unsqueeze(1) * cdf[:, -1:]), right=True).squeeze(1)
+    assert bool((weights.gather(1, got.unsqueeze(1)) > 0).all())
+    assert (got == want.clamp(max=V - 1)).float().mean() == 1.0
