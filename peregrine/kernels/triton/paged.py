@@ -1,0 +1,90 @@
+"""Device helpers shared by the paged attention kernels: loading K/V tiles through a block
+table (dequantized when the cache holds int8/fp8), one online-softmax step, and the KV
+quantization formats.
+
+Helpers are few and coarse on purpose: Triton's CPU interpreter pays milliseconds per
+nested call, and CI runs every kernel under it."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+QUANT_NONE, QUANT_INT8, QUANT_FP8 = 0, 1, 2
+INT8_MAX, FP8_E4M3_MAX = 127.0, 448.0
+
+
+def quant_mode(cache_dtype: torch.dtype) -> int:
+    """How a cache of `cache_dtype` stores values: as is, int8 or fp8 (e4m3fn), with scales."""
+    if cache_dtype == torch.int8:
+        return QUANT_INT8
+    if cache_dtype == torch.float8_e4m3fn:
+        return QUANT_FP8
+    return QUANT_NONE
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`ieee` for float32/float64 inputs (tl.dot would use tf32 on the GPU otherwise)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Softmax statistics and accumulators: float64 for float64 inputs, else float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def load_kv_tiles(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_row_ptr, offs_n,
+                  valid, kv_head, offs_d, d_mask, H_KV: tl.constexpr, D: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """K and V [BLOCK_N, BLOCK_D] of one kv head at token positions `offs_n` of a sequence
+    (paged through its block-table row), dequantized, in OUT_DTYPE; zeros where not valid."""
+    block = tl.load(table_row_ptr + offs_n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slots = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    offs = slots[:, None] * (H_KV * D) + kv_head * D + offs_d[None, :]
+    mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=mask, other=0.0)
+    if QUANT != 0:
+        k_scale = tl.load(k_scale_ptr + slots * H_KV + kv_head, mask=valid, other=0.0)
+        v_scale = tl.load(v_scale_ptr + slots * H_KV + kv_head, mask=valid, other=0.0)
+        k = k.to(tl.float32) * k_scale[:, None]
+        v = v.to(tl.float32) * v_scale[:, None]
+    return k.to(OUT_DTYPE), v.to(OUT_DTYPE)
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, q, k, v, visible, scale,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """One online-softmax update of (acc, m_i, l_i) with keys k / values v [N, D].
+    m_i starts at a finite -1e30, so a row whose keys are all masked stays NaN-free."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def round_half_even(x):
+    """torch.round: nearest integer, ties to even (float in, float out)."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """float32 x (|x| <= 448) rounded to the nearest float8 e4m3fn value, ties to even, as
+    float32. Rounding here makes the final cast exact, so it does not matter how a backend
+    (GPU or interpreter) rounds its own fp32 -> fp8 conversion."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1  # e4m3 keeps 3 of float32's 23 mantissa bits
+    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = round_half_even(x * 512.0) * (1.0 / 512.0)  # e4m3 subnormals: k * 2^-9
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
