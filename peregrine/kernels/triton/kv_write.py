@@ -11,8 +11,29 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from peregrine.kernels.triton.paged import quant_mode, round_half_even, round_to_e4m3
+from peregrine.kernels.triton.paged import quant_mode
 from peregrine.layers.attention import LayerCache
+
+
+@triton.jit
+def round_half_even(x):
+    """torch.round: nearest integer, ties to even (float in, float out)."""
+    r = tl.floor(x + 0.5)
+    tie = (r - x) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def round_to_e4m3(x):
+    """float32 x (|x| <= 448) rounded to the nearest float8 e4m3fn value, ties to even, as
+    float32. Rounding here makes the final cast exact, so it does not matter how a backend
+    (GPU or interpreter) rounds its own fp32 -> fp8 conversion."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1  # e4m3 keeps 3 of float32's 23 mantissa bits
+    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = round_half_even(x * 512.0) * (1.0 / 512.0)  # e4m3 subnormals: k * 2^-9
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
 
 
 @triton.jit
@@ -25,9 +46,9 @@ def _store_rows(src_ptr, dst_ptr, scale_ptr, mask, row_mask, QUANT: tl.constexpr
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), 1)
         if QUANT == 1:
-            scale = amax / 127.0  # INT8_MAX
+            scale = amax / 127.0  # int8 max
         else:
-            scale = amax / 448.0  # FP8_E4M3_MAX
+            scale = amax / 448.0  # float8 e4m3fn max
         y = x / tl.where(scale > 0.0, scale, 1.0)[:, None]
         if QUANT == 1:
             y = tl.minimum(tl.maximum(round_half_even(y), -127.0), 127.0)

@@ -1,6 +1,5 @@
 """Device helpers shared by the paged attention kernels: loading K/V tiles through a block
-table (dequantized when the cache holds int8/fp8), one online-softmax step, and the KV
-quantization formats.
+table (dequantized when the cache holds int8/fp8) and one online-softmax step.
 
 Helpers are few and coarse on purpose: Triton's CPU interpreter pays milliseconds per
 nested call, and CI runs every kernel under it."""
@@ -12,7 +11,6 @@ import triton
 import triton.language as tl
 
 QUANT_NONE, QUANT_INT8, QUANT_FP8 = 0, 1, 2
-INT8_MAX, FP8_E4M3_MAX = 127.0, 448.0
 
 
 def quant_mode(cache_dtype: torch.dtype) -> int:
@@ -67,24 +65,3 @@ def softmax_step(acc, m_i, l_i, q, k, v, visible, scale,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
     return acc, m_new, l_i
-
-
-@triton.jit
-def round_half_even(x):
-    """torch.round: nearest integer, ties to even (float in, float out)."""
-    r = tl.floor(x + 0.5)
-    tie = (r - x) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
-
-
-@triton.jit
-def round_to_e4m3(x):
-    """float32 x (|x| <= 448) rounded to the nearest float8 e4m3fn value, ties to even, as
-    float32. Rounding here makes the final cast exact, so it does not matter how a backend
-    (GPU or interpreter) rounds its own fp32 -> fp8 conversion."""
-    bits = x.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1  # e4m3 keeps 3 of float32's 23 mantissa bits
-    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = round_half_even(x * 512.0) * (1.0 / 512.0)  # e4m3 subnormals: k * 2^-9
-    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
