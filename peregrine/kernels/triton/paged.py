@@ -57,11 +57,18 @@ def softmax_step(acc, m_i, l_i, q, k, v, visible, scale,
                  PRECISION: tl.constexpr, ACC: tl.constexpr):
     """One online-softmax update of (acc, m_i, l_i) with keys k / values v [N, D].
     m_i starts at a finite -1e30, so a row whose keys are all masked stays NaN-free."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    if ACC == tl.float64:  # not every Triton release compiles an fp64 tl.dot: multiply-add
+        s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+    if ACC == tl.float64:
+        pv = tl.sum(p[:, :, None] * v[None, :, :], 1)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
