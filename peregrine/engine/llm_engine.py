@@ -14,6 +14,7 @@ from peregrine.config import EngineConfig
 from peregrine.engine.detokenizer import IncrementalDetokenizer
 from peregrine.engine.kv_cache import (KVCacheManager, allocate_kv_pool, kv_dtype_bytes,
                                        num_blocks_for_memory)
+from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import ScheduledBatch, Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
@@ -84,8 +85,11 @@ class LLMEngine:
         cfg = self.config
         per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype)
         if cfg.torch_device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(cfg.torch_device)
-            budget = free - (1 - cfg.gpu_memory_utilization) * total
+            budget = gpu_kv_budget(self.loaded.model, cfg, self.max_model_len)
+            if budget <= 0:
+                raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                                 f"{cfg.gpu_memory_utilization}: raise it, or lower "
+                                 "max_num_batched_tokens / max_model_len")
         else:
             budget = cfg.kv_cache_memory * 2**30
         return num_blocks_for_memory(self.model_config, cfg.block_size, per_value, budget)

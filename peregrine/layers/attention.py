@@ -97,7 +97,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchAttentionBackend()
     if name == "triton":
         from peregrine.kernels.triton_attention import TritonAttentionBackend
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(device)
     raise ValueError(f"unknown attention backend {name!r} (auto|torch|triton)")
 
 
