@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond this get 429")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds Ctrl-C/SIGTERM waits for in-flight requests before aborting")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
     return parser

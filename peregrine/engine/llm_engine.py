@@ -47,6 +47,14 @@ class EngineStats:
     generation_tokens_total: int
 
 
+class StepFailedError(RuntimeError):
+    """An engine step raised; the requests it was running were aborted (blocks freed)."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"engine step failed; aborted requests {request_ids}")
+        self.request_ids = request_ids
+
+
 class LLMEngine:
     """Owns the model, the KV pool, the scheduler and every live request."""
 
@@ -167,8 +175,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        sampled = self.runner.execute(batch)
-        return self.postprocess(batch, sampled)
+        try:
+            sampled = self.runner.execute(batch)
+            return self.postprocess(batch, sampled)
+        except Exception as e:
+            # Fail only this step's requests, and free their blocks, so the engine lives on.
+            failed = list(dict.fromkeys(s.request.request_id for s in batch.seqs))
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise StepFailedError(failed) from e
 
     def postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance computed counts, append sampled tokens, stop finished sequences, and
