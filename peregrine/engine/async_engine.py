@@ -101,6 +101,11 @@ class _Abort:
 
 
 @dataclass
+class _AbortAll:
+    pass
+
+
+@dataclass
 class _Call:
     fn: Callable[[LLMEngine], Any]
     done: Callable[[Any, BaseException | None], None]
@@ -111,7 +116,7 @@ class _Stop:
     pass
 
 
-Command = _Add | _Abort | _Call | _Stop
+Command = _Add | _Abort | _AbortAll | _Call | _Stop
 
 
 @dataclass
@@ -192,6 +197,10 @@ class AsyncLLMEngine:
         """Abort a request from any thread; its blocks are freed before the next step."""
         self._send(_Abort(request_id))
 
+    def abort_all(self) -> None:
+        """Abort every live request (from any thread); each stream ends with an "abort"."""
+        self._send(_AbortAll())
+
     @property
     def num_waiting(self) -> int:
         """Requests accepted but not yet running (the queue that --max-queue-len bounds)."""
@@ -270,6 +279,9 @@ class AsyncLLMEngine:
                 self._add(engine, command)
             elif isinstance(command, _Abort):
                 self._abort(engine, command.request_id)
+            elif isinstance(command, _AbortAll):
+                for request_id in list(self._streams):
+                    self._abort(engine, request_id)
             else:
                 try:
                     command.done(command.fn(engine), None)
@@ -300,6 +312,7 @@ class AsyncLLMEngine:
             return
         req.times.finished = time.monotonic()
         out = engine.make_output(req)
+        self._publish(engine)  # stats first: whoever sees the output sees the freed blocks
         if stream is not None:
             stream.put(out)
         if self.observer is not None:
@@ -312,26 +325,28 @@ class AsyncLLMEngine:
             logger.error("engine step failed; aborting %s", e.request_ids, exc_info=e.__cause__)
             error = RequestFailedError(f"the engine failed while running this request: "
                                        f"{type(e.__cause__).__name__}: {e.__cause__}")
+            self._publish(engine)
             for request_id in e.request_ids:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
                     stream.put(error)
             if self.observer is not None:
                 self.observer.on_failed(e.request_ids)
-            self._publish(engine)
             return
         except Exception:  # noqa: BLE001 - a failure outside the model run: fail everything live
             logger.exception("engine step failed outside the model run; aborting all requests")
             failed = list(engine.requests)
             for request_id in failed:
                 engine.abort_request(request_id)
+            self._publish(engine)
+            for request_id in failed:
                 stream = self._streams.pop(request_id, None)
                 if stream is not None:
                     stream.put(RequestFailedError("the engine failed while scheduling"))
             if self.observer is not None:
                 self.observer.on_failed(failed)
-            self._publish(engine)
             return
+        self._publish(engine)  # stats first: whoever sees an output sees the step's effects
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
@@ -340,7 +355,6 @@ class AsyncLLMEngine:
                 stream.put(out)
         if self.observer is not None and outputs:
             self.observer.on_outputs(outputs)
-        self._publish(engine)
 
     def _publish(self, engine: LLMEngine) -> None:
         stats = engine.get_stats()

@@ -9,12 +9,14 @@ import hmac
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import FrameType
 from typing import Any, TypeVar
 
 import uvicorn
@@ -24,6 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import peregrine
 from peregrine.config import EngineConfig
@@ -260,12 +263,39 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request %s %s failed", request.method, request.url.path)
-        return error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
-                              f"internal error: {type(exc).__name__}: {exc}",
-                              code="internal_error")
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """Turn an exception escaping a route into a 500 in OpenAI's shape, and log it.
+
+    An ASGI middleware rather than an `Exception` handler: Starlette re-raises after such a
+    handler, and uvicorn then drops the connection under the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - one request fails, the server lives on
+            logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            if started:
+                return  # mid-response: the client sees the stream end
+            response = error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                      f"internal error: {type(exc).__name__}: {exc}",
+                                      code="internal_error")
+            await response(scope, receive, send)
 
 
 # --- `peregrine serve` --------------------------------------------------------------------------
@@ -273,14 +303,40 @@ def _display_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, with peregrine's graceful stop: on the first signal it stops taking
+    requests (uvicorn) and gives in-flight ones `grace` seconds before aborting them in the
+    engine, so every stream still ends properly (finish_reason "abort", then [DONE]); a
+    second signal aborts them at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace = grace
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            print(f"peregrine: shutting down: no new requests; in-flight ones get up to "
+                  f"{self.grace:g}s to finish (Ctrl-C again aborts them)", file=sys.stderr,
+                  flush=True)
+            timer = threading.Timer(self.grace, self.engine.abort_all)
+            timer.daemon = True
+            timer.start()
+        else:
+            self.engine.abort_all()
+        super().handle_exit(sig, frame)
+
+
 def run_server(ns: argparse.Namespace, config: EngineConfig) -> int:
-    """Serve until Ctrl-C / SIGTERM; returns the process exit status."""
+    """Serve until Ctrl-C / SIGTERM, then stop cleanly; returns the process exit status."""
     args = ServerArgs.from_namespace(ns)
     app = create_app(args, config)  # resolves the model: a bad --model fails here, fast
     state: ServerState = app.state.peregrine
-    server = uvicorn.Server(uvicorn.Config(
+    # uvicorn's own timeout is only a backstop: the engine aborts what is left at grace.
+    server = _Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info" if ns.verbose else "warning",
-        access_log=bool(ns.verbose), timeout_graceful_shutdown=args.shutdown_timeout))
+        access_log=bool(ns.verbose), timeout_graceful_shutdown=args.shutdown_timeout + 10),
+        state.engine, args.shutdown_timeout)
     url = f"http://{_display_host(args.host)}:{args.port}"
     print(f"peregrine: loading {state.ctx.model_name} ...", flush=True)
     failed = threading.Event()
@@ -300,5 +356,15 @@ def run_server(ns: argparse.Namespace, config: EngineConfig) -> int:
               f"  OpenAI API:  {url}/v1   (metrics: {url}/metrics)", flush=True)
 
     threading.Thread(target=announce, name="peregrine-announce", daemon=True).start()
-    server.run()
-    return 2 if failed.is_set() else 0
+    # uvicorn re-raises the signal that stopped it once it is done; these handlers (which it
+    # restores first) take it quietly, so a graceful stop exits 0 without a traceback.
+    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in quiet.items():
+            signal.signal(sig, handler)
+    if failed.is_set():
+        return 2
+    print("peregrine: stopped", file=sys.stderr, flush=True)
+    return 0

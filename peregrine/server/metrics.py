@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -96,6 +97,7 @@ class ServerMetrics:
     """The registry of one server; also the engine's observer (called on the engine thread)."""
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        disable_created_metrics()  # `*_created` series only add noise to every scrape
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]

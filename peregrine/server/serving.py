@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -36,6 +37,7 @@ from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResp
                                        TopLogprob, UsageInfo)
 
 T = TypeVar("T")
+logger = logging.getLogger("peregrine.server")
 
 # JSON has no -inf; OpenAI-compatible servers send a very negative number instead.
 _MIN_LOGPROB = -9999.0
@@ -260,9 +262,15 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _sse_error(e: RequestFailedError) -> str:
-    return _sse({"error": {"message": str(e), "type": "server_error", "param": None,
-                           "code": "engine_error"}})
+def _sse_error(e: Exception) -> str:
+    """The error event that ends a stream (OpenAI clients raise it as an APIError)."""
+    if isinstance(e, RequestFailedError):
+        message, code = str(e), "engine_error"
+    else:
+        logger.exception("streaming a response failed", exc_info=e)
+        message, code = f"internal error: {type(e).__name__}: {e}", "internal_error"
+    return _sse({"error": {"message": message, "type": "server_error", "param": None,
+                           "code": code}})
 
 
 _DONE = "data: [DONE]\n\n"
@@ -477,7 +485,7 @@ async def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_i
                 yield _sse(chunk([{"index": index, "text": text, "logprobs": lp,
                                    "finish_reason": o.finish_reason,
                                    "stop_reason": o.stop_reason}]))
-    except RequestFailedError as e:
+    except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
         yield _sse_error(e)
         yield _DONE
         return
@@ -607,7 +615,7 @@ async def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id:
                 yield _sse(chunk([{"index": o.index, "delta": delta, "logprobs": lp,
                                    "finish_reason": o.finish_reason,
                                    "stop_reason": o.stop_reason}]))
-    except RequestFailedError as e:
+    except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
         yield _sse_error(e)
         yield _DONE
         return
