@@ -248,17 +248,21 @@ class AsyncLLMEngine:
         self.loaded.set()
         engine = self.engine
         while True:
-            if not self._drain(engine):
-                break
-            if engine.has_unfinished_requests():
-                steps = engine.num_steps
-                self._step(engine)
-                if engine.num_steps == steps:
-                    self._wake.wait(_IDLE_STEP_WAIT_S)
+            try:
+                if not self._drain(engine):
+                    break
+                if engine.has_unfinished_requests():
+                    steps = engine.num_steps
+                    self._step(engine)
+                    if engine.num_steps == steps:
+                        self._wake.wait(_IDLE_STEP_WAIT_S)
+                        self._wake.clear()
+                else:
+                    self._wake.wait()
                     self._wake.clear()
-            else:
-                self._wake.wait()
-                self._wake.clear()
+            except Exception:  # noqa: BLE001 - the loop must not die silently
+                logger.exception("the engine loop failed; failing every live request")
+                self._fail_all(engine, "the engine loop failed")
         for request_id in list(self._streams):
             self._abort(engine, request_id)
         self._fail_pending(EngineNotReadyError("the server is shutting down"))
@@ -335,16 +339,7 @@ class AsyncLLMEngine:
             return
         except Exception:  # noqa: BLE001 - a failure outside the model run: fail everything live
             logger.exception("engine step failed outside the model run; aborting all requests")
-            failed = list(engine.requests)
-            for request_id in failed:
-                engine.abort_request(request_id)
-            self._publish(engine)
-            for request_id in failed:
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(RequestFailedError("the engine failed while scheduling"))
-            if self.observer is not None:
-                self.observer.on_failed(failed)
+            self._fail_all(engine, "the engine failed while scheduling")
             return
         self._publish(engine)  # stats first: whoever sees an output sees the step's effects
         for out in outputs:
@@ -356,11 +351,26 @@ class AsyncLLMEngine:
         if self.observer is not None and outputs:
             self.observer.on_outputs(outputs)
 
+    def _fail_all(self, engine: LLMEngine, message: str) -> None:
+        """Abort every live request and fail its stream (its blocks are freed)."""
+        failed = list(dict.fromkeys([*engine.requests, *self._streams]))
+        for request_id in failed:
+            engine.abort_request(request_id)
+        self._publish(engine)
+        for request_id in failed:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(RequestFailedError(message))
+        if self.observer is not None:
+            self.observer.on_failed(failed)
+
     def _publish(self, engine: LLMEngine) -> None:
         stats = engine.get_stats()
         self._stats = stats
+        # Requests, not sequences: the n samples of one request wait together.
+        waiting = len({seq.request.request_id for seq in engine.scheduler.waiting})
         with self._counts.lock:
-            self._counts.waiting = stats.num_waiting
+            self._counts.waiting = waiting
 
     def _fail_pending(self, error: BaseException) -> None:
         """Refuse the adds still queued (load failure or shutdown)."""

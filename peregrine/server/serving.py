@@ -148,7 +148,6 @@ async def _submit(ctx: ServingContext, base_id: str, prompts: list[Prompt],
         for s in streams:
             ctx.engine.abort(s.request_id)
         if isinstance(e, ValueError):
-            ctx.metrics.reject("invalid")
             raise bad_request(e) from None
         if isinstance(e, EngineNotReadyError):
             raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(e), code="model_not_ready",

@@ -165,3 +165,32 @@ def test_load_failure_is_reported():
 
     asyncio.run(main())
     eng.shutdown()
+
+
+def test_an_error_outside_a_step_fails_live_requests_and_the_loop_lives_on(engine):
+    inner: LLMEngine = engine.engine
+    real_schedule = inner.scheduler.schedule
+    calls = {"n": 0}
+
+    def schedule():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("scheduler bug")
+        return real_schedule()
+
+    inner.scheduler.schedule = schedule
+    try:
+        async def main():
+            first = await engine.add_request("a", {"prompt_token_ids": PROMPTS[0]},
+                                             SamplingParams(temperature=0, max_tokens=4))
+            with pytest.raises(RequestFailedError, match="scheduling"):
+                await _final(first)
+            second = await engine.add_request("b", {"prompt_token_ids": PROMPTS[0]},
+                                              SamplingParams(temperature=0, max_tokens=4))
+            return await _final(second)
+
+        outs = asyncio.run(main())
+    finally:
+        inner.scheduler.schedule = real_schedule
+    assert len(outs[-1].outputs[0].token_ids) == 4
+    assert engine.stats().kv_cache_usage == 0

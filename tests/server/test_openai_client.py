@@ -30,26 +30,26 @@ def test_models_lists_the_served_model(client, server):
 
 
 def test_chat_answers_the_capital_of_france(client):
-    r = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, max_tokens=24,
+    r = client.chat.completions.create(model="smollm2-135m", messages=QUESTION, max_tokens=16,
                                        temperature=0)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     u = r.usage
-    assert u.prompt_tokens > 5 and 0 < u.completion_tokens <= 24
+    assert u.prompt_tokens > 5 and 0 < u.completion_tokens <= 16
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens
 
 
 def test_greedy_completion_matches_the_offline_engine(client, server):
     prompt = "The quick brown fox"
-    r = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=12,
+    r = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=8,
                                   temperature=0)
     engine = server.engine.engine
     ids = engine.tokenizer.encode(prompt)
-    expected = asyncio.run(_run(server, ids, SamplingParams(temperature=0, max_tokens=12)))
+    expected = asyncio.run(_run(server, ids, SamplingParams(temperature=0, max_tokens=8)))
     assert r.choices[0].text == expected
-    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 12
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 8
     assert r.choices[0].finish_reason == "length"
 
 
@@ -64,7 +64,7 @@ async def _run(server, ids: list[int], params: SamplingParams) -> str:
 
 
 def test_streamed_chat_equals_the_non_streamed_answer(client):
-    kwargs = dict(model="smollm2-135m", messages=QUESTION, max_tokens=20, temperature=0)
+    kwargs = dict(model="smollm2-135m", messages=QUESTION, max_tokens=12, temperature=0)
     full = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(
         **kwargs, stream=True, stream_options={"include_usage": True}))
@@ -79,33 +79,33 @@ def test_streamed_chat_equals_the_non_streamed_answer(client):
 
 def test_streamed_completion_with_usage(client):
     stream = client.completions.create(model="smollm2-135m", prompt="Once upon a time",
-                                       max_tokens=10, temperature=0, stream=True,
+                                       max_tokens=6, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text and chunks[-1].usage.completion_tokens == 10
+    assert text and chunks[-1].usage.completion_tokens == 6
     assert chunks[-2].choices[0].finish_reason == "length"
     again = client.completions.create(model="smollm2-135m", prompt="Once upon a time",
-                                      max_tokens=10, temperature=0)
+                                      max_tokens=6, temperature=0)
     assert again.choices[0].text == text
 
 
 def test_n_samples_with_a_seed_are_reproducible(client):
-    kwargs = dict(model="smollm2-135m", prompt="My favourite colour is", max_tokens=8,
+    kwargs = dict(model="smollm2-135m", prompt="My favourite colour is", max_tokens=5,
                   temperature=1.0, n=3, seed=1234)
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1  # the n samples differ from each other
-    assert a.usage.completion_tokens == 24
+    assert a.usage.completion_tokens == 15
 
 
 def test_stop_string_ends_the_text(client):
     base = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,",
-                                     max_tokens=12, temperature=0).choices[0].text
+                                     max_tokens=8, temperature=0).choices[0].text
     assert " 6" in base
-    r = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=12,
+    r = client.completions.create(model="smollm2-135m", prompt="1, 2, 3, 4,", max_tokens=8,
                                   temperature=0, stop=[" 6"])
     assert r.choices[0].text == base[:base.index(" 6")]
     assert r.choices[0].finish_reason == "stop"
@@ -114,10 +114,10 @@ def test_stop_string_ends_the_text(client):
 
 def test_batch_of_prompts_gives_one_choice_each(client):
     r = client.completions.create(model="smollm2-135m", prompt=["Hello", "The sky is"],
-                                  max_tokens=5, temperature=0)
+                                  max_tokens=4, temperature=0)
     assert [c.index for c in r.choices] == [0, 1]
     single = client.completions.create(model="smollm2-135m", prompt="The sky is",
-                                       max_tokens=5, temperature=0)
+                                       max_tokens=4, temperature=0)
     assert r.choices[1].text == single.choices[0].text
 
 
@@ -152,11 +152,11 @@ def test_every_sampling_field_reaches_the_engine(client, server):
     tok = server.engine.engine.tokenizer
     bias_token = tok.encode(" banana", add_special_tokens=False)[0]
     r = client.completions.create(
-        model="smollm2-135m", prompt="I like", max_tokens=10, temperature=0.8, top_p=0.9,
+        model="smollm2-135m", prompt="I like", max_tokens=6, temperature=0.8, top_p=0.9,
         presence_penalty=0.5, frequency_penalty=0.3, seed=7, stop=["\n\n"],
         logit_bias={str(bias_token): 5.0},
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
-    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05,
+    params = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, top_k=20, min_p=0.05,
                             presence_penalty=0.5, frequency_penalty=0.3,
                             repetition_penalty=1.2, seed=7, stop=["\n\n"],
                             logit_bias={bias_token: 5.0})
@@ -197,13 +197,13 @@ def test_async_client_concurrent_chats(aclient):
     async def main() -> list[str]:
         async def one(i: int) -> str:
             r = await aclient.chat.completions.create(
-                model="smollm2-135m", max_tokens=12, temperature=0,
+                model="smollm2-135m", max_tokens=8, temperature=0,
                 messages=[{"role": "user", "content": f"Count to {i + 3}."}])
             return r.choices[0].message.content
 
         async def streamed() -> str:
             stream = await aclient.chat.completions.create(
-                model="smollm2-135m", max_tokens=12, temperature=0, stream=True,
+                model="smollm2-135m", max_tokens=8, temperature=0, stream=True,
                 messages=[{"role": "user", "content": "Count to 3."}])
             return "".join([c.choices[0].delta.content or "" async for c in stream
                             if c.choices])
