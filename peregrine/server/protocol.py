@@ -59,9 +59,21 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    best_of: int | None = None
+    use_beam_search: bool = False
+    beam_width: int | None = None
+    length_penalty: float = 1.0
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams; ValueError names a field that is out of range."""
+        extra: dict[str, Any] = {}
+        if self.best_of is not None and self.best_of != self.n:
+            if "best_of" not in SamplingParams.__dataclass_fields__:
+                raise ValueError(f"best_of must equal n ({self.n}): this engine has no best_of")
+            extra["best_of"] = self.best_of
+        if self.use_beam_search:
+            extra.update(use_beam_search=True, length_penalty=self.length_penalty,
+                         beam_width=self.beam_width or max(self.n, self.best_of or 0, 4))
         bias = None
         if self.logit_bias:
             bias = {}
@@ -82,7 +94,7 @@ class SamplingRequest(_Request):
             ignore_eos=self.ignore_eos, stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, **extra)
 
     @property
     def include_usage(self) -> bool:
@@ -100,7 +112,6 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
-    best_of: int | None = None
     add_special_tokens: bool = True
 
 

@@ -128,6 +128,10 @@ def _check_response_format(req: SamplingRequest) -> None:
 
 
 def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    if req.stream and (req.use_beam_search or (req.best_of or req.n) > req.n):
+        # The answer is only known at the end: the beams (or best samples) change until then.
+        raise bad_request("stream is not supported with use_beam_search or best_of > n",
+                          "stream")
     try:
         return req.sampling_params(max_tokens, logprobs)
     except ValueError as e:
@@ -387,9 +391,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     _check_response_format(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request(f"best_of must equal n ({req.n}) when given, got {req.best_of}",
-                          "best_of")
     ctx.check_queue()
     prompts = await _completion_prompts(ctx, req)
     params = []

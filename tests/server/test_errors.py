@@ -147,7 +147,12 @@ def test_response_format_other_than_text_is_refused_until_structured_outputs(htt
 
 def test_unsupported_options(http):
     assert_error(http.post(COMPLETIONS, json={"prompt": "a", "suffix": "b"}), 400, "suffix")
-    assert_error(http.post(COMPLETIONS, json={"prompt": "a", "best_of": 3}), 400, "best_of")
+    r = http.post(COMPLETIONS, json={"prompt": "a", "n": 2, "best_of": 3, "stream": True})
+    assert_error(r, 400, "stream", "best_of")
+    r = http.post(CHAT, json={"messages": HELLO, "use_beam_search": True, "stream": True})
+    assert_error(r, 400, "stream", "beam")
+    assert_error(http.post(COMPLETIONS, json={"prompt": "a", "n": 3, "best_of": 2}), 400,
+                 "best_of", "best_of")
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert_error(http.post(CHAT, json={"messages": HELLO, "tools": tools}), 400, "tools")
 

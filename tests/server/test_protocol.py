@@ -36,6 +36,13 @@ def test_every_field_maps_onto_sampling_params():
     assert not p.skip_special_tokens and p.include_stop_str_in_output
 
 
+def test_beam_search_extras():
+    req = CompletionRequest.model_validate({"prompt": "x", "n": 2, "use_beam_search": True,
+                                            "length_penalty": 0.5})
+    p = req.sampling_params(max_tokens=8, logprobs=None)
+    assert p.use_beam_search and p.beam_width == 4 and p.length_penalty == 0.5 and p.n == 2
+
+
 def test_openai_defaults():
     p = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}]}).sampling_params(10, None)
