@@ -44,7 +44,7 @@ def test_signal_finishes_short_requests_aborts_long_ones_and_exits_0(sig):
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "peregrine.cli", "serve", "--port", str(port),
-         "--kv-cache-memory", "0.1", "--shutdown-timeout", "8"],
+         "--kv-cache-memory", "0.1", "--shutdown-timeout", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
