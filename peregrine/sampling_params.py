@@ -160,11 +160,14 @@ class SamplingParams:
               f"beam_width must be an integer >= 1, got {self.beam_width!r}")
         check(self.n <= self.beam_width,
               f"n ({self.n}) must be <= beam_width ({self.beam_width}) with use_beam_search")
+        check(self.best_of is None or self.best_of <= self.beam_width,
+              f"best_of ({self.best_of}) must be <= beam_width ({self.beam_width}) with "
+              "use_beam_search (the beams are the candidates)")
         check(is_num(self.length_penalty), f"length_penalty must be a number, got "
               f"{self.length_penalty!r}")
         # Beam search ranks continuations by the model's own logprobs: sampling filters,
         # penalties and seeds have no meaning there, so asking for them is an error.
-        unsupported = {"best_of": self.best_of not in (None, self.n), "top_k": self.top_k != -1,
+        unsupported = {"top_k": self.top_k != -1,
                        "top_p": self.top_p != 1, "min_p": self.min_p != 0,
                        "repetition_penalty": self.repetition_penalty != 1,
                        "frequency_penalty": self.frequency_penalty != 0,

@@ -33,6 +33,8 @@ INVALID = [
     (dict(seed="7"), "seed must be an integer"),
     (dict(use_beam_search=True, beam_width=0), "beam_width must be an integer >= 1"),
     (dict(use_beam_search=True, beam_width=2, n=3), r"n \(3\) must be <= beam_width \(2\)"),
+    (dict(use_beam_search=True, beam_width=3, best_of=4),
+     r"best_of \(4\) must be <= beam_width \(3\)"),
     (dict(use_beam_search=True, top_p=0.5), "use_beam_search does not support top_p"),
     (dict(use_beam_search=True, stop=["x"]), "use_beam_search does not support stop"),
 ]

@@ -16,6 +16,7 @@ from peregrine.engine.detokenizer import IncrementalDetokenizer
 from peregrine.engine.kv_cache import (KVCacheManager, allocate_kv_pool, kv_dtype_bytes,
                                        num_blocks_for_memory)
 from peregrine.engine.logprobs import LogprobFormatter
+from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import ScheduledBatch, Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
@@ -46,6 +47,14 @@ class EngineStats:
     last_step_tokens: int
     prompt_tokens_total: int
     generation_tokens_total: int
+
+
+class StepFailedError(RuntimeError):
+    """An engine step raised; the requests it was running were aborted (blocks freed)."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"engine step failed; aborted requests {request_ids}")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -89,8 +98,11 @@ class LLMEngine:
         cfg = self.config
         per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype)
         if cfg.torch_device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(cfg.torch_device)
-            budget = free - (1 - cfg.gpu_memory_utilization) * total
+            budget = gpu_kv_budget(self.loaded.model, cfg, self.max_model_len)
+            if budget <= 0:
+                raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                                 f"{cfg.gpu_memory_utilization}: raise it, or lower "
+                                 "max_num_batched_tokens / max_model_len")
         else:
             budget = cfg.kv_cache_memory * 2**30
         return num_blocks_for_memory(self.model_config, cfg.block_size, per_value, budget)
@@ -185,8 +197,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
-        sampled = self.runner.execute(batch)
-        return self.postprocess(batch, sampled)
+        try:
+            sampled = self.runner.execute(batch)
+            return self.postprocess(batch, sampled)
+        except Exception as e:
+            # Fail only this step's requests, and free their blocks, so the engine lives on.
+            failed = list(dict.fromkeys(s.request.request_id for s in batch.seqs))
+            for request_id in failed:
+                self.abort_request(request_id)
+            raise StepFailedError(failed) from e
 
     def postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance computed counts, append sampled tokens, stop finished sequences, and

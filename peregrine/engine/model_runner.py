@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from peregrine.config import EngineConfig
+from peregrine.engine.cuda_graphs import DecodeGraphRunner
 from peregrine.engine.kv_cache import NULL_BLOCK, copy_kv_blocks
 from peregrine.engine.sampling_metadata import build_sampling_tensors, prompt_logprob_positions
 from peregrine.engine.scheduler import ScheduledBatch
@@ -42,13 +43,21 @@ class ModelRunner:
         model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
         self.rng = random.Random(config.seed)  # uniforms of requests without a seed
         self.sampler = Sampler()
+        self.graphs: DecodeGraphRunner | None = None
+        # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
+        triton = config.attention_backend != "torch"
+        if self.device.type == "cuda" and not config.enforce_eager and triton:
+            max_len = config.max_model_len or model.config.max_position_embeddings
+            self.graphs = DecodeGraphRunner(model, kv_caches, config.max_num_seqs, max_len,
+                                            block_size, self.device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> SamplerOutput:
         """Run one step; the output has one token per sampling entry of the batch."""
         copy_kv_blocks(self.kv_caches, batch.block_copies)
         inp = self.prepare(batch)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+        hidden = self.forward(inp)
         prompt_lps = self.prompt_logprobs(batch, hidden)
         if not inp.sample_rows:
             return SamplerOutput([], prompt_logprobs=prompt_lps)
@@ -77,6 +86,20 @@ class ModelRunner:
             i += n
         return out
 
+    def forward(self, inp: ModelInput) -> torch.Tensor:
+        """Hidden states of the batch: a CUDA graph replay for a pure decode step that fits
+        one, else the eager forward."""
+        if self.graphs is not None and self.graphs.can_run(inp.meta):
+            return self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        return self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the engine's device; on a GPU through pinned memory, without
+        waiting for the copy (the step's only sync is reading the sampled tokens)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
         """Flatten the scheduled chunks into token ids, positions and attention metadata."""
         bs = self.block_size
@@ -93,25 +116,24 @@ class ModelRunner:
             if batch.samples(i):
                 sample_rows.append(i)
                 logits_indices.append(starts[-1] - 1)
-        positions = torch.cat([torch.arange(l - (e - s), l) for s, e, l
-                               in zip(starts[:-1], starts[1:], seq_lens)])
+        num_new = torch.tensor(batch.num_new_tokens)
+        seq_index = torch.repeat_interleave(torch.arange(len(seq_lens)), num_new)
+        # position of token t = its sequence's first new position + its offset in the chunk
+        first_pos = torch.tensor(seq_lens) - num_new
+        positions = (first_pos - torch.tensor(starts[:-1]))[seq_index] + torch.arange(starts[-1])
         max_blocks = max(-(-l // bs) for l in seq_lens)
-        table = torch.zeros((len(seq_lens), max_blocks), dtype=torch.int32)
-        for i, seq in enumerate(batch.seqs):
-            row = seq.block_table[:max_blocks]
-            table[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
+        rows = [seq.block_table[:max_blocks] for seq in batch.seqs]
+        table = torch.tensor([r + [0] * (max_blocks - len(r)) for r in rows], dtype=torch.int32)
         table.clamp_(min=0)  # freed (out-of-window) entries are never read: point anywhere
-        seq_index = torch.repeat_interleave(torch.arange(len(seq_lens)),
-                                            torch.tensor(batch.num_new_tokens))
         slot_mapping = (table[seq_index, positions // bs].long() * bs + positions % bs)
-        dev = self.device
+        dev = self.to_device
         meta = AttentionMetadata(
             query_start_loc=starts, seq_lens=seq_lens, num_decodes=batch.num_decodes,
-            slot_mapping=slot_mapping.to(dev), block_tables=table.to(dev),
-            query_start_loc_t=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens_t=torch.tensor(seq_lens, dtype=torch.int32, device=dev))
-        return ModelInput(torch.tensor(ids, device=dev), positions.to(dev), meta,
-                          torch.tensor(logits_indices, device=dev), sample_rows)
+            slot_mapping=dev(slot_mapping), block_tables=dev(table),
+            query_start_loc_t=dev(torch.tensor(starts, dtype=torch.int32)),
+            seq_lens_t=dev(torch.tensor(seq_lens, dtype=torch.int32)))
+        return ModelInput(dev(torch.tensor(ids)), dev(positions), meta,
+                          dev(torch.tensor(logits_indices)), sample_rows)
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling controls of the sequences being sampled."""

@@ -17,8 +17,8 @@ def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store k/v [T, Hkv, D] at flat slots `slot_mapping` [T] (slot = block * size + offset)."""
     hkv, d = k.shape[1], k.shape[2]
-    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
-    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
+    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(cache: LayerCache, block_tables: torch.Tensor, num_blocks: int
@@ -43,6 +43,25 @@ def key_mask(query_pos: torch.Tensor, seq_lens: torch.Tensor, num_keys: int,
     return mask
 
 
+def decode_plan(meta: AttentionMetadata, b: int, block_size: int, sliding_window: int | None,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the step's first b (decode) sequences: the flat cache slot of every key position
+    [B, L] and an additive mask [B, 1, 1, L] (0 visible, -inf not). Derived once per step
+    and shared by all layers."""
+    plan = meta.scratch.get("decode_plan")
+    if plan is None:
+        seq_lens = meta.seq_lens_t[:b]
+        num_keys = max(meta.seq_lens[:b])
+        pos = torch.arange(num_keys, device=seq_lens.device)
+        table = meta.block_tables[:b, :-(-num_keys // block_size)].long()
+        slots = table[:, pos // block_size] * block_size + pos % block_size
+        visible = key_mask((seq_lens - 1).view(b, 1), seq_lens, num_keys, sliding_window)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=seq_lens.device)
+        mask.masked_fill_(~visible, float("-inf"))
+        plan = meta.scratch["decode_plan"] = (slots, mask.view(b, 1, 1, num_keys))
+    return plan
+
+
 class TorchAttentionBackend:
     """Reference backend: correct for every shape, vectorized, used on CPU."""
 
@@ -51,8 +70,10 @@ class TorchAttentionBackend:
                 sliding_window: int | None) -> torch.Tensor:
         if cache is not None:
             write_kv(cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if nd == meta.num_seqs:  # decode-only step: no scatter into a combined output
+            return self._decode(q, cache, meta, scale, sliding_window)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta, scale, sliding_window)
         qs = meta.query_start_loc
@@ -67,19 +88,13 @@ class TorchAttentionBackend:
                 sliding_window: int | None) -> torch.Tensor:
         """One query per sequence: [B, Hq, D] against each sequence's paged K/V."""
         b, hq, d = q.shape
-        seq_lens = meta.seq_lens_t[:b]
-        max_len = max(meta.seq_lens[:b])
-        nblocks = -(-max_len // cache.block_size)
-        k, v = gather_kv(cache, meta.block_tables[:b], nblocks)  # [B, L, Hkv, D]
-        hkv = k.shape[2]
-        # Grouped layout [B, Hkv, G, D] keeps GQA free of repeat_interleave copies.
-        qg = q.view(b, hkv, hq // hkv, d)
-        scores = torch.matmul(qg, k.permute(0, 2, 3, 1).to(q.dtype)) * scale  # [B,Hkv,G,L]
-        visible = key_mask((seq_lens - 1).view(b, 1), seq_lens, k.shape[1], sliding_window)
-        scores.masked_fill_(~visible.view(b, 1, 1, -1), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v.transpose(1, 2).to(q.dtype))  # [B, Hkv, G, D]
-        return out.reshape(b, hq, d)
+        slots, mask = decode_plan(meta, b, cache.block_size, sliding_window, q.dtype)
+        hkv = cache.k.shape[2]
+        k = cache.k.view(-1, hkv, d)[slots].transpose(1, 2)  # [B, Hkv, L, D]
+        v = cache.v.view(-1, hkv, d)[slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)  # [B, Hq, 1, D]
+        return out.squeeze(2)
 
     @staticmethod
     def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,

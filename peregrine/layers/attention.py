@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from peregrine.layers.linear import Linear
-from peregrine.layers.rotary import RotaryEmbedding
+from peregrine.layers.rotary import apply_rotary
 
 
 @dataclass
@@ -45,6 +45,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, 0 for unused entries
     query_start_loc_t: torch.Tensor | None = None  # [B+1] int32 on device (kernels)
     seq_lens_t: torch.Tensor | None = None  # [B] int32 on device (kernels)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """Per-step values a backend derives once and reuses in every layer (gather indices,
+    masks); the metadata lives for one step, so they never go stale."""
 
     @property
     def num_seqs(self) -> int:
@@ -94,7 +97,7 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchAttentionBackend()
     if name == "triton":
         from peregrine.kernels.triton_attention import TritonAttentionBackend
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(device)
     raise ValueError(f"unknown attention backend {name!r} (auto|torch|triton)")
 
 
@@ -102,25 +105,24 @@ class Attention(nn.Module):
     """Grouped-query self-attention: fused qkv projection, RoPE, paged attention, output."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rotary: RotaryEmbedding, bias: bool = False,
-                 sliding_window: int | None = None) -> None:
+                 bias: bool = False, sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
         self.o_proj = Linear(self.q_size, hidden_size)
-        self.rotary = rotary
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.backend: AttentionBackend | None = None  # set by the model runner
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: LayerCache | None,
-                meta: AttentionMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v, cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(T, self.q_size))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                cache: LayerCache | None, meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden]; rope: the step's (cos, signed sin) from RotaryEmbedding.lookup."""
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k are adjacent in the fused output: rotate both with one set of ops.
+        qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(t, hq + hkv, d), *rope)
+        v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
+        out = self.backend.forward(qk[:, :hq], qk[:, hq:], v, cache, meta, self.scale,
+                                   self.sliding_window)
+        return self.o_proj(out.view(t, self.q_size))

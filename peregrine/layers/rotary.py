@@ -33,7 +33,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k for arbitrary (flat, per-token) positions."""
+    """RoPE for arbitrary (flat, per-token) positions: a cos/sin table gathered once per
+    step (`lookup`), then applied to q and k of every layer together (`apply_rotary`)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None = None) -> None:
@@ -43,21 +44,26 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", self.build(torch.device("cpu")), persistent=False)
 
     def build(self, device: torch.device) -> torch.Tensor:
-        """cos and sin of every position side by side [max_positions, 2 * head_dim], float32
-        (one gather per step instead of two; float32 keeps long positions exact)."""
+        """[max_positions, 2, head_dim]: cos, and sin with the sign of rotate-half folded in
+        (-sin on the first half), float32 so long positions stay exact."""
         inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
         positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return torch.cat([emb.cos(), emb.sin()], dim=-1).to(device)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], 1).to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D], positions: [T] -> rotated (q, k)."""
-        cos, sin = self.cos_sin[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each [T, 1, head_dim] in `dtype`, for the step's positions."""
+        table = self.cos_sin[positions]
+        if table.dtype != dtype:
+            table = table.to(dtype)
+        return table[:, 0:1], table[:, 1:2]
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D] rotated: x * cos + rotate_half(x) * sin, where rotate_half(x) =
+    cat(-x2, x1) is computed as the halves swapped (flip) times the signed sin."""
+    t, h, d = x.shape
+    swapped = x.view(t, h, 2, d // 2).flip(2).view(t, h, d)
+    return torch.addcmul(x * cos, swapped, signed_sin)

@@ -240,6 +240,18 @@ def sample_filtered(probs: torch.Tensor, st: "SamplingTensors",
     return tokens
 
 
+def random_sample(probs: torch.Tensor, generators: list[torch.Generator | None],
+                  default: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of `probs` [B, V] by inverse CDF, each row's uniform from its own
+    torch generator when it has one, else from `default` (for callers that carry torch
+    generators, such as the speculative-decoding rejection sampler)."""
+    u = torch.rand(len(probs), dtype=torch.float64, device=probs.device, generator=default)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand((), dtype=torch.float64, device=probs.device, generator=g)
+    return inverse_cdf(probs, u)
+
+
 def sort_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's values and ids by decreasing probability. On the CPU through numpy's
     argsort: torch's CPU sort of [64, 49152] is ~3x slower."""

@@ -100,8 +100,7 @@ def _materialize(net: LlamaForCausalLM, device: torch.device, dtype: torch.dtype
                  cfg: ModelConfig) -> LlamaForCausalLM:
     """Allocate the meta-device model on `device` and rebuild its non-persistent buffers."""
     net = net.to_empty(device=device).to(dtype)
-    rotary = net.layers[0].self_attn.rotary
-    rotary.cos_sin = rotary.build(device)  # stays float32
+    net.rotary.cos_sin = net.rotary.build(device)  # stays float32
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
     return net

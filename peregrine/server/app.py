@@ -1,0 +1,370 @@
+"""The HTTP server: OpenAI-compatible routes, auth, errors, metrics, the playground, and
+`run_server` behind `peregrine serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import FrameType
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import peregrine
+from peregrine.config import EngineConfig
+from peregrine.engine.async_engine import AsyncLLMEngine
+from peregrine.models.registry import resolve_model
+from peregrine.server import serving
+from peregrine.server.errors import APIError, error_response
+from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
+from peregrine.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                       DetokenizeRequest, ModelCard, ModelList, TokenizeRequest)
+
+logger = logging.getLogger("peregrine.server")
+
+STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass
+class ServerArgs:
+    """The server's own options (the engine's are an EngineConfig)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and the
+    playground page stay open)."""
+    served_model_name: str | None = None
+    """The model's name in the API; default: the model's own name (e.g. smollm2-135m)."""
+    max_queue_len: int = 256
+    """Requests waiting beyond this get 429 with Retry-After."""
+    shutdown_timeout: float = 10.0
+    """Seconds Ctrl-C / SIGTERM waits for in-flight requests before aborting them."""
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
+        """Read the fields off parsed `peregrine serve` flags."""
+        defaults = cls()
+        return cls(**{k: getattr(ns, k, getattr(defaults, k))
+                      for k in cls.__dataclass_fields__})
+
+
+# --- request bodies -----------------------------------------------------------------------------
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`; a 400 in OpenAI's shape for anything malformed."""
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"the request body is not valid UTF-8 (bad byte "
+                       f"at offset {e.start})", code="invalid_encoding") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e.msg} "
+                       f"(line {e.lineno}, column {e.colno})", code="invalid_json") from None
+    except ValueError as e:
+        raise APIError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e}",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object",
+                       code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
+
+
+def _validation_error(errors: Any) -> APIError:
+    """A 400 naming the first offending field (and listing every problem)."""
+    def where(err: dict[str, Any]) -> str:
+        # Union members add their type name to the location; drop those.
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+        loc = [p for p in loc if not any(c in p for c in "[]()") and p not in
+               ("str", "int", "float", "bool", "list", "dict", "function-after")]
+        return ".".join(loc)
+    problems = [f"{where(e) or 'body'}: {e.get('msg')}" for e in errors]
+    param = where(errors[0]) if errors else None
+    return APIError(HTTPStatus.BAD_REQUEST, "invalid request: " + "; ".join(
+        dict.fromkeys(problems)), param=param or None)
+
+
+# --- the app ------------------------------------------------------------------------------------
+@dataclass
+class ServerState:
+    """Everything the routes need, stored on app.state.peregrine."""
+
+    args: ServerArgs
+    engine: AsyncLLMEngine
+    metrics: ServerMetrics
+    ctx: serving.ServingContext
+
+
+def _check_api_key(request: Request) -> None:
+    state: ServerState = request.app.state.peregrine
+    key = state.args.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                              key.encode()):
+        state.metrics.reject("unauthorized")
+        raise APIError(HTTPStatus.UNAUTHORIZED, "Incorrect or missing API key: send "
+                       "`Authorization: Bearer <key>`.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(args: ServerArgs, config: EngineConfig) -> FastAPI:
+    """An app serving `config`'s model; the engine starts loading with the app's lifespan."""
+    names = [args.served_model_name or resolve_model(config.model, config.load_format).name]
+    if config.model and config.model not in names:
+        names.append(config.model)
+    holder: dict[str, AsyncLLMEngine] = {}
+    metrics = ServerMetrics(names[0], lambda: holder["engine"].stats())
+    engine = AsyncLLMEngine(config, observer=metrics)
+    holder["engine"] = engine
+    return build_app(args, engine, metrics, names)
+
+
+def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
+              model_names: list[str]) -> FastAPI:
+    """The FastAPI app around an (unstarted) async engine."""
+    ctx = serving.ServingContext(engine, metrics, model_names, args.max_queue_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            # uvicorn has already waited (shutdown_timeout) for in-flight requests.
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
+                  summary="OpenAI-compatible LLM server")
+    app.state.peregrine = ServerState(args, engine, metrics, ctx)
+    _add_error_handlers(app, metrics)
+
+    api = APIRouter(dependencies=[Depends(_check_api_key)])
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        return await serving.create_completion(ctx, req, request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        return await serving.create_chat_completion(ctx, req, request)
+
+    @api.get("/v1/models")
+    async def models() -> ModelList:
+        engine_ = ctx.engine.engine
+        return ModelList(data=[ModelCard(
+            id=ctx.model_name, root=engine_.loaded.source.path if engine_ else None,
+            max_model_len=ctx.context_limit() if ctx.engine.is_ready else None)])
+
+    @api.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, TokenizeRequest)
+        ctx.check_model(req.model)
+        tok = ctx.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(HTTPStatus.BAD_REQUEST, "give exactly one of prompt and messages",
+                           param="prompt")
+        if req.messages is not None:
+            ids = (await serving.render_chat(tok, req.messages,
+                                             req.add_generation_prompt)).token_ids
+        else:
+            text = req.prompt or ""
+            ids = await asyncio.to_thread(tok.encode, text, req.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.context_limit(),
+                               "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [tok.id_to_token(i) for i in ids]
+        return out
+
+    @api.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = await parse_body(request, DetokenizeRequest)
+        ctx.check_model(req.model)
+        tok = ctx.tokenizer
+        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise APIError(HTTPStatus.BAD_REQUEST, f"token ids must be in [0, "
+                           f"{tok.vocab_size}), got {bad[:5]}", param="tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, req.tokens)}
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_ready:
+            return Response(status_code=HTTPStatus.OK)
+        try:
+            ctx.ready_engine()
+        except APIError as e:
+            return e.response()
+        return Response(status_code=HTTPStatus.OK)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": peregrine.__version__}
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(os.path.join(STATIC_DIR, "index.html"))
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status == HTTPStatus.BAD_REQUEST:
+            metrics.reject("invalid")
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.reject("invalid")
+        return _validation_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """Turn an exception escaping a route into a 500 in OpenAI's shape, and log it.
+
+    An ASGI middleware rather than an `Exception` handler: Starlette re-raises after such a
+    handler, and uvicorn then drops the connection under the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - one request fails, the server lives on
+            logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            if started:
+                return  # mid-response: the client sees the stream end
+            response = error_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                      f"internal error: {type(exc).__name__}: {exc}",
+                                      code="internal_error")
+            await response(scope, receive, send)
+
+
+# --- `peregrine serve` --------------------------------------------------------------------------
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with peregrine's graceful stop: on the first signal it stops taking
+    requests (uvicorn) and gives in-flight ones `grace` seconds before aborting them in the
+    engine, so every stream still ends properly (finish_reason "abort", then [DONE]); a
+    second signal aborts them at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float) -> None:
+        super().__init__(config)
+        self.engine = engine
+        self.grace = grace
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            print(f"peregrine: shutting down: no new requests; in-flight ones get up to "
+                  f"{self.grace:g}s to finish (Ctrl-C again aborts them)", file=sys.stderr,
+                  flush=True)
+            timer = threading.Timer(self.grace, self.engine.abort_all)
+            timer.daemon = True
+            timer.start()
+        else:
+            self.engine.abort_all()
+        super().handle_exit(sig, frame)
+
+
+def run_server(ns: argparse.Namespace, config: EngineConfig) -> int:
+    """Serve until Ctrl-C / SIGTERM, then stop cleanly; returns the process exit status."""
+    args = ServerArgs.from_namespace(ns)
+    app = create_app(args, config)  # resolves the model: a bad --model fails here, fast
+    state: ServerState = app.state.peregrine
+    # uvicorn's own timeout is only a backstop: the engine aborts what is left at grace.
+    server = _Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info" if ns.verbose else "warning",
+        access_log=bool(ns.verbose), timeout_graceful_shutdown=args.shutdown_timeout + 10),
+        state.engine, args.shutdown_timeout)
+    url = f"http://{_display_host(args.host)}:{args.port}"
+    print(f"peregrine: loading {state.ctx.model_name} ...", flush=True)
+    failed = threading.Event()
+
+    def announce() -> None:
+        state.engine.loaded.wait()
+        if state.engine.load_error is not None:
+            print(f"peregrine: error: the model failed to load: {state.engine.load_error}",
+                  file=sys.stderr, flush=True)
+            failed.set()
+            server.should_exit = True
+            return
+        engine = state.engine.engine
+        assert engine is not None
+        print(f"peregrine: serving {state.ctx.model_name} (loaded in {engine.load_time:.1f}s)\n"
+              f"  playground:  {url}/\n"
+              f"  OpenAI API:  {url}/v1   (metrics: {url}/metrics)", flush=True)
+
+    threading.Thread(target=announce, name="peregrine-announce", daemon=True).start()
+    # uvicorn re-raises the signal that stopped it once it is done; these handlers (which it
+    # restores first) take it quietly, so a graceful stop exits 0 without a traceback.
+    quiet = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in quiet.items():
+            signal.signal(sig, handler)
+    if failed.is_set():
+        return 2
+    print("peregrine: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,183 @@
+"""Prometheus metrics of one server: per-request latencies and lengths, engine gauges, counters.
+
+Names follow vLLM's (`vllm:` becomes `peregrine:`) so existing dashboards translate. Each
+app has its own CollectorRegistry, so several servers (tests) can live in one process.
+Request metrics are observed on the engine thread as outputs come out of a step; engine
+gauges are read from the latest EngineStats snapshot when /metrics is scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from peregrine.engine.llm_engine import EngineStats
+from peregrine.outputs import RequestOutput
+
+PREFIX = "peregrine:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                          1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# Token-count histograms stop here (the model, and so max_model_len, loads after the registry
+# is made).
+_MAX_TRACKED_LEN = 1_000_000
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (token-count histogram buckets)."""
+    out, base = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if base * m > max_len:
+                return out
+            out.append(base * m)
+        base *= 10
+
+
+@dataclass
+class _Track:
+    """What the metrics remember about a live request between two steps."""
+
+    tokens: int = 0
+    last_token_time: float | None = None
+
+
+class _EngineCollector(Collector):
+    """Engine gauges and counters, read from the latest EngineStats at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], model_name: str) -> None:
+        self._stats = stats
+        self._model = model_name
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._stats()
+        if s is None:  # still loading
+            return
+        labels = ["model_name"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            g.add_metric([self._model], value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            c.add_metric([self._model], value)
+            return c
+
+        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
+        yield gauge("kv_cache_usage", "Fraction of KV blocks held by live requests "
+                    "(cached free blocks count as free).", s.kv_cache_usage)
+        yield gauge("kv_cache_blocks", "KV blocks in the pool.", s.num_kv_blocks)
+        yield gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
+                    "prompt tokens looked up.", s.prefix_cache_hit_rate)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                      s.prefix_cache_hits)
+        yield counter("num_preemptions", "Sequences preempted (to be recomputed).",
+                      s.num_preemptions)
+        yield counter("prompt_tokens", "Prompt tokens computed (prefill).",
+                      s.prompt_tokens_total)
+        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        yield counter("engine_steps", "Engine steps run.", s.num_steps)
+
+
+class ServerMetrics:
+    """The registry of one server; also the engine's observer (called on the engine thread)."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        disable_created_metrics()  # `*_created` series only add noise to every scrape
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        reg = self.registry
+
+        def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, registry=reg,
+                             buckets=tuple(buckets)).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds",
+                              "Arrival to first generated token.", _LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds",
+                             "Time between two steps that gave a request new tokens.",
+                             _TOKEN_LATENCY_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "(last token - first token) / (output tokens - 1), per request.",
+                              _TOKEN_LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.",
+                             _REQUEST_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival to first scheduled.", _REQUEST_BUCKETS)
+        lengths = length_buckets(_MAX_TRACKED_LEN)
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt length of finished "
+                                    "requests.", lengths)
+        self.gen_len = histogram("request_generation_tokens", "Generated tokens of finished "
+                                 "requests (all n samples).", lengths)
+        self.finished = Counter(PREFIX + "request_success", "Finished requests by finish "
+                                "reason (stop, length, abort, error).",
+                                ["model_name", "finished_reason"], registry=reg)
+        self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before "
+                                "reaching the engine, by reason (queue_full, invalid, "
+                                "unauthorized, ...).", ["model_name", "reason"], registry=reg)
+        reg.register(_EngineCollector(stats, model_name))
+        self._live: dict[str, _Track] = {}
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+    def reject(self, reason: str) -> None:
+        """Count a request refused by the server (queue full, bad input, bad key)."""
+        self.rejected.labels(self.model_name, reason).inc()
+
+    # --- EngineObserver ---------------------------------------------------------------------
+    def on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Observe token latencies of every request a step advanced; close finished ones."""
+        for out in outputs:
+            track = self._live.setdefault(out.request_id, _Track())
+            m = out.metrics
+            tokens = sum(len(o.token_ids) for o in out.outputs)
+            if m is not None and tokens > track.tokens and m.last_token_time is not None:
+                if track.last_token_time is None:
+                    if m.first_token_time is not None:
+                        self.ttft.observe(m.first_token_time - m.arrival_time)
+                else:
+                    self.itl.observe(m.last_token_time - track.last_token_time)
+                track.tokens, track.last_token_time = tokens, m.last_token_time
+            if out.finished:
+                self._live.pop(out.request_id, None)
+                self._observe_finished(out)
+
+    def on_failed(self, request_ids: list[str]) -> None:
+        """Count requests that an engine failure ended."""
+        for request_id in request_ids:
+            self._live.pop(request_id, None)
+            self.finished.labels(self.model_name, "error").inc()
+
+    def _observe_finished(self, out: RequestOutput) -> None:
+        reasons = [o.finish_reason for o in out.outputs]
+        reason = "abort" if "abort" in reasons else (reasons[0] or "abort")
+        self.finished.labels(self.model_name, reason).inc()
+        self.prompt_len.observe(len(out.prompt_token_ids))
+        self.gen_len.observe(sum(len(o.token_ids) for o in out.outputs))
+        m = out.metrics
+        if m is None:
+            return
+        if m.finished_time is not None:
+            self.e2e.observe(m.finished_time - m.arrival_time)
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        longest = max(len(o.token_ids) for o in out.outputs)
+        if longest > 1 and m.first_token_time is not None and m.last_token_time is not None:
+            self.tpot.observe((m.last_token_time - m.first_token_time) / (longest - 1))

@@ -1,0 +1,626 @@
+"""Completions and chat completions on the async engine: a request in, JSON or SSE out.
+
+Each handler validates and tokenizes on the event loop's side (tokenizing and chat
+templates run in a worker thread), submits one engine request per prompt, then either
+collects the final outputs or streams deltas as server-sent events. A client that goes
+away aborts its engine requests, so their KV blocks are freed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from peregrine.engine.async_engine import (AsyncLLMEngine, EngineNotReadyError,
+                                           RequestFailedError, RequestStream)
+from peregrine.engine.llm_engine import LLMEngine
+from peregrine.models.tokenizer import Tokenizer
+from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
+from peregrine.sampling_params import SamplingParams
+from peregrine.server.errors import APIError, bad_request
+from peregrine.server.metrics import ServerMetrics
+from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatChoice,
+                                       ChatLogprobs, ChatMessage, ChatResponseMessage,
+                                       CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                       CompletionResponse, SamplingRequest, TokenLogprob,
+                                       TopLogprob, UsageInfo)
+
+T = TypeVar("T")
+logger = logging.getLogger("peregrine.server")
+
+# JSON has no -inf; OpenAI-compatible servers send a very negative number instead.
+_MIN_LOGPROB = -9999.0
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Prompt:
+    """One prompt, tokenized; `text` is what echo prints (None: decode the ids)."""
+
+    text: str | None
+    token_ids: list[int]
+
+
+@dataclass
+class ServingContext:
+    """What the generation routes share: the engine, the metrics and the server's limits."""
+
+    engine: AsyncLLMEngine
+    metrics: ServerMetrics
+    model_names: list[str]  # the first is the served name; the others are accepted aliases
+    max_queue_len: int
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        """404 unless `name` is empty or names the served model."""
+        if name and name not in self.model_names:
+            raise APIError(HTTPStatus.NOT_FOUND, f"The model `{name}` does not exist; this "
+                           f"server serves `{self.model_name}`.", param="model",
+                           code="model_not_found")
+
+    def ready_engine(self) -> LLMEngine:
+        """The loaded engine, or a 503 while it loads (or after it failed or stopped)."""
+        if not self.engine.is_ready or self.engine.engine is None:
+            if self.engine.load_error is not None:
+                message = f"the model failed to load: {self.engine.load_error}"
+            elif self.engine.loaded.is_set():
+                message = "the server is shutting down"
+            else:
+                message = "the model is still loading; retry in a few seconds"
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, message, code="model_not_ready",
+                           headers={"Retry-After": "2"})
+        return self.engine.engine
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.ready_engine().tokenizer
+
+    def check_queue(self) -> None:
+        """429 with Retry-After when --max-queue-len requests already wait."""
+        waiting = self.engine.num_waiting
+        if waiting >= self.max_queue_len:
+            self.metrics.reject("queue_full")
+            raise APIError(HTTPStatus.TOO_MANY_REQUESTS, f"the server is busy: {waiting} "
+                           f"requests are waiting (--max-queue-len {self.max_queue_len}); "
+                           "retry later", code="queue_full", headers={"Retry-After": "1"})
+
+    def context_limit(self) -> int:
+        """Most tokens (prompt + output) one sequence can hold: the context, or the KV pool."""
+        engine = self.ready_engine()
+        return min(engine.max_model_len, engine.kv.num_blocks * engine.kv.block_size)
+
+
+# --- shared steps -------------------------------------------------------------------------------
+def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
+                prompt_len: int, param: str) -> int:
+    """The request's max_tokens; unset means `default`, or all the room left when None."""
+    if requested is not None:
+        return requested
+    if default is not None:
+        return default
+    room = ctx.context_limit() - prompt_len
+    if room < 1:
+        raise bad_request(f"the prompt ({prompt_len} tokens) leaves no room to generate: the "
+                          f"limit is {ctx.context_limit()} tokens", param)
+    return room
+
+
+def _check_response_format(req: SamplingRequest) -> None:
+    fmt = req.response_format
+    if fmt is not None and fmt.type != "text":
+        raise bad_request(f"response_format {{'type': '{fmt.type}'}} is not supported yet: "
+                          "structured outputs are not available in this server; use "
+                          "{'type': 'text'}", "response_format")
+
+
+def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    if req.stream and (req.use_beam_search or (req.best_of or req.n) > req.n):
+        # The answer is only known at the end: the beams (or best samples) change until then.
+        raise bad_request("stream is not supported with use_beam_search or best_of > n",
+                          "stream")
+    try:
+        return req.sampling_params(max_tokens, logprobs)
+    except ValueError as e:
+        raise bad_request(e) from None
+
+
+async def _submit(ctx: ServingContext, base_id: str, prompts: list[Prompt],
+                  params: list[SamplingParams], priority: int) -> list[RequestStream]:
+    """Add one engine request per prompt; on any refusal abort the ones already added."""
+    streams: list[RequestStream] = []
+    try:
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+            streams.append(await ctx.engine.add_request(
+                request_id, {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, p,
+                priority))
+    except BaseException as e:
+        for s in streams:
+            ctx.engine.abort(s.request_id)
+        if isinstance(e, ValueError):
+            raise bad_request(e) from None
+        if isinstance(e, EngineNotReadyError):
+            raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(e), code="model_not_ready",
+                           headers={"Retry-After": "2"}) from None
+        raise
+    return streams
+
+
+async def _wait_for_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T],
+                               on_disconnect: Callable[[], None]) -> T:
+    """Run `work`; if the client disconnects first, call on_disconnect and cancel it."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        on_disconnect()
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        on_disconnect()
+        task.cancel()
+        raise APIError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
+
+
+async def _final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
+    finals = []
+    for stream in streams:
+        last = None
+        async for out in stream:
+            last = out
+        assert last is not None
+        finals.append(last)
+    return finals
+
+
+async def _collect(ctx: ServingContext, request: Request,
+                   streams: list[RequestStream]) -> list[RequestOutput]:
+    """Wait for every stream's final output; abort them all if the client goes away."""
+    def abort() -> None:
+        for s in streams:
+            ctx.engine.abort(s.request_id)
+    try:
+        return await _unless_disconnected(request, _final_outputs(streams), abort)
+    except RequestFailedError as e:
+        abort()
+        raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, str(e), code="engine_error") from None
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """An SSE response that aborts its engine requests however the stream ends."""
+
+    def __init__(self, content: AsyncIterator[str], ctx: ServingContext,
+                 streams: list[RequestStream]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._ctx = ctx
+        self._streams = streams
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Finished requests are no longer known to the engine; aborting them is a no-op.
+            for s in self._streams:
+                if not s.finished:
+                    self._ctx.engine.abort(s.request_id)
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _sse_error(e: Exception) -> str:
+    """The error event that ends a stream (OpenAI clients raise it as an APIError)."""
+    if isinstance(e, RequestFailedError):
+        message, code = str(e), "engine_error"
+    else:
+        logger.exception("streaming a response failed", exc_info=e)
+        message, code = f"internal error: {type(e).__name__}: {e}", "internal_error"
+    return _sse({"error": {"message": message, "type": "server_error", "param": None,
+                           "code": code}})
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+def _usage(outs: list[RequestOutput]) -> UsageInfo:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details={"cached_tokens": cached})
+
+
+# --- logprobs -----------------------------------------------------------------------------------
+def _token_str(tok: Tokenizer, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tok.token_text(token_id)
+
+
+def _top(entries: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    return sorted(entries.items(), key=lambda e: -e[1].logprob)[:k]
+
+
+def _finite(x: float) -> float:
+    return max(x, _MIN_LOGPROB)
+
+
+def completion_logprobs(tok: Tokenizer, token_ids: list[int],
+                        logprobs: list[dict[int, Logprob] | None], num_top: int,
+                        text_offset: int) -> CompletionLogprobs:
+    """The completions API's logprobs of `token_ids`: the chosen token's, plus the top
+    `num_top` (the chosen one always included, as vLLM does)."""
+    res = CompletionLogprobs()
+    offset = text_offset
+    for tid, entries in zip(token_ids, logprobs):
+        chosen = entries.get(tid) if entries else None
+        s = _token_str(tok, tid, chosen)
+        res.tokens.append(s)
+        res.text_offset.append(offset)
+        offset += len(s)
+        res.token_logprobs.append(None if chosen is None else _finite(chosen.logprob))
+        if entries is None:
+            res.top_logprobs.append(None)
+            continue
+        top = dict(_top(entries, num_top))
+        if chosen is not None:
+            top.setdefault(tid, chosen)
+        res.top_logprobs.append({_token_str(tok, t, lp): _finite(lp.logprob)
+                                 for t, lp in top.items()})
+    return res
+
+
+def chat_logprobs(tok: Tokenizer, token_ids: list[int],
+                  logprobs: list[dict[int, Logprob] | None], num_top: int) -> ChatLogprobs:
+    """The chat API's logprobs of `token_ids`, with `num_top` alternatives each."""
+    content = []
+    for tid, entries in zip(token_ids, logprobs):
+        entries = entries or {}
+        chosen = entries.get(tid)
+        s = _token_str(tok, tid, chosen)
+        content.append(TokenLogprob(
+            token=s, logprob=_finite(chosen.logprob) if chosen else _MIN_LOGPROB,
+            bytes=list(s.encode("utf-8")),
+            top_logprobs=[TopLogprob(token=(ts := _token_str(tok, t, lp)),
+                                     logprob=_finite(lp.logprob), bytes=list(ts.encode("utf-8")))
+                          for t, lp in _top(entries, num_top)]))
+    return ChatLogprobs(content=content)
+
+
+@dataclass
+class _ChoiceState:
+    """What a stream already sent of one choice."""
+
+    text: int = 0
+    tokens: int = 0
+    text_offset: int = 0
+    done: bool = False
+
+
+def _new_text(o: CompletionOutput, state: _ChoiceState) -> tuple[str, list[int], list[Any] | None]:
+    """The text, token ids and logprobs of `o` not yet sent (and mark them sent)."""
+    text = o.text[state.text:] if len(o.text) > state.text else ""
+    end = len(o.token_ids)
+    ids = o.token_ids[state.tokens:end]
+    lps = o.logprobs[state.tokens:end] if o.logprobs is not None else None
+    state.text = max(state.text, len(o.text))
+    state.tokens = end
+    return text, ids, lps
+
+
+# --- /v1/completions ----------------------------------------------------------------------------
+async def _completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
+    p = req.prompt
+    if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
+        texts = [p] if isinstance(p, str) else list(p)
+        tok = ctx.tokenizer
+        ids = await asyncio.to_thread(
+            lambda: [tok.encode(t, add_special_tokens=req.add_special_tokens) for t in texts])
+        return [Prompt(t, i) for t, i in zip(texts, ids)]
+    if isinstance(p, list) and p and isinstance(p[0], int):
+        return [Prompt(None, list(p))]  # type: ignore[arg-type]
+    if isinstance(p, list) and p and all(isinstance(x, list) and x for x in p):
+        return [Prompt(None, list(x)) for x in p]  # type: ignore[arg-type]
+    raise bad_request("prompt must be a non-empty string, list of strings, list of token ids "
+                      "or list of token-id lists", "prompt")
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest,
+                            request: Request) -> Response:
+    """POST /v1/completions."""
+    ctx.check_model(req.model)
+    ctx.ready_engine()
+    _check_response_format(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    ctx.check_queue()
+    prompts = await _completion_prompts(ctx, req)
+    params = []
+    for prompt in prompts:
+        max_tokens = _max_tokens(ctx, req.max_tokens, None if "max_tokens" in
+                                 req.model_fields_set else 16, len(prompt.token_ids),
+                                 "max_tokens")
+        p = _params(req, max_tokens, req.logprobs)
+        if req.echo and req.logprobs is not None:
+            p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
+        params.append(p)
+    base_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = await _submit(ctx, base_id, prompts, params, req.priority)
+    if req.stream:
+        return EngineStreamingResponse(_stream_completion(ctx, req, base_id, prompts, streams),
+                                       ctx, streams)
+    outs = await _collect(ctx, request, streams)
+    tok = ctx.tokenizer
+    choices = []
+    for pi, (prompt, out) in enumerate(zip(prompts, outs)):
+        prefix = _echo_text(tok, prompt) if req.echo else ""
+        for o in out.outputs:
+            lp = None
+            if req.logprobs is not None and o.logprobs is not None:
+                lp = completion_logprobs(tok, o.token_ids, o.logprobs, req.logprobs, len(prefix))
+                if req.echo:
+                    lp = _with_prompt_logprobs(tok, out, req.logprobs, lp)
+            choices.append(CompletionChoice(index=pi * req.n + o.index, text=prefix + o.text,
+                                            logprobs=lp, finish_reason=o.finish_reason,
+                                            stop_reason=o.stop_reason))
+    body = CompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
+                              usage=_usage(outs))
+    return JSONResponse(body.model_dump())
+
+
+def _echo_text(tok: Tokenizer, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else tok.decode(prompt.token_ids)
+
+
+def _with_prompt_logprobs(tok: Tokenizer, out: RequestOutput, num_top: int,
+                          generated: CompletionLogprobs) -> CompletionLogprobs:
+    """Prepend the prompt's logprobs (echo); the first prompt token has none."""
+    if out.prompt_logprobs is None:
+        return generated
+    prompt = completion_logprobs(tok, out.prompt_token_ids, out.prompt_logprobs, num_top, 0)
+    return CompletionLogprobs(
+        text_offset=prompt.text_offset + generated.text_offset,
+        token_logprobs=prompt.token_logprobs + generated.token_logprobs,
+        tokens=prompt.tokens + generated.tokens,
+        top_logprobs=prompt.top_logprobs + generated.top_logprobs)
+
+
+async def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str,
+                             prompts: list[Prompt], streams: list[RequestStream]
+                             ) -> AsyncIterator[str]:
+    tok = ctx.tokenizer
+    created = int(time.time())
+    states = {pi * req.n + i: _ChoiceState() for pi in range(len(prompts)) for i in range(req.n)}
+    latest: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        data = {"id": base_id, "object": "text_completion", "created": created,
+                "model": ctx.model_name, "choices": choices}
+        if req.continuous_usage and latest:
+            data["usage"] = _usage(list(latest.values())).model_dump()
+        return data
+
+    if req.echo:
+        for pi, prompt in enumerate(prompts):
+            text = _echo_text(tok, prompt)
+            for i in range(req.n):
+                states[pi * req.n + i].text_offset = len(text)
+            yield _sse(chunk([{"index": pi * req.n + i, "text": text, "logprobs": None,
+                               "finish_reason": None} for i in range(req.n)]))
+    try:
+        async for pi, out in _merge(streams):
+            latest[pi] = out
+            for o in out.outputs:
+                index = pi * req.n + o.index
+                state = states[index]
+                if state.done:
+                    continue
+                text, ids, lps = _new_text(o, state)
+                if not text and not o.finished and not (req.logprobs is not None and ids):
+                    continue
+                lp = None
+                if req.logprobs is not None and lps is not None and ids:
+                    lp = completion_logprobs(tok, ids, lps, req.logprobs,
+                                             state.text_offset).model_dump()
+                    state.text_offset += sum(len(t) for t in lp["tokens"])
+                state.done = o.finished
+                yield _sse(chunk([{"index": index, "text": text, "logprobs": lp,
+                                   "finish_reason": o.finish_reason,
+                                   "stop_reason": o.stop_reason}]))
+    except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
+        yield _sse_error(e)
+        yield _DONE
+        return
+    if req.include_usage:
+        yield _sse({"id": base_id, "object": "text_completion", "created": created,
+                    "model": ctx.model_name, "choices": [],
+                    "usage": _usage(list(latest.values())).model_dump()})
+    yield _DONE
+
+
+# --- /v1/chat/completions -----------------------------------------------------------------------
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the template expects them: string content, `developer` as system."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"messages[{i}].content: only text parts are supported, "
+                                      f"got a {part.type!r} part", f"messages.{i}.content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        if content is None and m.role != "assistant":
+            raise bad_request(f"messages[{i}].content is required for role {m.role!r}",
+                              f"messages.{i}.content")
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": content or ""}
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return out
+
+
+async def render_chat(tok: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                      template_kwargs: dict[str, Any] | None = None) -> Prompt:
+    """The chat template applied and tokenized, in a worker thread."""
+    msgs = chat_messages(messages)
+
+    def render() -> Prompt:
+        text = tok.apply_chat_template(msgs, add_generation_prompt, **(template_kwargs or {}))
+        return Prompt(text, tok.encode(text, add_special_tokens=False))
+    try:
+        return await asyncio.to_thread(render)
+    except ValueError as e:
+        raise bad_request(e, "messages") from None
+    except Exception as e:  # jinja2 errors: the template cannot render these messages
+        if type(e).__module__.startswith("jinja2"):
+            raise bad_request(f"the chat template failed on these messages: {e}",
+                              "messages") from None
+        raise
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
+                                 request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    ctx.check_model(req.model)
+    tok = ctx.tokenizer
+    _check_response_format(req)
+    if req.tools:
+        raise bad_request("tools are not supported", "tools")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    ctx.check_queue()
+    prompt = await render_chat(tok, req.messages, req.add_generation_prompt,
+                               req.chat_template_kwargs)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None \
+        else req.max_tokens
+    max_tokens = _max_tokens(ctx, requested, None, len(prompt.token_ids),
+                             "max_completion_tokens" if req.max_completion_tokens is not None
+                             else "max_tokens")
+    num_top = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(req, max_tokens, num_top)
+    base_id = f"chatcmpl-{uuid.uuid4().hex}"
+    streams = await _submit(ctx, base_id, [prompt], [params], req.priority)
+    if req.stream:
+        return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top),
+                                       ctx, streams)
+    out = (await _collect(ctx, request, streams))[0]
+    choices = []
+    for o in out.outputs:
+        lp = None
+        if num_top is not None and o.logprobs is not None:
+            lp = chat_logprobs(tok, o.token_ids, o.logprobs, num_top)
+        choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
+                                  logprobs=lp, finish_reason=o.finish_reason,
+                                  stop_reason=o.stop_reason))
+    body = ChatCompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
+                                  usage=_usage([out]))
+    return JSONResponse(body.model_dump())
+
+
+async def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
+                       stream: RequestStream, num_top: int | None) -> AsyncIterator[str]:
+    tok = ctx.tokenizer
+    created = int(time.time())
+    states = [_ChoiceState() for _ in range(req.n)]
+    latest: RequestOutput | None = None
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        data: dict[str, Any] = {"id": base_id, "object": "chat.completion.chunk",
+                                "created": created, "model": ctx.model_name, "choices": choices}
+        if req.continuous_usage and latest is not None:
+            data["usage"] = _usage([latest]).model_dump()
+        return data
+
+    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                       "logprobs": None, "finish_reason": None} for i in range(req.n)]))
+    try:
+        async for out in stream:
+            latest = out
+            for o in out.outputs:
+                state = states[o.index]
+                if state.done:
+                    continue
+                text, ids, lps = _new_text(o, state)
+                if not text and not o.finished and not (num_top is not None and ids):
+                    continue
+                lp = None
+                if num_top is not None and lps is not None and ids:
+                    lp = chat_logprobs(tok, ids, lps, num_top).model_dump()
+                state.done = o.finished
+                delta = {"content": text} if text or not o.finished else {}
+                yield _sse(chunk([{"index": o.index, "delta": delta, "logprobs": lp,
+                                   "finish_reason": o.finish_reason,
+                                   "stop_reason": o.stop_reason}]))
+    except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
+        yield _sse_error(e)
+        yield _DONE
+        return
+    if req.include_usage and latest is not None:
+        yield _sse({"id": base_id, "object": "chat.completion.chunk", "created": created,
+                    "model": ctx.model_name, "choices": [],
+                    "usage": _usage([latest]).model_dump()})
+    yield _DONE
