@@ -38,13 +38,17 @@ class IncrementalDetokenizer:
         self._stop_scan_from = 0
         self.stopped: str | None = None  # the stop string found, once found
 
-    def update(self, new_ids: list[int]) -> str | None:
-        """Append tokens; return the stop string if one now appears (the text is trimmed)."""
+    def update(self, new_ids: list[int], check_stop: bool = True) -> str | None:
+        """Append tokens; return the stop string if one now appears (the text is trimmed).
+        With check_stop False (before min_tokens), stop strings in the new text are ignored."""
         self.ids.extend(new_ids)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._emit(full[len(prefix):])
+        if not check_stop:
+            self._stop_scan_from = len(self.text)
+            return None
         return self._find_stop()
 
     def flush(self) -> str | None:

@@ -235,7 +235,9 @@ class LLMEngine:
                 continue
             token = sampled.token_ids[row]
             self._append_token(seq, token, sampled.logprobs[row] if sampled.logprobs else None)
-            stop_str = seq.detokenizer.update([token])
+            # Like EOS, stop strings count only once min_tokens are out (vLLM).
+            past_min = seq.num_output_tokens > seq.params.min_tokens
+            stop_str = seq.detokenizer.update([token], check_stop=past_min)
             reason = self._finish_reason(seq, token, stop_str)
             if reason is not None:
                 if stop_str is None:

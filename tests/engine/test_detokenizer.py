@@ -111,3 +111,16 @@ def test_fork_is_independent(tok):
     for t in tok.encode(" two", add_special_tokens=False):
         child.update([t])
     assert detok.text == " one" and child.text == " one two"
+
+
+def test_stop_strings_before_min_tokens_are_ignored(tok):
+    """Until min_tokens are out (the engine passes check_stop=False) a stop string does not
+    end generation; one completed afterwards does, even if it began before."""
+    ids = tok.encode(" one, stop, two, three stop here", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, [], True, ["stop"], False)
+    found = []
+    for n, t in enumerate(ids, 1):
+        found.append(detok.update([t], check_stop=n > 4))
+        if found[-1]:
+            break
+    assert found[-1] == "stop" and detok.text == " one, stop, two, three "
