@@ -109,8 +109,10 @@ class Int8Linear(QuantLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        scale = scale.float().reshape(qweight.shape[0], -1)
+        self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.float().reshape(qweight.shape[0], -1).contiguous())
+        self.register_buffer("scale", scale.contiguous())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -119,13 +121,13 @@ class Int8Linear(QuantLinear):
         return cls(q, s, bias)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int8(self.qweight, self.scale)
+        return formats.dequantize_int8(self.qweight, self.scale, self.group_size)
 
     def _cpu_kernel(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.int8_linear(x, self.qweight, self.scale)
+        return ops.int8_linear(x, self.qweight, self.scale, self.group_size or 0)
 
     def _cpu_dequantize(self, ops) -> torch.Tensor:
-        return ops.int8_dequantize(self.qweight, self.scale)
+        return ops.int8_dequantize(self.qweight, self.scale, self.group_size or 0)
 
 
 class Int4Linear(QuantLinear):
@@ -136,24 +138,24 @@ class Int4Linear(QuantLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias)
-        self.group_size = self.in_features // scale.shape[1]
+        self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
         self.register_buffer("scale", scale.half().contiguous())
         self.register_buffer("offset", offset.half().contiguous())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
-                   group_size: int = 128, symmetric: bool = False) -> "Int4Linear":
+                   group_size: int | None = 128, symmetric: bool = False) -> "Int4Linear":
         return cls(*formats.quantize_int4(w, group_size, symmetric), bias)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int4(self.qweight, self.scale, self.offset)
+        return formats.dequantize_int4(self.qweight, self.scale, self.offset, self.group_size)
 
     def _cpu_kernel(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_linear(x, self.qweight, self.scale, self.offset)
+        return ops.int4_linear(x, self.qweight, self.scale, self.offset, self.group_size or 0)
 
     def _cpu_dequantize(self, ops) -> torch.Tensor:
-        return ops.int4_dequantize(self.qweight, self.scale, self.offset)
+        return ops.int4_dequantize(self.qweight, self.scale, self.offset, self.group_size or 0)
 
 
 class NF4Linear(QuantLinear):
@@ -164,24 +166,24 @@ class NF4Linear(QuantLinear):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias)
-        self.group_size = self.in_features // scale.shape[1]
+        self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
         self.register_buffer("scale", scale.half().contiguous())
         self.register_buffer("levels", formats.NF4_LEVELS.clone(), persistent=False)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
-                   group_size: int = 64) -> "NF4Linear":
+                   group_size: int | None = 64) -> "NF4Linear":
         return cls(*formats.quantize_nf4(w, group_size), bias)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_nf4(self.qweight, self.scale)
+        return formats.dequantize_nf4(self.qweight, self.scale, self.group_size)
 
     def _cpu_kernel(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.nf4_linear(x, self.qweight, self.scale, self.levels)
+        return ops.nf4_linear(x, self.qweight, self.scale, self.levels, self.group_size or 0)
 
     def _cpu_dequantize(self, ops) -> torch.Tensor:
-        return ops.nf4_dequantize(self.qweight, self.scale, self.levels)
+        return ops.nf4_dequantize(self.qweight, self.scale, self.levels, self.group_size or 0)
 
 
 class FP8Linear(QuantLinear):

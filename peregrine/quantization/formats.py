@@ -3,12 +3,14 @@
 Every format stores an [N, K] weight (N outputs, K inputs) so that the CPU kernels and the
 Triton kernels read the same tensors:
 
-    int8  q int8 [N, K],       scale f32 [N, K/G]                 w = scale * q
-    int4  q uint8 [N, K/2],    scale, offset f16 [N, K/G]         w = scale * q + offset, q in 0..15
-    nf4   q uint8 [N, K/2],    scale f16 [N, K/G]                 w = scale * NF4[q]
+    int8  q int8 [N, K],       scale f32 [N, S]                   w = scale * q
+    int4  q uint8 [N, K/2],    scale, offset f16 [N, S]           w = scale * q + offset, q in 0..15
+    nf4   q uint8 [N, K/2],    scale f16 [N, S]                   w = scale * NF4[q]
     fp8   q float8_e4m3fn [N, K], scale f32 [N]                   w = scale * q
 
-Per-channel int8 is G = K. Asymmetric int4 (min/max) and GGUF Q4_1 fit `scale * q + offset`
+K is a multiple of 32. A group of G weights along K shares a scale; G is 32 times a power
+of two and need not divide K (the last group of a row is then shorter; SmolLM2's K = 576 is
+4.5 groups of 128): S = ceil(K / G). One scale per row (per-channel int8) is S = 1. Asymmetric int4 (min/max) and GGUF Q4_1 fit `scale * q + offset`
 directly; symmetric int4 and GGUF Q4_0 are offset = -8 * scale. 4-bit values are packed in
 GGUF's order: in each run of 32 weights, byte i holds weight i (low nibble) and i + 16 (high)."""
 
@@ -26,16 +28,52 @@ NF4_LEVELS = torch.tensor([
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def check_shape(w: torch.Tensor, group_size: int) -> None:
-    """Raise ValueError unless `w` is [N, K] with K a multiple of 32 and of `group_size`."""
+def check_shape(w: torch.Tensor, group_size: int | None) -> None:
+    """Raise ValueError unless `w` is [N, K] with K a multiple of 32 and `group_size` is
+    None (one group per row) or 32 times a power of two."""
     if w.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(w.shape)}")
-    k = w.shape[1]
-    if k % 32:
-        raise ValueError(f"in_features ({k}) must be a multiple of 32 to quantize")
-    if group_size < 32 or group_size % 32 or k % group_size:
-        raise ValueError(f"group_size ({group_size}) must be a multiple of 32 dividing "
-                         f"in_features ({k})")
+    if w.shape[1] % 32:
+        raise ValueError(f"in_features ({w.shape[1]}) must be a multiple of 32 to quantize")
+    g = group_size
+    if g is not None and (g < 32 or g % 32 or (g // 32) & (g // 32 - 1)):
+        raise ValueError(f"group_size must be 32 times a power of two, got {g}")
+
+
+def num_groups(k: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-k // group_size)
+
+
+def infer_group_size(k: int, num_scales: int) -> int | None:
+    """The group size that gives `num_scales` groups per row of K weights (None: one)."""
+    if num_scales == 1:
+        return None
+    g = 32
+    while -(-k // g) > num_scales:
+        g *= 2
+    if -(-k // g) != num_scales:
+        raise ValueError(f"{num_scales} scales per row fit no group size for K = {k}")
+    return g
+
+
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """w [N, K] as float32 [N, S, G]; a short last group is padded with its own last value
+    (which leaves its min, max and absmax unchanged)."""
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    s = num_groups(k, group_size)
+    w = w.float()
+    if s * g != k:
+        w = torch.cat([w, w[:, -1:].expand(n, s * g - k)], dim=1)
+    return w.reshape(n, s, g)
+
+
+def expand_groups(groups: torch.Tensor, k: int, group_size: int | None) -> torch.Tensor:
+    """Per-group values [N, S] -> per-weight float32 [N, K]."""
+    if group_size is None:
+        return groups.float().expand(-1, k) if groups.shape[1] == 1 else groups.float()
+    idx = torch.arange(k, device=groups.device) // group_size
+    return groups.float()[:, idx]
 
 
 # --- 4-bit packing -----------------------------------------------------------------------------
@@ -58,22 +96,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def quantize_int8(w: torch.Tensor, group_size: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 (levels -127..127); group_size None means per output channel."""
-    g = w.shape[1] if group_size is None else group_size
-    if group_size is not None:
-        check_shape(w, g)
+    """Symmetric int8 (levels -127..127): (q [N, K], scale f32 [N, S])."""
+    check_shape(w, group_size)
     n, k = w.shape
-    wg = w.float().reshape(n, k // g, g)
-    scale = wg.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.round(wg / torch.where(scale == 0, 1.0, scale)).clamp_(-127, 127)
-    return q.to(torch.int8).reshape(n, k), scale.reshape(n, k // g)
+    scale = group_view(w, group_size).abs().amax(-1) / 127.0
+    q = torch.round(w.float() / expand_groups(torch.where(scale == 0, 1.0, scale), k,
+                                              group_size)).clamp_(-127, 127)
+    return q.to(torch.int8), scale
 
 
-def int4_params(w: torch.Tensor, group_size: int, symmetric: bool
+def int4_params(w: torch.Tensor, group_size: int | None, symmetric: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (scale, offset) [N, K/G], float16-exact, for `w` [N, K]."""
-    n, k = w.shape
-    wg = w.float().reshape(n, k // group_size, group_size)
+    """Per-group (scale, offset) [N, S], float16-exact, for `w` [N, K]."""
+    wg = group_view(w, group_size)
     if symmetric:
         scale = (wg.abs().amax(-1) / 7.5).half()  # levels -8..7 times scale, centred
         return scale, (-8.0 * scale.float()).half()
@@ -82,37 +117,38 @@ def int4_params(w: torch.Tensor, group_size: int, symmetric: bool
     return scale, lo.half()
 
 
-def quantize_int4_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
-                       ) -> torch.Tensor:
-    """Nearest 4-bit values 0..15 [N, K] of `w` under given group scale/offset [N, K/G]."""
-    n, k = w.shape
-    g = k // scale.shape[1]
-    s = scale.float().repeat_interleave(g, dim=1)
-    o = offset.float().repeat_interleave(g, dim=1)
+def quantize_int4_with(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                       group_size: int | None) -> torch.Tensor:
+    """Nearest 4-bit values 0..15 [N, K] of `w` under given group scale/offset [N, S]."""
+    k = w.shape[1]
+    s = expand_groups(scale, k, group_size)
+    o = expand_groups(offset, k, group_size)
     q = torch.round((w.float() - o) / torch.where(s == 0, 1.0, s))
     return q.clamp_(0, 15).to(torch.uint8)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False
+def quantize_int4(w: torch.Tensor, group_size: int | None = 128, symmetric: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-wise int4: (packed [N, K/2], scale f16 [N, K/G], offset f16 [N, K/G])."""
+    """Group-wise int4: (packed [N, K/2], scale f16 [N, S], offset f16 [N, S])."""
     check_shape(w, group_size)
     scale, offset = int4_params(w, group_size, symmetric)
-    return pack_int4(quantize_int4_with(w, scale, offset)), scale, offset
+    return pack_int4(quantize_int4_with(w, scale, offset, group_size)), scale, offset
 
 
-def quantize_nf4(w: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """NF4 with group-wise absmax: (packed [N, K/2], scale f16 [N, K/G])."""
-    check_shape(w, group_size)
-    n, k = w.shape
-    wg = w.float().reshape(n, k // group_size, group_size)
-    scale = wg.abs().amax(-1).half()
-    s = scale.float().unsqueeze(-1)
-    normed = wg / torch.where(s == 0, 1.0, s)
-    # nearest level: midpoints between sorted levels split the line
+def nf4_codes(normed: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 level of values in [-1, 1]."""
     mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
-    q = torch.bucketize(normed.contiguous(), mids).to(torch.uint8)
-    return pack_int4(q.reshape(n, k)), scale
+    return torch.bucketize(normed.contiguous(), mids.to(normed.device)).to(torch.uint8)
+
+
+def quantize_nf4(w: torch.Tensor, group_size: int | None = 64
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 with group-wise absmax: (packed [N, K/2], scale f16 [N, S])."""
+    check_shape(w, group_size)
+    k = w.shape[1]
+    scale = group_view(w, group_size).abs().amax(-1).half()
+    s = expand_groups(scale, k, group_size)
+    return pack_int4(nf4_codes(w.float() / torch.where(s == 0, 1.0, s))), scale
 
 
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,24 +162,23 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- reference dequantization ----------------------------------------------------------------
 
-def _expand(groups: torch.Tensor, k: int) -> torch.Tensor:
-    return groups.float().repeat_interleave(k // groups.shape[1], dim=1)
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * _expand(scale, q.shape[1])
-
-
-def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, group_size: int | None
                     ) -> torch.Tensor:
+    return q.float() * expand_groups(scale, q.shape[1], group_size)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    group_size: int | None) -> torch.Tensor:
     q = unpack_int4(packed).float()
     k = q.shape[1]
-    return q * _expand(scale, k) + _expand(offset, k)
+    return q * expand_groups(scale, k, group_size) + expand_groups(offset, k, group_size)
 
 
-def dequantize_nf4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, scale: torch.Tensor, group_size: int | None
+                   ) -> torch.Tensor:
     q = unpack_int4(packed)
-    return NF4_LEVELS.to(scale.device)[q.long()] * _expand(scale, q.shape[1])
+    return (NF4_LEVELS.to(scale.device)[q.long()]
+            * expand_groups(scale, q.shape[1], group_size))
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

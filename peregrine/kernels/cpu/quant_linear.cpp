@@ -5,10 +5,11 @@
 // weights once at full bandwidth: every format shares one loop (`linear`), parametrized by
 // a decoder that turns 32 packed weights of row n into four __m256 of floats.
 //
-// Formats (K a multiple of 32, group size G a multiple of 32):
-//   int8  q int8 [N, K], scale f32 [N, K/G]:                w = scale * q  (G = K: per channel)
-//   int4  q uint8 [N, K/2], scale/offset f16 [N, K/G]:       w = scale * q + offset
-//   nf4   q uint8 [N, K/2], scale f16 [N, K/G]:              w = scale * NF4[q]
+// Formats (K a multiple of 32; group size G = 32 * 2^j, the last group of a row may be
+// shorter; S = ceil(K / G) scales per row; G = 0 means one scale per row):
+//   int8  q int8 [N, K], scale f32 [N, S]:                  w = scale * q
+//   int4  q uint8 [N, K/2], scale/offset f16 [N, S]:        w = scale * q + offset
+//   nf4   q uint8 [N, K/2], scale f16 [N, S]:               w = scale * NF4[q]
 //   fp8   q e4m3 bytes [N, K], scale f32 [N]:                w = scale[n] * fp8(q)
 // 4-bit layout (GGUF's): in each run of 32 weights, byte i holds weight i in its low nibble
 // and weight i + 16 in its high nibble.
@@ -58,13 +59,17 @@ inline void nibbles_to_i32(const uint8_t* p, __m256i out[4]) {
   out[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
 }
 
+// Block b (32 weights) of a row uses scale column b >> gshift.
+inline int group_shift(int64_t G) { return G == 0 ? 62 : __builtin_ctzll(G / 32); }
+
 struct Int8Decoder {
   const int8_t* q;
   const float* scale;
-  int64_t K, G;
+  int64_t K, S;
+  int gshift;
   inline void decode32(int64_t n, int64_t k, __m256 w[4]) const {
     const int8_t* p = q + n * K + k;
-    const __m256 s = _mm256_set1_ps(scale[n * (K / G) + k / G]);
+    const __m256 s = _mm256_set1_ps(scale[n * S + ((k / 32) >> gshift)]);
     for (int t = 0; t < 4; ++t) w[t] = _mm256_mul_ps(_mm256_cvtepi32_ps(load8_i8(p + 8 * t)), s);
   }
   inline float row_scale(int64_t) const { return 1.0f; }
@@ -96,9 +101,10 @@ struct Int4Decoder {
   const uint8_t* q;
   const uint16_t* scale;
   const uint16_t* offset;
-  int64_t K, G;
+  int64_t K, S;
+  int gshift;
   inline void decode32(int64_t n, int64_t k, __m256 w[4]) const {
-    const int64_t g = n * (K / G) + k / G;
+    const int64_t g = n * S + ((k / 32) >> gshift);
     const __m256 s = _mm256_set1_ps(half_to_float(scale[g]));
     const __m256 m = _mm256_set1_ps(half_to_float(offset[g]));
     __m256i qi[4];
@@ -111,10 +117,11 @@ struct Int4Decoder {
 struct NF4Decoder {
   const uint8_t* q;
   const uint16_t* scale;
-  int64_t K, G;
+  int64_t K, S;
+  int gshift;
   __m256 lut_lo, lut_hi;  // NF4 levels 0..7 and 8..15
   inline void decode32(int64_t n, int64_t k, __m256 w[4]) const {
-    const __m256 s = _mm256_set1_ps(half_to_float(scale[n * (K / G) + k / G]));
+    const __m256 s = _mm256_set1_ps(half_to_float(scale[n * S + ((k / 32) >> gshift)]));
     __m256i qi[4];
     nibbles_to_i32(q + (n * K + k) / 2, qi);
     for (int t = 0; t < 4; ++t) {
@@ -302,12 +309,10 @@ inline void int4_block_dot(const __m256i w, float s, float o, const QuantizedX& 
 // Rows [n0, n1) x rows [m0, m0 + MT) of y for int4 weights. Blocks go in pairs into two
 // accumulators so consecutive FMAs do not wait on each other.
 template <int MT>
-void int4_qdot(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, int64_t G,
-               const QuantizedX& x, int64_t m0, float* y, int64_t ldy, int64_t n0,
+void int4_qdot(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, int64_t S,
+               int gshift, const QuantizedX& x, int64_t m0, float* y, int64_t ldy, int64_t n0,
                int64_t n1) {
   const int64_t K = x.K, nb = K / 32;
-  // block b's scale is scale[b >> gshift]; per channel (G == K) every block shifts to 0
-  const int gshift = G == K ? 62 : __builtin_ctzll(G / 32);  // G / 32 is a power of two
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc0[MT], acc1[MT];
     float off[MT];
@@ -316,8 +321,8 @@ void int4_qdot(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, 
       off[j] = 0.0f;
     }
     const uint8_t* qr = q + n * K / 2;
-    const uint16_t* sr = scale + n * (K / G);
-    const uint16_t* orow = offset + n * (K / G);
+    const uint16_t* sr = scale + n * S;
+    const uint16_t* orow = offset + n * S;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
       const int64_t g0 = b >> gshift, g1 = (b + 1) >> gshift;
@@ -349,11 +354,9 @@ inline void int8_block_dot(const __m256i w, float ws, const QuantizedX& x, int64
 
 // Rows [n0, n1) x rows [m0, m0 + MT) of y for int8 weights with group scales.
 template <int MT>
-void int8_qdot(const int8_t* q, const float* scale, int64_t G, const QuantizedX& x,
-               int64_t m0, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+void int8_qdot(const int8_t* q, const float* scale, int64_t S, int gshift,
+               const QuantizedX& x, int64_t m0, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = x.K, nb = K / 32;
-  // block b's scale is scale[b >> gshift]; per channel (G == K) every block shifts to 0
-  const int gshift = G == K ? 62 : __builtin_ctzll(G / 32);
   for (int64_t n = n0; n < n1; ++n) {
     __m256 acc0[MT], acc1[MT];
     for (int j = 0; j < MT; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
@@ -361,7 +364,7 @@ void int8_qdot(const int8_t* q, const float* scale, int64_t G, const QuantizedX&
     auto load = [&](int64_t b) {
       return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + b * 32));
     };
-    const float* sr = scale + n * (K / G);
+    const float* sr = scale + n * S;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
       int8_block_dot<MT>(load(b), sr[b >> gshift], x, m0, nb, b, acc0);
@@ -414,16 +417,23 @@ void check_w(const torch::Tensor& t, c10::ScalarType type, const char* name) {
               name, " has the wrong dtype, layout or device");
 }
 
-Int8Decoder int8_decoder(const torch::Tensor& q, const torch::Tensor& scale) {
+// Scale columns S for group size G (0: per row) and the shift mapping blocks to columns.
+int64_t check_groups(const torch::Tensor& scale, int64_t N, int64_t K, int64_t G) {
+  TORCH_CHECK(G == 0 || (G % 32 == 0 && ((G / 32) & (G / 32 - 1)) == 0),
+              "group size must be 0 (per row) or 32 times a power of two, got ", G);
+  const int64_t S = G == 0 ? 1 : (K + G - 1) / G;
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == S,
+              "scale must be [N, ceil(K / G)]");
+  return S;
+}
+
+Int8Decoder int8_decoder(const torch::Tensor& q, const torch::Tensor& scale, int64_t G) {
   check_w(q, torch::kInt8, "q");
   check_w(scale, torch::kFloat32, "scale");
   const int64_t K = q.size(1);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32");
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == q.size(0), "scale must be [N, K/G]");
-  const int64_t G = K / scale.size(1);
-  TORCH_CHECK(G * scale.size(1) == K && G % 32 == 0 && (G == K || ((G / 32) & (G / 32 - 1)) == 0),
-              "group size must be 32 times a power of two, or K");
-  return {q.data_ptr<int8_t>(), scale.data_ptr<float>(), K, G};
+  return {q.data_ptr<int8_t>(), scale.data_ptr<float>(), K,
+          check_groups(scale, q.size(0), K, G), group_shift(G)};
 }
 
 Fp8Decoder fp8_decoder(const torch::Tensor& q, const torch::Tensor& scale) {
@@ -434,58 +444,63 @@ Fp8Decoder fp8_decoder(const torch::Tensor& q, const torch::Tensor& scale) {
 }
 
 Int4Decoder int4_decoder(const torch::Tensor& q, const torch::Tensor& scale,
-                         const torch::Tensor& offset, int64_t K) {
+                         const torch::Tensor& offset, int64_t K, int64_t G) {
   check_w(q, torch::kUInt8, "q");
   check_w(scale, torch::kFloat16, "scale");
   check_w(offset, torch::kFloat16, "offset");
   TORCH_CHECK(K % 32 == 0 && q.size(1) * 2 == K, "q must be [N, K/2] with K % 32 == 0");
-  const int64_t G = K / scale.size(1);
-  TORCH_CHECK(G % 32 == 0 && G * scale.size(1) == K && ((G / 32) & (G / 32 - 1)) == 0,
-              "group size must be 32 times a power of two");
   TORCH_CHECK(offset.sizes() == scale.sizes(), "offset and scale shapes differ");
   return {q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr()),
-          reinterpret_cast<const uint16_t*>(offset.data_ptr()), K, G};
+          reinterpret_cast<const uint16_t*>(offset.data_ptr()), K,
+          check_groups(scale, q.size(0), K, G), group_shift(G)};
 }
 
 NF4Decoder nf4_decoder(const torch::Tensor& q, const torch::Tensor& scale,
-                       const torch::Tensor& table, int64_t K) {
+                       const torch::Tensor& table, int64_t K, int64_t G) {
   check_w(q, torch::kUInt8, "q");
   check_w(scale, torch::kFloat16, "scale");
   check_w(table, torch::kFloat32, "table");
   TORCH_CHECK(table.numel() == 16, "the NF4 table has 16 levels");
   TORCH_CHECK(K % 32 == 0 && q.size(1) * 2 == K, "q must be [N, K/2] with K % 32 == 0");
-  const int64_t G = K / scale.size(1);
-  TORCH_CHECK(G % 32 == 0 && G * scale.size(1) == K, "group size must be a multiple of 32");
   const float* t = table.data_ptr<float>();
-  return {q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr()), K, G,
-          _mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)};
+  return {q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr()), K,
+          check_groups(scale, q.size(0), K, G), group_shift(G), _mm256_loadu_ps(t),
+          _mm256_loadu_ps(t + 8)};
 }
 
 }  // namespace
 
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t G) {
   check_x(x);
-  const Int8Decoder dec = int8_decoder(q, scale);
+  const Int8Decoder dec = int8_decoder(q, scale, G);
   TORCH_CHECK(dec.K == x.size(1), "x and q disagree on K");
   return run_qdot(x, q.size(0), [&](auto mt, const QuantizedX& qx, int64_t m0, float* y,
                                     int64_t ldy, int64_t n0, int64_t n1) {
-    int8_qdot<decltype(mt)::value>(dec.q, dec.scale, dec.G, qx, m0, y, ldy, n0, n1);
+    int8_qdot<decltype(mt)::value>(dec.q, dec.scale, dec.S, dec.gshift, qx, m0, y, ldy, n0, n1);
   });
 }
 
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
   check_x(x);
+  TORCH_CHECK(q.size(1) == x.size(1), "x and q disagree on K");
   return run_linear(fp8_decoder(q, scale), x, q.size(0));
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
-                          torch::Tensor offset) {
+                          torch::Tensor offset, int64_t G) {
   check_x(x);
-  const Int4Decoder dec = int4_decoder(q, scale, offset, x.size(1));
+  const Int4Decoder dec = int4_decoder(q, scale, offset, x.size(1), G);
   return run_qdot(x, q.size(0), [&](auto mt, const QuantizedX& qx, int64_t m0, float* y,
                                     int64_t ldy, int64_t n0, int64_t n1) {
-    int4_qdot<decltype(mt)::value>(dec.q, dec.scale, dec.offset, dec.G, qx, m0, y, ldy, n0, n1);
+    int4_qdot<decltype(mt)::value>(dec.q, dec.scale, dec.offset, dec.S, dec.gshift, qx, m0, y,
+                                   ldy, n0, n1);
   });
+}
+
+torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                         torch::Tensor table, int64_t G) {
+  check_x(x);
+  return run_linear(nf4_decoder(q, scale, table, x.size(1), G), x, q.size(0));
 }
 
 std::vector<torch::Tensor> quantize_x(torch::Tensor x) {
@@ -499,28 +514,24 @@ std::vector<torch::Tensor> quantize_x(torch::Tensor x) {
   return {xq, dx, sx};
 }
 
-torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
-                         torch::Tensor table) {
-  check_x(x);
-  return run_linear(nf4_decoder(q, scale, table, x.size(1)), x, q.size(0));
-}
-
-torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor scale) {
-  return run_dequantize(int8_decoder(q, scale), q.size(0), q.size(1));
+torch::Tensor int8_dequantize(torch::Tensor q, torch::Tensor scale, int64_t G) {
+  return run_dequantize(int8_decoder(q, scale, G), q.size(0), q.size(1));
 }
 
 torch::Tensor fp8_dequantize(torch::Tensor q, torch::Tensor scale) {
   return run_dequantize(fp8_decoder(q, scale), q.size(0), q.size(1));
 }
 
-torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor offset) {
+torch::Tensor int4_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor offset,
+                              int64_t G) {
   const int64_t K = q.size(1) * 2;
-  return run_dequantize(int4_decoder(q, scale, offset, K), q.size(0), K);
+  return run_dequantize(int4_decoder(q, scale, offset, K, G), q.size(0), K);
 }
 
-torch::Tensor nf4_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor table) {
+torch::Tensor nf4_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor table,
+                             int64_t G) {
   const int64_t K = q.size(1) * 2;
-  return run_dequantize(nf4_decoder(q, scale, table, K), q.size(0), K);
+  return run_dequantize(nf4_decoder(q, scale, table, K, G), q.size(0), K);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
