@@ -28,13 +28,17 @@ def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store k/v [T, Hkv, D] at flat slots `slot_mapping` [T] (slot = block * size + offset)."""
     hkv, d = k.shape[1], k.shape[2]
-    if cache.k_scale is not None:
-        k, ks = quantize_kv(k, cache.k.dtype)
-        v, vs = quantize_kv(v, cache.v.dtype)
-        cache.k_scale.view(-1, hkv).index_copy_(0, slot_mapping, ks)
-        cache.v_scale.view(-1, hkv).index_copy_(0, slot_mapping, vs)
-    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
-    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+    if cache.k_scale is None:
+        cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
+        cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+        return
+    k, ks = quantize_kv(k, cache.k.dtype)
+    v, vs = quantize_kv(v, cache.v.dtype)
+    cache.k_scale.view(-1, hkv).index_copy_(0, slot_mapping, ks)
+    cache.v_scale.view(-1, hkv).index_copy_(0, slot_mapping, vs)
+    # copied as raw bytes: index_copy_ has no float8 kernel on CPU
+    cache.k.view(torch.uint8).view(-1, hkv, d).index_copy_(0, slot_mapping, k.view(torch.uint8))
+    cache.v.view(torch.uint8).view(-1, hkv, d).index_copy_(0, slot_mapping, v.view(torch.uint8))
 
 
 def gather_kv(cache: LayerCache, block_tables: torch.Tensor, num_blocks: int
