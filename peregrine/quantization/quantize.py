@@ -47,6 +47,9 @@ def quantize_to_dir(model: str | None, out_dir: str, opts: QuantizeOptions) -> d
         quantize_model(net, spec)
     else:
         ids = tok.encode(calibration_text(opts.calib_corpus))
+        if max(ids) >= loaded.config.vocab_size:
+            raise ValueError("the tokenizer produces ids beyond the model's vocabulary "
+                             f"({loaded.config.vocab_size}); give the model its tokenizer")
         seqs = calibration_sequences(ids, opts.calib_samples, opts.calib_seq_len)
         logger.info("calibrating %s on %d x %d tokens", opts.method, len(seqs), len(seqs[0]))
         calibrated_quantize(net, seqs, spec, opts.method, opts.act_order, opts.damp)

@@ -23,8 +23,9 @@ def logits(net, ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
+    # the directory has no tokenizer, so SmolLM2's is used: the vocabulary must cover it
     path, _ = write_hf_checkpoint(tmp_path_factory.mktemp("hf"), "qwen2", hidden_size=64,
-                                  intermediate_size=128)
+                                  intermediate_size=128, vocab_size=49152)
     return path
 
 
