@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl-tokens", type=int, default=4096)
     e.add_argument("--decode-tokens", type=int, default=64)
     e.add_argument("--batch", type=int, default=32, help="streams of the throughput column")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; 1 gives steadier numbers on a "
+                   "busy machine)")
     e.add_argument("--work-dir", default=None,
                    help="where GPTQ/AWQ checkpoints are written (default: a temp dir)")
     e.set_defaults(func=cmd_eval_quant_table)

@@ -29,6 +29,7 @@ class Row:
     quantization: str = "none"
     kv_cache_dtype: str = "auto"
     make: dict | None = None  # QuantizeOptions fields: build a checkpoint first
+    group_size: int | None = None  # for quantization at load
     results: dict = field(default_factory=dict)
 
 
@@ -36,6 +37,7 @@ ROWS = [
     Row("float32"),
     Row("int8", quantization="int8"),
     Row("int4-rtn", quantization="int4"),
+    Row("int4-rtn g32", quantization="int4", group_size=32),
     Row("int4-gptq", make={"method": "gptq", "format": "int4"}),
     Row("int4-awq", make={"method": "awq", "format": "int4"}),
     Row("nf4", quantization="nf4"),
@@ -95,7 +97,8 @@ def measure(row: Row, args: argparse.Namespace, work: str) -> dict:
             quantize_to_dir(None, model, QuantizeOptions(**row.make))
             res["quantize_s"] = round(time.perf_counter() - t, 1)
     llm = LLM(model, quantization=row.quantization, kv_cache_dtype=row.kv_cache_dtype,
-              kv_cache_memory=0.25, max_num_seqs=max(args.batch, 1))
+              kv_cache_memory=0.25, max_num_seqs=max(args.batch, 1),
+              num_threads=args.threads, quantization_group_size=row.group_size)
     net = llm.engine.loaded.model
     res["weight_mb"] = round(model_weight_bytes(net) / 2**20, 1)
     res.update(kernel_bandwidth(net))
@@ -138,18 +141,28 @@ def run_table(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     work = args.work_dir or tempfile.mkdtemp(prefix="peregrine-quant-")
     os.makedirs(work, exist_ok=True)
-    meta = {"threads": torch.get_num_threads(), "ppl_tokens": args.ppl_tokens,
-            "decode_tokens": args.decode_tokens, "batch": args.batch,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg": os.getloadavg()}
+    path = os.path.join(args.out, "quantization.json")
+    saved: dict = {"meta": {}, "rows": {}}
+    if os.path.isfile(path):  # rows measured by an earlier run (a --methods subset) stay
+        with open(path) as f:
+            saved = json.load(f)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for row in rows:
         t = time.perf_counter()
         row.results = measure(row, args, work)
         row.results["seconds"] = round(time.perf_counter() - t, 1)
+        row.results["load_avg_1m"] = round(os.getloadavg()[0], 1)
         print(json.dumps({"row": row.name, **row.results}), flush=True)
-        with open(os.path.join(args.out, "quantization.json"), "w") as f:
-            json.dump({"meta": meta, "rows": {r.name: r.results for r in rows if r.results}},
-                      f, indent=2)
-    table = markdown(rows, args.batch)
+        saved["rows"][row.name] = row.results
+        saved["meta"] = {"threads": torch.get_num_threads(), "ppl_tokens": args.ppl_tokens,
+                         "decode_tokens": args.decode_tokens, "batch": args.batch,
+                         "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=2)
+    for row in ROWS:
+        row.results = saved["rows"].get(row.name, {})
+    table = markdown(ROWS, args.batch)
     with open(os.path.join(args.out, "quantization.md"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -125,12 +125,12 @@ def calibrated_quantize(net: LlamaForCausalLM, seqs: list[list[int]], spec: Quan
         logger.info("%s: layer %d/%d quantized (%.0fs)", method, i + 1, len(net.layers),
                     time.perf_counter() - t0)
     h, _ = net.norm(x, residual)
-    head = net.lm_head
+    head, head_spec = net.lm_head, spec.for_lm_head()
     if method == "gptq":
         hf = h.float()
-        net.lm_head = gptq_quantize(_weight(head), hf.t() @ hf, spec, _bias(head),
+        net.lm_head = gptq_quantize(_weight(head), hf.t() @ hf, head_spec, _bias(head),
                                     act_order=act_order, damp=damp)
     else:
-        s = search_scale(h, [_weight(head)], spec, max_tokens=512)
+        s = search_scale(h, [_weight(head)], head_spec, max_tokens=512)
         net.norm.weight.data /= s.to(net.norm.weight.dtype)
-        net.lm_head = spec.quantize(_weight(head) * s, _bias(head))
+        net.lm_head = head_spec.quantize(_weight(head) * s, _bias(head))
