@@ -14,10 +14,12 @@
 // 4-bit layout (GGUF's): in each run of 32 weights, byte i holds weight i in its low nibble
 // and weight i + 16 in its high nibble.
 //
-// int8 and int4 run as llama.cpp does: x is quantized to int8 per run of 32 values
-// (d = absmax / 127, xq = round(x / d)) and the inner products are integer (maddubs), so 32
-// weights cost a handful of instructions and the loop keeps up with memory. nf4 and fp8
-// decode to float in registers and keep x in float32.
+// int8 and int4 run on integer inner products, so 32 weights cost a handful of
+// instructions and the loop keeps up with memory: x is quantized to int16 per run of 32
+// values (d = absmax / 32767, xq = round(x / d)), weights widen to int16, and madd_epi16
+// sums pairs into int32. (llama.cpp quantizes x to int8 for maddubs, twice as cheap, but
+// that moved SmolLM2's greedy output; int16 keeps x to 1 part in 65534 of its block max.)
+// nf4 and fp8 decode to float in registers and keep x in float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -246,11 +248,10 @@ torch::Tensor run_dequantize(const Dec& dec, int64_t N, int64_t K) {
 
 // --- int8-activation kernels (int8 and int4 weights) --------------------------------------
 
-// x [M, K] -> xq int8 [M, K], dx [M, K/32] (block scales) and sx [M, K/32] (dx * sum xq).
-void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, float* dx,
+// x [M, K] -> xq int16 [M, K], dx [M, K/32] (block scales) and sx [M, K/32] (dx * sum xq).
+void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* dx,
                           float* sx) {
   const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = 0; i < M * K / 32; ++i) {
     const float* p = x + i * 32;
     __m256 v[4];
@@ -262,7 +263,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, floa
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const float d = _mm_cvtss_f32(m4) / 32767.0f;
     const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
     __m256i q[4];
     for (int t = 0; t < 4; ++t) q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], id));  // nearest-even
@@ -270,37 +271,55 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* xq, floa
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
     s4 = _mm_hadd_epi32(s4, s4);
     s4 = _mm_hadd_epi32(s4, s4);
-    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * 32),
-                        _mm256_permutevar8x32_epi32(b, order));
+    // packs works within 128-bit lanes; the 64-bit permute restores element order
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * 32), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * 32 + 16), hi);
     dx[i] = d;
     sx[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
   }
 }
 
 struct QuantizedX {
-  const int8_t* q;
+  const int16_t* q;
   const float* d;
   const float* s;
   int64_t K;
 };
 
-inline __m256i int4_block(const uint8_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+// 32 int4 weights -> two vectors of 16 int16 (weights 0..15, 16..31).
+struct Block16 {
+  __m256i lo, hi;
+};
+
+inline Block16 int4_block(const uint8_t* p) {
+  __m128i lo, hi;
+  split_nibbles(p, lo, hi);
+  return {_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)};
+}
+
+inline Block16 int8_block(const int8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_cvtepi8_epi16(_mm256_castsi256_si128(b)),
+          _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1))};
+}
+
+// Eight int32 partial sums of a block of 32 weights times 32 int16 values of x.
+inline __m256i block_dot(const Block16& w, const int16_t* xq) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+  return _mm256_add_epi32(_mm256_madd_epi16(w.lo, x0), _mm256_madd_epi16(w.hi, x1));
 }
 
 // One block of 32 int4 weights against rows [m0, m0 + MT) of x: acc += cvt(w . xq) * s * dx,
 // off += o * sx (the offset times the block's sum of x).
 template <int MT>
-inline void int4_block_dot(const __m256i w, float s, float o, const QuantizedX& x, int64_t m0,
+inline void int4_block_dot(const Block16 w, float s, float o, const QuantizedX& x, int64_t m0,
                            int64_t nb, int64_t b, __m256* acc, float* off) {
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int j = 0; j < MT; ++j) {
     const int64_t r = (m0 + j) * nb + b;
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + r * 32));
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+    const __m256i p = block_dot(w, x.q + r * 32);
     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s * x.d[r]), acc[j]);
     off[j] += o * x.s[r];
   }
@@ -340,14 +359,11 @@ void int4_qdot(const uint8_t* q, const uint16_t* scale, const uint16_t* offset, 
 }
 
 template <int MT>
-inline void int8_block_dot(const __m256i w, float ws, const QuantizedX& x, int64_t m0,
+inline void int8_block_dot(const Block16 w, float ws, const QuantizedX& x, int64_t m0,
                            int64_t nb, int64_t b, __m256* acc) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i aw = _mm256_sign_epi8(w, w);  // |w| as unsigned bytes; the sign moves to x
   for (int j = 0; j < MT; ++j) {
     const int64_t r = (m0 + j) * nb + b;
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + r * 32));
-    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+    const __m256i p = block_dot(w, x.q + r * 32);
     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws * x.d[r]), acc[j]);
   }
 }
@@ -361,9 +377,7 @@ void int8_qdot(const int8_t* q, const float* scale, int64_t S, int gshift,
     __m256 acc0[MT], acc1[MT];
     for (int j = 0; j < MT; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
     const int8_t* qr = q + n * K;
-    auto load = [&](int64_t b) {
-      return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + b * 32));
-    };
+    auto load = [&](int64_t b) { return int8_block(qr + b * 32); };
     const float* sr = scale + n * S;
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
@@ -382,12 +396,12 @@ template <class Tile>
 torch::Tensor run_qdot(const torch::Tensor& x, int64_t N, Tile tile) {
   const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
-  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
   auto dx = torch::empty({M, K / 32}, x.options());
   auto sx = torch::empty({M, K / 32}, x.options());
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), dx.data_ptr<float>(),
                        sx.data_ptr<float>());
-  const QuantizedX qx{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), K};
+  const QuantizedX qx{xq.data_ptr<int16_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), K};
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -506,10 +520,10 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 std::vector<torch::Tensor> quantize_x(torch::Tensor x) {
   check_x(x);
   const int64_t M = x.size(0), K = x.size(1);
-  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto xq = torch::empty({M, K}, torch::dtype(torch::kInt16));
   auto dx = torch::empty({M, K / 32}, x.options());
   auto sx = torch::empty({M, K / 32}, x.options());
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), dx.data_ptr<float>(),
                        sx.data_ptr<float>());
   return {xq, dx, sx};
 }
@@ -539,7 +553,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fp8_linear", &fp8_linear, "y = x @ (scale * fp8(q))^T, q e4m3 bits [N, K]");
   m.def("int4_linear", &int4_linear, "y = x @ (scale * q + offset)^T, q packed 4-bit");
   m.def("nf4_linear", &nf4_linear, "y = x @ (scale * NF4[q])^T, q packed 4-bit");
-  m.def("quantize_x", &quantize_x, "x -> (int8 values, block scales, scaled block sums)");
+  m.def("quantize_x", &quantize_x, "x -> (int16 values, block scales, scaled block sums)");
   m.def("int8_dequantize", &int8_dequantize, "float32 [N, K] of an int8 weight");
   m.def("fp8_dequantize", &fp8_dequantize, "float32 [N, K] of an fp8 weight");
   m.def("int4_dequantize", &int4_dequantize, "float32 [N, K] of an int4 weight");
