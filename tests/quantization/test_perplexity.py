@@ -40,6 +40,7 @@ def test_matches_transformers(smollm2, ids, hf_smollm2):
 
 
 def test_chunking_through_the_cache_does_not_change_it(smollm2, ids):
+    ids = ids[:150]
     whole = perplexity(smollm2.model, ids, context=len(ids), chunk=len(ids))
     chunked = perplexity(smollm2.model, ids, context=len(ids), chunk=37)
     assert chunked.ppl == pytest.approx(whole.ppl, rel=1e-4)
