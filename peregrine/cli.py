@@ -121,6 +121,53 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return run_server(ns, engine_config(ns))
 
 
+def cmd_quantize(ns: argparse.Namespace) -> int:
+    import json
+
+    from peregrine.quantization.quantize import QuantizeOptions, quantize_to_dir
+    fmt = ns.format or {4: "int4", 8: "int8"}[ns.bits]
+    opts = QuantizeOptions(method=ns.method, format=fmt, group_size=ns.group_size,
+                           symmetric=ns.symmetric, act_order=ns.act_order, damp=ns.damp,
+                           calib_samples=ns.calib_samples, calib_seq_len=ns.calib_seq_len,
+                           calib_corpus=ns.calib_corpus)
+    model = None if ns.model in (None, "default") else ns.model
+    print(json.dumps(quantize_to_dir(model, ns.out_dir, opts), indent=2))
+    return 0
+
+
+def cmd_eval_ppl(ns: argparse.Namespace) -> int:
+    import json
+
+    from peregrine.models.loader import load_model
+    from peregrine.quantization.corpus import eval_text
+    from peregrine.quantization.perplexity import perplexity
+    cfg = engine_config(ns)
+    loaded = load_model(cfg.model, load_format=cfg.load_format, dtype=cfg.torch_dtype,
+                        device=cfg.torch_device, tokenizer=cfg.tokenizer,
+                        quantization=cfg.quantization,
+                        quant_group_size=cfg.quantization_group_size,
+                        quant_symmetric=cfg.quantization_symmetric)
+    ids = loaded.tokenizer.encode(eval_text(ns.corpus), add_special_tokens=False)
+    ids = ids[:ns.max_tokens]
+    res = perplexity(loaded.model, ids, context=ns.context or len(ids), stride=ns.stride,
+                     kv_cache_dtype=cfg.kv_cache_dtype, chunk=ns.chunk)
+    out = {"model": loaded.source.name, "quantization": cfg.quantization,
+           "kv_cache_dtype": cfg.kv_cache_dtype, "corpus": ns.corpus or "bundled britannica",
+           "ppl": round(res.ppl, 4), "nll": round(res.nll, 6), "tokens": res.num_tokens,
+           "windows": res.num_windows, "context": ns.context or len(ids),
+           "seconds": round(res.seconds, 1)}
+    print(json.dumps(out))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+def cmd_eval_quant_table(ns: argparse.Namespace) -> int:
+    from peregrine.quantization.bench import run_table
+    return run_table(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peregrine", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -153,6 +200,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds Ctrl-C/SIGTERM waits for in-flight requests before aborting")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ, AWQ) into a checkpoint "
+                       "directory that serve/generate load")
+    p.add_argument("model", help="model to quantize (`default` for the embedded SmolLM2)")
+    p.add_argument("out_dir")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="gptq")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--format", choices=["int4", "int8", "nf4", "fp8"], default=None,
+                   help="weight format (default: int4 for --bits 4, int8 for --bits 8)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale (default: 128 int4, 64 nf4, per-channel int8)")
+    p.add_argument("--symmetric", action="store_true", help="int4: symmetric levels")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by Hessian diagonal")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--calib-corpus", default=None,
+                   help="calibration text file (default: the bundled corpus' second half)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="quality and speed evaluations")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("ppl", help="sliding-window perplexity on held-out text")
+    e.add_argument("--corpus", default=None,
+                   help="text file (.txt/.gz); default: the bundled corpus' first half")
+    e.add_argument("--max-tokens", type=int, default=4096, help="tokens of the corpus used")
+    e.add_argument("--context", type=int, default=None,
+                   help="window length (default: all --max-tokens in one window)")
+    e.add_argument("--stride", type=int, default=None, help="window step (default: context)")
+    e.add_argument("--chunk", type=int, default=128,
+                   help="tokens per forward pass inside a window (through the KV cache)")
+    e.add_argument("--json", default=None, help="also write the result to this file")
+    add_engine_args(e)
+    e.set_defaults(func=cmd_eval_ppl)
+    e = esub.add_parser("quant-table", help="weight memory, perplexity and decode speed of "
+                        "every quantization method (docs/quantization.md)")
+    e.add_argument("--out", default="bench_results/quantization",
+                   help="directory for the JSON and markdown results")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated subset of the table's rows (default: all)")
+    e.add_argument("--ppl-tokens", type=int, default=4096)
+    e.add_argument("--decode-tokens", type=int, default=64)
+    e.add_argument("--batch", type=int, default=32, help="streams of the throughput column")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; 1 gives steadier numbers on a "
+                   "busy machine)")
+    e.add_argument("--work-dir", default=None,
+                   help="where GPTQ/AWQ checkpoints are written (default: a temp dir)")
+    e.set_defaults(func=cmd_eval_quant_table)
     return parser
 
 

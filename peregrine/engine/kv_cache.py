@@ -25,11 +25,24 @@ from peregrine.models.config import ModelConfig
 NULL_BLOCK = -1  # a block-table entry whose block was freed (out of the sliding window)
 
 
-def kv_dtype_bytes(kv_cache_dtype: str, compute_dtype: torch.dtype) -> int:
-    """Bytes per stored K or V value."""
+def kv_dtype_bytes(kv_cache_dtype: str, compute_dtype: torch.dtype,
+                   head_dim: int | None = None) -> float:
+    """Bytes per stored K or V value; a quantized cache adds its float32 scale (one per
+    token and KV head) spread over the `head_dim` values it scales."""
     if kv_cache_dtype in ("int8", "fp8"):
-        return 1
+        return 1 + (4 / head_dim if head_dim else 0)
     return torch.empty((), dtype=compute_dtype).element_size()
+
+
+def kv_storage_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype K/V are stored in: int8, float8_e4m3fn, or the compute dtype (`auto`)."""
+    if kv_cache_dtype == "int8":
+        return torch.int8
+    if kv_cache_dtype == "fp8":
+        if not hasattr(torch, "float8_e4m3fn"):
+            raise ValueError("kv_cache_dtype fp8 needs a torch with float8_e4m3fn")
+        return torch.float8_e4m3fn
+    return compute_dtype
 
 
 def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: float,
@@ -40,11 +53,17 @@ def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: fl
 
 
 def allocate_kv_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                     device: torch.device) -> list[LayerCache]:
-    """One zeroed K and V tensor per layer: [num_blocks, block_size, kv_heads, head_dim]."""
+                     device: torch.device, kv_cache_dtype: str = "auto") -> list[LayerCache]:
+    """One zeroed K and V tensor per layer: [num_blocks, block_size, kv_heads, head_dim];
+    int8/fp8 add float32 scales [num_blocks, block_size, kv_heads]."""
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    return [LayerCache(torch.zeros(shape, dtype=dtype, device=device),
-                       torch.zeros(shape, dtype=dtype, device=device))
+    store = kv_storage_dtype(kv_cache_dtype, dtype)
+    quantized = kv_cache_dtype in ("int8", "fp8")
+
+    def scales() -> torch.Tensor | None:
+        return torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantized else None
+    return [LayerCache(torch.zeros(shape, dtype=store, device=device),
+                       torch.zeros(shape, dtype=store, device=device), scales(), scales())
             for _ in range(cfg.num_layers)]
 
 

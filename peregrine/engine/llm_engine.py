@@ -68,7 +68,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.loaded = loaded or load_model(
             config.model, load_format=config.load_format, dtype=dtype, device=device,
-            tokenizer=config.tokenizer, max_model_len=config.max_model_len, seed=config.seed)
+            tokenizer=config.tokenizer, max_model_len=config.max_model_len, seed=config.seed,
+            quantization=config.quantization, quant_group_size=config.quantization_group_size,
+            quant_symmetric=config.quantization_symmetric)
         self.load_time = time.perf_counter() - t0
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -76,7 +78,7 @@ class LLMEngine:
 
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
         self.kv_caches = allocate_kv_pool(self.model_config, num_blocks, config.block_size,
-                                          dtype, device)
+                                          dtype, device, config.kv_cache_dtype)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
@@ -96,7 +98,8 @@ class LLMEngine:
 
     def _blocks_for_budget(self) -> int:
         cfg = self.config
-        per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype)
+        per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype,
+                                   self.model_config.head_dim)
         if cfg.torch_device.type == "cuda":
             budget = gpu_kv_budget(self.loaded.model, cfg, self.max_model_len)
             if budget <= 0:

@@ -13,21 +13,45 @@ import torch.nn.functional as F
 from peregrine.layers.attention import AttentionMetadata, LayerCache
 
 
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, Hkv, D] -> (stored [T, Hkv, D] in int8 / float8_e4m3fn, scale f32 [T, Hkv]):
+    one scale per token and head, absmax / 127 (int8) or absmax / 448 (fp8)."""
+    top = 127.0 if dtype == torch.int8 else 448.0
+    scale = x.float().abs().amax(-1) / top
+    y = x.float() / torch.where(scale == 0, 1.0, scale).unsqueeze(-1)
+    if dtype == torch.int8:
+        y = y.round_().clamp_(-127, 127)
+    return y.to(dtype), scale
+
+
 def write_kv(cache: LayerCache, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store k/v [T, Hkv, D] at flat slots `slot_mapping` [T] (slot = block * size + offset)."""
     hkv, d = k.shape[1], k.shape[2]
-    cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k)
-    cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v)
+    if cache.k_scale is None:
+        cache.k.view(-1, hkv, d).index_copy_(0, slot_mapping, k.to(cache.k.dtype))
+        cache.v.view(-1, hkv, d).index_copy_(0, slot_mapping, v.to(cache.v.dtype))
+        return
+    k, ks = quantize_kv(k, cache.k.dtype)
+    v, vs = quantize_kv(v, cache.v.dtype)
+    cache.k_scale.view(-1, hkv).index_copy_(0, slot_mapping, ks)
+    cache.v_scale.view(-1, hkv).index_copy_(0, slot_mapping, vs)
+    # copied as raw bytes: index_copy_ has no float8 kernel on CPU
+    cache.k.view(torch.uint8).view(-1, hkv, d).index_copy_(0, slot_mapping, k.view(torch.uint8))
+    cache.v.view(torch.uint8).view(-1, hkv, d).index_copy_(0, slot_mapping, v.view(torch.uint8))
 
 
 def gather_kv(cache: LayerCache, block_tables: torch.Tensor, num_blocks: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K/V of each sequence laid out contiguously: [B, num_blocks * block_size, Hkv, D]."""
+    """K/V of each sequence laid out contiguously: [B, num_blocks * block_size, Hkv, D]
+    (a quantized cache comes back dequantized, in float32)."""
     table = block_tables[:, :num_blocks].long()
     b = table.shape[0]
     k = cache.k[table].flatten(1, 2)
     v = cache.v[table].flatten(1, 2)
+    if cache.k_scale is not None:
+        k = k.float() * cache.k_scale[table].flatten(1, 2).unsqueeze(-1)
+        v = v.float() * cache.v_scale[table].flatten(1, 2).unsqueeze(-1)
     return k.view(b, -1, *k.shape[-2:]), v.view(b, -1, *v.shape[-2:])
 
 
@@ -90,8 +114,12 @@ class TorchAttentionBackend:
         b, hq, d = q.shape
         slots, mask = decode_plan(meta, b, cache.block_size, sliding_window, q.dtype)
         hkv = cache.k.shape[2]
-        k = cache.k.view(-1, hkv, d)[slots].transpose(1, 2)  # [B, Hkv, L, D]
-        v = cache.v.view(-1, hkv, d)[slots].transpose(1, 2)
+        k = cache.k.view(-1, hkv, d)[slots]  # [B, L, Hkv, D]
+        v = cache.v.view(-1, hkv, d)[slots]
+        if cache.k_scale is not None:
+            k = (k.float() * cache.k_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(q.dtype)
+            v = (v.float() * cache.v_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(q.dtype)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                              enable_gqa=True)  # [B, Hq, 1, D]
         return out.squeeze(2)

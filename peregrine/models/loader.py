@@ -37,18 +37,30 @@ class LoadedModel:
 def load_model(model: str | None = None, *, load_format: str = "auto",
                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                tokenizer: str | None = None, max_model_len: int | None = None,
-               seed: int = 0) -> LoadedModel:
-    """Load `model` (see `resolve_model`) onto `device` in `dtype`."""
+               seed: int = 0, quantization: str = "none", quant_group_size: int | None = None,
+               quant_symmetric: bool = False) -> LoadedModel:
+    """Load `model` (see `resolve_model`) onto `device` in `dtype`, then quantize its
+    linear layers when `quantization` says so (see peregrine/quantization/apply.py)."""
+    from peregrine.quantization.checkpoint import is_quantized_checkpoint, load_quantized
     source = resolve_model(model, load_format)
     device = torch.device(device)
     gguf_file = None
+    hf_cfg: dict = {}
     if source.format == "gguf" or (source.format == "dummy" and source.path.endswith(".gguf")):
         gguf_file = GGUFFile(source.path)
         cfg = gguf_config(gguf_file, source.name)
         tok = Tokenizer.from_gguf_metadata(gguf_file.metadata, source.name)
     else:
-        cfg = ModelConfig.from_hf(_read_config(source.path), source.name)
+        hf_cfg = _read_config(source.path)
+        cfg = ModelConfig.from_hf(hf_cfg, source.name)
         tok = _tokenizer_for_dir(source.path)
+    prequantized = source.format == "hf" and is_quantized_checkpoint(hf_cfg)
+    if prequantized and quantization not in ("none", "auto"):
+        raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
+                             f"{quantization}")
+    if quantization == "gguf" and source.format != "gguf":
+        raise ModelLoadError("--quantization gguf keeps a GGUF file's blocks; the model "
+                             f"{source.name!r} is not a GGUF file")
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     if not tok.eos_token_ids:
@@ -59,11 +71,27 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     net = _materialize(net, device, dtype, cfg)
     if source.format == "gguf":
         load_weights(net, gguf_tensors(gguf_file, cfg))
+    elif prequantized:
+        load_quantized(net, source.path, hf_cfg)
     elif source.format == "hf":
         load_weights(net, safetensors_tensors(source.path))
     else:
         init_dummy_weights(net, seed)
+    _quantize(net, quantization, quant_group_size, quant_symmetric, gguf_file, cfg)
     return LoadedModel(net.eval(), cfg, tok, source, gguf_file)
+
+
+def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
+              symmetric: bool, gguf_file: GGUFFile | None, cfg: ModelConfig) -> None:
+    """Swap the linears for quantized ones: GGUF blocks as stored, or round-to-nearest."""
+    from peregrine.quantization.apply import QuantSpec, quantize_model, replace_linears
+    if quantization in ("none", "auto"):
+        return
+    if quantization == "gguf":
+        from peregrine.quantization.gguf_native import gguf_quantized_linears
+        replace_linears(net, gguf_quantized_linears(gguf_file, cfg))
+        return
+    quantize_model(net, QuantSpec(quantization, group_size, symmetric))
 
 
 def load_tokenizer(path: str | None) -> Tokenizer:

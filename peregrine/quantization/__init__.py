@@ -1,0 +1,1 @@
+"""Weight quantization: formats, round-to-nearest, GPTQ and AWQ, checkpoints, evaluation."""

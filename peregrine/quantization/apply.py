@@ -1,0 +1,110 @@
+"""Swap a model's Linear modules for quantized ones (gpt-fast style), at load time.
+
+The projections of every decoder layer (qkv_proj, o_proj, gate_up_proj, down_proj) and the
+LM head are quantized; embeddings and norms stay float. A tied LM head gets its own
+quantized copy, while the embedding table it was tied to stays float for lookups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peregrine.layers.linear import (FP8Linear, Int4Linear, Int8Linear, Linear, NF4Linear,
+                                     QuantLinear)
+
+# `--quantization` values that quantize weights at load (gguf repacks the file's blocks).
+WEIGHT_METHODS = ("int8", "int4", "nf4", "fp8")
+METHODS = ("none", *WEIGHT_METHODS, "gguf")
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64, "fp8": None}
+
+
+@dataclass
+class QuantSpec:
+    """How to quantize: format, group size (None: the format's default) and symmetry."""
+
+    method: str
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"quantization must be one of {METHODS}, got {self.method!r}")
+        if self.group_size is None:
+            self.group_size = DEFAULT_GROUP_SIZE[self.method]
+        if self.method == "fp8" and self.group_size is not None:
+            raise ValueError("fp8 uses per-channel scales; quantization_group_size must be unset")
+        g = self.group_size
+        if g is not None and (g < 32 or g % 32 or (g // 32) & (g // 32 - 1)):
+            raise ValueError(f"quantization_group_size must be 32 times a power of two, got {g}")
+
+    def for_lm_head(self) -> "QuantSpec":
+        """The spec of the LM head: int8 per channel under a 4-bit format. The head is the
+        widest matrix and the most sensitive one (llama.cpp's mixes keep it at 6-8 bits
+        too; SmolLM2's GGUF stores it as Q8_0); 8-bit it costs 0.5 byte/weight more."""
+        return QuantSpec("int8") if self.method in ("int4", "nf4") else self
+
+    def quantize(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A quantized linear layer holding the round-to-nearest quantization of `w`."""
+        w = w.detach().float().cpu()
+        b = None if bias is None else bias.detach().cpu()
+        if self.method == "int8":
+            return Int8Linear.from_float(w, b, self.group_size)
+        if self.method == "int4":
+            return Int4Linear.from_float(w, b, self.group_size, self.symmetric)
+        if self.method == "nf4":
+            return NF4Linear.from_float(w, b, self.group_size)
+        return FP8Linear.from_float(w, b)
+
+
+def linear_layers(net: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    """(full name, parent module, attribute, module) of every Linear / QuantLinear."""
+    for name, parent in list(net.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, (Linear, QuantLinear)):
+                yield (f"{name}.{attr}" if name else attr), parent, attr, child
+
+
+def quantize_model(net: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Replace every Linear of `net` by its round-to-nearest quantization (in place); the
+    LM head follows `spec.for_lm_head()`."""
+    for name, parent, attr, mod in linear_layers(net):
+        if isinstance(mod, Linear):
+            device = mod.weight.device
+            s = spec.for_lm_head() if name == "lm_head" else spec
+            setattr(parent, attr, s.quantize(mod.weight, mod.bias).to(device))
+    return net
+
+
+def replace_linears(net: nn.Module, new: dict[str, QuantLinear]) -> nn.Module:
+    """Put the modules of `new` (full name -> module) in place of the model's linears."""
+    for name, parent, attr, mod in linear_layers(net):
+        if name in new:
+            q = new[name]
+            if (q.in_features, q.out_features) != (mod.in_features, mod.out_features):
+                raise ValueError(f"{name}: quantized shape ({q.out_features}, "
+                                 f"{q.in_features}) does not match the model's "
+                                 f"({mod.out_features}, {mod.in_features})")
+            if q.bias is None and getattr(mod, "bias", None) is not None:
+                q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+            device = mod.bias.device if getattr(mod, "bias", None) is not None else None
+            setattr(parent, attr, q if device is None else q.to(device))
+    return net
+
+
+def model_weight_bytes(net: nn.Module) -> int:
+    """Bytes of all weights the forward pass reads: quantized buffers, float parameters
+    (the embedding counted once even when an LM head shares it)."""
+    seen: set[int] = set()
+    total = 0
+    for mod in net.modules():
+        tensors = list(mod.parameters(recurse=False))
+        if isinstance(mod, QuantLinear):
+            tensors += list(mod.buffers(recurse=False))
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
