@@ -104,6 +104,7 @@ def calibrated_quantize(net: LlamaForCausalLM, seqs: list[list[int]], spec: Quan
     ids = torch.tensor([t for s in seqs for t in s], device=device)
     positions = torch.cat([torch.arange(len(s), device=device) for s in seqs])
     x, residual = net.embed_tokens(ids), None
+    rope = net.rotary.lookup(positions, x.dtype)
     inter = net.config.intermediate_size
     if net.config.tie_word_embeddings:  # the head gets its own weight to scale/quantize
         net.lm_head.weight = nn.Parameter(net.lm_head.weight.detach().clone(),
@@ -113,7 +114,7 @@ def calibrated_quantize(net: LlamaForCausalLM, seqs: list[list[int]], spec: Quan
         mods = {"qkv_proj": layer.self_attn.qkv_proj, "o_proj": layer.self_attn.o_proj,
                 "gate_up_proj": layer.mlp.gate_up_proj, "down_proj": layer.mlp.down_proj}
         cap = _Capture(mods)
-        layer(positions, x, residual, None, meta)
+        layer(rope, x, residual, None, meta)
         cap.close()
         if method == "gptq":
             new = _gptq_layer(mods, cap.inputs, spec, act_order, damp)
@@ -121,7 +122,7 @@ def calibrated_quantize(net: LlamaForCausalLM, seqs: list[list[int]], spec: Quan
             new = _awq_layer(layer, cap.inputs, spec, inter)
         layer.self_attn.qkv_proj, layer.self_attn.o_proj = new["qkv_proj"], new["o_proj"]
         layer.mlp.gate_up_proj, layer.mlp.down_proj = new["gate_up_proj"], new["down_proj"]
-        x, residual = layer(positions, x, residual, None, meta)
+        x, residual = layer(rope, x, residual, None, meta)
         logger.info("%s: layer %d/%d quantized (%.0fs)", method, i + 1, len(net.layers),
                     time.perf_counter() - t0)
     h, _ = net.norm(x, residual)
