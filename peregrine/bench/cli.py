@@ -26,9 +26,14 @@ DEFAULT_COMPARE = "peregrine:continuous,peregrine:static,transformers,llama.cpp"
 
 # --- argument groups ---------------------------------------------------------------------------
 def _workload_args(p: argparse.ArgumentParser, prompt_format: str = "token_ids",
-                   tokenizer_flag: bool = False) -> None:
+                   serving: bool = False) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--num-prompts", type=int, default=64, help="requests in the workload")
+    if serving:
+        g.add_argument("--num-prompts", type=_csv(int), default=[64],
+                       help="requests per sweep point; a comma list gives each point its own "
+                            "(the first N of one workload)")
+    else:
+        g.add_argument("--num-prompts", type=int, default=64, help="requests in the workload")
     g.add_argument("--input-len", default="32-512",
                    help="prompt tokens, N or LOW-HIGH drawn uniformly (random dataset)")
     g.add_argument("--output-len", default="32-256",
@@ -39,7 +44,7 @@ def _workload_args(p: argparse.ArgumentParser, prompt_format: str = "token_ids",
     g.add_argument("--prompt-format", choices=("token_ids", "text"), default=prompt_format,
                    help="random prompts as token ids, or decoded to text")
     g.add_argument("--seed", type=int, default=0, help="seeds the workload and the engine")
-    if tokenizer_flag:  # commands with engine flags have the engine's --tokenizer
+    if serving:  # commands with engine flags have the engine's --tokenizer
         g.add_argument("--tokenizer", default=None,
                        help="tokenizer for prompts (default: the model's)")
 
@@ -139,7 +144,7 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--server-args", default="",
                    help="extra flags for a launched `peregrine serve`")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
-    _workload_args(p, prompt_format="text", tokenizer_flag=True)
+    _workload_args(p, prompt_format="text", serving=True)
     _common_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -210,16 +215,17 @@ def build_workload(ns: argparse.Namespace, model: str | None, load_format: str =
     from peregrine.bench.datasets import file_requests, parse_range, random_requests
     from peregrine.bench.results import workload_fields
     tok = workload_tokenizer(model, load_format, ns.tokenizer)
+    num = max(ns.num_prompts) if isinstance(ns.num_prompts, list) else ns.num_prompts
     if ns.dataset_path:
         default_out = parse_range(ns.output_len, "--output-len")[1]
-        reqs = file_requests(ns.dataset_path, tok, default_out, ns.num_prompts)
+        reqs = file_requests(ns.dataset_path, tok, default_out, num)
         return reqs, workload_fields(reqs, {"dataset": f"file {ns.dataset_path}"})
     vocab = model_vocab_size(model, load_format)
     if vocab < tok.vocab_size:  # a small random model: keep ids inside its vocabulary
         tok.vocab_size = vocab
     in_len, out_len = parse_range(ns.input_len, "--input-len"), parse_range(ns.output_len,
                                                                             "--output-len")
-    reqs = random_requests(ns.num_prompts, in_len, out_len, tok, ns.seed,
+    reqs = random_requests(num, in_len, out_len, tok, ns.seed,
                            as_text=ns.prompt_format == "text")
     return reqs, workload_fields(reqs, {"dataset": "random", "seed": ns.seed,
                                         "input_len": ns.input_len, "output_len": ns.output_len,
@@ -304,6 +310,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if (ns.base_url is None) == (ns.launch is None):
         raise ValueError("give exactly one of --base-url (a running server) or --launch")
     slos = parse_goodput(ns.goodput)
+    prompts_per_point(ns)  # a bad --num-prompts fails before any server starts
     requests, workload = build_workload(ns, ns.model)
     runs: list[dict[str, Any]] = []
     if ns.base_url:
@@ -322,20 +329,36 @@ def serve_points(ns: argparse.Namespace, requests: list, slos: dict[str, float],
     model = ns.served_model or discover_model(base_url, ns.api_key)
     check_endpoint(base_url, ns.endpoint, model, extra, ns.ignore_eos, ns.api_key)
     runs = []
-    for rate in ns.request_rate:
-        for conc in ns.max_concurrency:
-            results, duration = asyncio.run(run_load(
-                base_url, ns.endpoint, model, requests, rate, conc, ns.burstiness, ns.seed,
-                ns.ignore_eos, extra, ns.api_key, ns.timeout))
-            run = {"server": server, "label": _point_label(server, rate, conc),
-                   "base_url": base_url, "model": model, "request_rate":
-                   "inf" if math.isinf(rate) else rate, "max_concurrency": conc,
-                   "extra_body": extra, **serve_metrics(results, duration, slos)}
-            print(f"{run['label']}: {run['completed']} ok, {run['output_throughput']:.1f} "
-                  f"output tok/s, TTFT median {run['ttft_ms']['median'] or 0:.0f} ms",
-                  file=sys.stderr)
-            runs.append(run)
+    for (rate, conc), n in zip(sweep_points(ns), prompts_per_point(ns)):
+        results, duration = asyncio.run(run_load(
+            base_url, ns.endpoint, model, requests[:n], rate, conc, ns.burstiness, ns.seed,
+            ns.ignore_eos, extra, ns.api_key, ns.timeout))
+        run = {"server": server, "label": _point_label(server, rate, conc),
+               "base_url": base_url, "model": model, "request_rate":
+               "inf" if math.isinf(rate) else rate, "max_concurrency": conc,
+               "num_prompts": n, "extra_body": extra,
+               **serve_metrics(results, duration, slos)}
+        print(f"{run['label']}: {run['completed']}/{n} ok, {run['output_throughput']:.1f} "
+              f"output tok/s, TTFT median {run['ttft_ms']['median'] or 0:.0f} ms, TPOT "
+              f"median {run['tpot_ms']['median'] or 0:.0f} ms", file=sys.stderr, flush=True)
+        runs.append(run)
     return runs
+
+
+def sweep_points(ns: argparse.Namespace) -> list[tuple[float, int | None]]:
+    """Every (request rate, max concurrency) pair of the sweep."""
+    return [(rate, conc) for rate in ns.request_rate for conc in ns.max_concurrency]
+
+
+def prompts_per_point(ns: argparse.Namespace) -> list[int]:
+    """How many requests each sweep point sends."""
+    points, counts = sweep_points(ns), ns.num_prompts
+    if len(counts) == 1:
+        return counts * len(points)
+    if len(counts) != len(points):
+        raise ValueError(f"--num-prompts has {len(counts)} values for {len(points)} sweep "
+                         "points; give one, or one per point")
+    return counts
 
 
 def _point_label(server: str, rate: float, conc: int | None) -> str:
@@ -358,7 +381,7 @@ def launch_and_serve(ns: argparse.Namespace, requests: list, slos: dict[str, flo
             print(f"{server}: skipped: {reason}", file=sys.stderr)
             runs += [{"server": server, "label": _point_label(server, r, c), "request_rate":
                       "inf" if math.isinf(r) else r, "max_concurrency": c, "error": reason}
-                     for r in ns.request_rate for c in ns.max_concurrency]
+                     for r, c in sweep_points(ns)]
             continue
         port = free_port()
         spec = server_spec(server, port, model=ns.model, threads=ns.threads,

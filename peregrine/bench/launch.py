@@ -76,18 +76,20 @@ def server_spec(server: str, port: int, *, model: str | None, threads: int,
             raise ValueError("the llama.cpp server needs a GGUF model")
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", source.path,
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
-               "--n_threads_batch", str(threads), "--n_ctx", str(max_model_len)]
+               "--n_threads_batch", str(threads), "--n_ctx", str(max_model_len),
+               # By default a new request cuts off the one streaming; queue them instead.
+               "--interrupt_requests", "False"]
         # llama-cpp-python has no ignore_eos: a -100 logit bias keeps EOS from being picked.
         bias = {str(t): -100.0 for t in eos_token_ids}
         return ServerSpec("llama.cpp", cmd, extra_body={"logit_bias": bias},
-                          notes="llama-cpp-python server: one request at a time; EOS "
-                                "suppressed with logit_bias")
+                          notes="llama-cpp-python server: one request at a time (the others "
+                                "wait), EOS suppressed with logit_bias")
     raise ValueError(f"--launch must be one of {SERVERS}, got {server!r}")
 
 
 class ServerProcess:
-    """A server subprocess that is up (answers GET /v1/models) inside `with`, and stopped
-    (by its pid) after."""
+    """A server subprocess that is up (see `_ready`) inside `with`, and stopped (by its pid)
+    after."""
 
     def __init__(self, spec: ServerSpec, port: int, log_path: str,
                  startup_timeout_s: float = 300.0) -> None:
@@ -109,15 +111,22 @@ class ServerProcess:
                 self.__exit__(None, None, None)
                 raise RuntimeError(f"{self.spec.name} server exited with code "
                                    f"{self.proc.returncode} while starting:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/v1/models", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if self._ready(httpx):
+                return self
             time.sleep(0.5)
         self.__exit__(None, None, None)
         raise RuntimeError(f"{self.spec.name} server did not come up in "
                            f"{self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def _ready(self, httpx: Any) -> bool:
+        """Up when /v1/models answers 200 and /health (where there is one) too: a server
+        may list its model before the model has loaded."""
+        try:
+            if httpx.get(self.base_url + "/v1/models", timeout=2).status_code != 200:
+                return False
+            return httpx.get(self.base_url + "/health", timeout=2).status_code in (200, 404)
+        except httpx.HTTPError:
+            return False
 
     def __exit__(self, *exc: Any) -> None:
         if self.proc is not None and self.proc.poll() is None:

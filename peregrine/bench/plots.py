@@ -64,7 +64,7 @@ def serve_curves(result: dict[str, Any], out_dir: str, prefix: str) -> list[str]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     for server, runs in by_server.items():
         runs = sorted(runs, key=lambda r: _load_value(r[sweep_key]))
-        xs = [_load_value(r[sweep_key]) for r in runs]
+        xs = _x_positions(runs, sweep_key)
         axes[0].plot(xs, [r["output_throughput"] for r in runs], "o-", label=server)
         axes[1].plot(xs, [r["ttft_ms"]["median"] for r in runs], "o-", label=f"{server} median")
         axes[1].plot(xs, [r["ttft_ms"]["p99"] for r in runs], "x--", label=f"{server} p99")
@@ -142,6 +142,14 @@ def latency_plot(result: dict[str, Any], out_dir: str, name: str) -> str:
 
 def _load_value(v: Any) -> float:
     return float("inf") if v in (None, "inf") else float(v)
+
+
+def _x_positions(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """Sweep values as x positions; inf (all at once) sits at twice the largest finite one."""
+    values = [_load_value(r[key]) for r in runs]
+    finite = [v for v in values if v != float("inf")]
+    top = 2 * max(finite) if finite else 1.0
+    return [top if v == float("inf") else v for v in values]
 
 
 def plot_result(result: dict[str, Any], out_dir: str, stem: str) -> list[str]:

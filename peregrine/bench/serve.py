@@ -266,13 +266,20 @@ def discover_model(base_url: str, api_key: str | None = None, timeout_s: float =
 
 
 def check_endpoint(base_url: str, endpoint: str, model: str, extra: dict[str, Any],
-                   ignore_eos: bool, api_key: str | None) -> RequestResult:
+                   ignore_eos: bool, api_key: str | None, wait_s: float = 120.0
+                   ) -> RequestResult:
     """One short request before the measurement: fails fast, with the server's own error,
-    when the endpoint or the body is wrong (and warms the server up)."""
+    when the endpoint or the body is wrong, and warms the server up. A 503 (still loading)
+    is retried for up to `wait_s` seconds."""
     probe = BenchRequest(4, 2, prompt="Hello, my name is")
-    results, _ = asyncio.run(run_load(base_url, endpoint, model, [probe], ignore_eos=ignore_eos,
-                                      extra_body=extra, api_key=api_key, timeout_s=120))
-    if not results[0].ok:
-        raise RuntimeError(f"the test request to {base_url}{endpoint} failed: "
-                           f"{results[0].error}")
-    return results[0]
+    deadline = time.monotonic() + wait_s
+    while True:
+        results, _ = asyncio.run(run_load(base_url, endpoint, model, [probe],
+                                          ignore_eos=ignore_eos, extra_body=extra,
+                                          api_key=api_key, timeout_s=120))
+        res = results[0]
+        if res.ok:
+            return res
+        if not res.error.startswith("HTTP 503") or time.monotonic() > deadline:
+            raise RuntimeError(f"the test request to {base_url}{endpoint} failed: {res.error}")
+        time.sleep(1.0)

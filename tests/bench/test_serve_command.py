@@ -44,6 +44,29 @@ def test_serve_command_sweeps_concurrency_against_an_endpoint(fake_server, tmp_p
         assert (tmp_path / "img" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_each_sweep_point_can_send_its_own_number_of_requests(fake_server, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--base-url", fake_server, "--input-len", "8",
+                 "--output-len", "2", "--max-concurrency", "1,4", "--num-prompts", "2,5",
+                 "--output", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["num_prompts"], r["completed"]) for r in runs] == [(2, 2), (5, 5)]
+    assert main(["bench", "serve", "--base-url", fake_server, "--max-concurrency", "1,4",
+                 "--num-prompts", "2,5,7"]) == 2
+    assert "--num-prompts has 3 values for 2 sweep points" in capsys.readouterr().err
+
+
+def test_a_request_rate_sweep_is_plotted(fake_server, tmp_path):
+    out = tmp_path / "rates.json"
+    assert main(["bench", "serve", "--base-url", fake_server, "--input-len", "8",
+                 "--output-len", "2", "--num-prompts", "4", "--request-rate", "200,inf",
+                 "--output", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["request_rate"] for r in runs] == [200.0, "inf"]
+    assert main(["bench", "plot", str(out), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "rates_vs_load.png").exists()
+
+
 def test_serve_needs_exactly_one_target(capsys):
     assert main(["bench", "serve", *SMALL]) == 2
     assert "exactly one of --base-url" in capsys.readouterr().err
