@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate every number, table and plot of docs/benchmarks.md, in one go.
 #
-#   scripts/run_benchmarks.sh            # the full set (about an hour on 2 cores)
-#   QUICK=1 scripts/run_benchmarks.sh    # everything at a tiny size (checks the script)
+#   scripts/run_benchmarks.sh              # the full set (about an hour on 2 quiet cores)
+#   SIZE=small scripts/run_benchmarks.sh   # a quarter of the work
+#   QUICK=1 scripts/run_benchmarks.sh      # everything at a tiny size (checks the script)
 #
 # Needs `make setup` and, for the peers, `.venv/bin/pip install -e '.[peers]'` (builds
 # llama.cpp). Results go to docs/bench-results/ (JSON + markdown), plots to docs/images/,
@@ -18,15 +19,28 @@ DOC=${DOC:-docs/benchmarks.md}
 THREADS=${THREADS:-$(nproc)}
 bench() { "$PY" -m peregrine.cli bench "$@"; }
 
-if [[ "${QUICK:-0}" == 1 ]]; then
-  OFFLINE=(--num-prompts 4 --input-len 16-64 --output-len 4-16)
-  LATENCY=(--input-lens 32,128 --batch-sizes 1,4 --output-len 8 --iters 1)
-  SERVE=(--num-prompts 2,4,8 --input-len 16-64 --output-len 4-16)
-else
-  OFFLINE=(--num-prompts 64 --input-len 32-512 --output-len 32-256)
-  LATENCY=(--input-lens 32,128,512,1024 --batch-sizes 1,4,16,64 --output-len 32 --iters 3)
-  SERVE=(--num-prompts 8,32,96 --input-len 64-256 --output-len 64-128)
-fi
+# SIZE=full: the sizes the tables below were designed for. SIZE=small: a quarter of the
+# work (what a busy machine can do in a session). SIZE=quick: seconds, to check the script.
+SIZE=${SIZE:-full}
+[[ "${QUICK:-0}" == 1 ]] && SIZE=quick
+case "$SIZE" in
+  full)
+    OFFLINE=(--num-prompts 64 --input-len 32-512 --output-len 32-256)
+    SEQS=16
+    LATENCY=(--input-lens 32,128,512,1024 --batch-sizes 1,4,16,64 --output-len 32 --iters 3)
+    SERVE=(--num-prompts 8,32,96 --input-len 64-256 --output-len 64-128) ;;
+  small)
+    OFFLINE=(--num-prompts 32 --input-len 32-256 --output-len 32-128)
+    SEQS=8
+    LATENCY=(--input-lens 32,128,512 --batch-sizes 1,4,16 --output-len 16 --iters 2)
+    SERVE=(--num-prompts 4,16,48 --input-len 64-128 --output-len 32-64) ;;
+  quick)
+    OFFLINE=(--num-prompts 4 --input-len 16-64 --output-len 4-16)
+    SEQS=2
+    LATENCY=(--input-lens 32,128 --batch-sizes 1,4 --output-len 8 --iters 1)
+    SERVE=(--num-prompts 2,4,8 --input-len 16-64 --output-len 4-16) ;;
+  *) echo "SIZE must be full, small or quick" >&2; exit 2 ;;
+esac
 COMMON=(--threads "$THREADS" --seed 0)
 mkdir -p "$OUT" "$IMAGES"
 
@@ -46,9 +60,9 @@ bench serve --launch peregrine,llama.cpp --max-concurrency 1,8,32 "${SERVE[@]}" 
 # 3. Latency: TTFT by prompt length, decode speed by batch size.
 bench latency "${LATENCY[@]}" "${COMMON[@]}" --kv-cache-memory 3 --output "$OUT/latency.json"
 
-# 4. Our three batching policies when the batch holds fewer sequences than there are
-#    requests (16 of 64), where static batching waits for each batch's longest request.
-bench throughput --batching continuous,dynamic,static --max-num-seqs 16 \
+# 4. Our three batching policies when a batch holds a quarter of the requests, where static
+#    batching waits for each batch's longest request.
+bench throughput --batching continuous,dynamic,static --max-num-seqs "$SEQS" \
   "${OFFLINE[@]}" "${COMMON[@]}" --kv-cache-memory 3 --output "$OUT/batching.json"
 
 # Plots and the tables of docs/benchmarks.md.

@@ -380,7 +380,8 @@ def launch_and_serve(ns: argparse.Namespace, requests: list, slos: dict[str, flo
         if reason:
             print(f"{server}: skipped: {reason}", file=sys.stderr)
             runs += [{"server": server, "label": _point_label(server, r, c), "request_rate":
-                      "inf" if math.isinf(r) else r, "max_concurrency": c, "error": reason}
+                      "inf" if math.isinf(r) else r, "max_concurrency": c, "error": reason,
+                      "threads": ns.threads}
                      for r, c in sweep_points(ns)]
             continue
         port = free_port()
@@ -392,6 +393,7 @@ def launch_and_serve(ns: argparse.Namespace, requests: list, slos: dict[str, flo
         with ServerProcess(spec, port, log) as srv:
             extra = {**spec.extra_body, **(ns.extra_body or {})}
             for run in serve_points(ns, requests, slos, srv.base_url, server, extra):
+                run["threads"] = ns.threads
                 run["server_command"] = " ".join(spec.command)
                 run["server_notes"] = spec.notes
                 runs.append(run)

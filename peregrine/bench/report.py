@@ -37,21 +37,22 @@ def _ratio(x: float | None) -> str:
 
 def throughput_table(result: dict[str, Any]) -> str:
     """One row per run: throughput, per-phase speed and utilization, ratio to the first."""
-    ratios = {r["label"]: r for r in result.get("ratios", [])}
+    ratios = result.get("ratios") or [{}] * len(result["runs"])  # one per run, in order
     rows = []
-    for run in result["runs"]:
+    for run, ratio in zip(result["runs"], ratios):
         if run.get("error"):
-            rows.append([run["label"], f"not run: {run['error']}"] + [""] * 9)
+            rows.append([run["label"], "", f"not run: {run['error']}"] + [""] * 9)
             continue
         pre, dec = run["prefill"], run["decode"]
-        rows.append([run["label"], run["output_tokens_per_s"], run["total_tokens_per_s"],
+        rows.append([run["label"], run.get("settings", {}).get("threads"),
+                     run["output_tokens_per_s"], run["total_tokens_per_s"],
                      run["requests_per_s"], run["wall_s"], pre["tokens_per_s"],
                      _pct(pre["mfu"]), dec["tokens_per_s"], _pct(dec["mbu"]),
                      _pct(run["steps"]["mixed_time_fraction"]),
-                     _ratio(ratios.get(run["label"], {}).get("output_tokens_per_s"))])
-    header = ["engine", "output tok/s", "total tok/s", "req/s", "wall s", "prefill tok/s",
-              "prefill MFU", "decode tok/s", "decode MBU", "time in mixed steps",
-              "output tok/s vs first"]
+                     _ratio(ratio.get("output_tokens_per_s"))])
+    header = ["engine", "threads", "output tok/s", "total tok/s", "req/s", "wall s",
+              "prefill tok/s", "prefill MFU", "decode tok/s", "decode MBU",
+              "time in mixed steps", "output tok/s vs first"]
     return table(header, rows)
 
 
@@ -73,18 +74,22 @@ def latency_tables(result: dict[str, Any]) -> str:
 def serve_table(result: dict[str, Any]) -> str:
     """One row per (server, load) point."""
     rows = []
+    env_threads = (result.get("env") or {}).get("threads")
     for run in result["runs"]:
         load = _load_label(run)
+        threads = run.get("threads", env_threads) if run.get("server") != "server" else None
         if run.get("error"):
-            rows.append([run["server"], load, f"not run: {run['error']}"] + [""] * 8)
+            rows.append([run["server"], threads, load, f"not run: {run['error']}"]
+                        + [""] * 9)
             continue
         ttft, tpot, itl, e2e = run["ttft_ms"], run["tpot_ms"], run["itl_ms"], run["e2el_ms"]
         good = run.get("goodput", {}).get("request_goodput")
-        rows.append([run["server"], load, f"{run['completed']}/{run['completed'] + run['failed']}",
+        rows.append([run["server"], threads, load,
+                     f"{run['completed']}/{run['completed'] + run['failed']}",
                      run["request_throughput"], run["output_throughput"], ttft["median"],
                      ttft["p99"], tpot["median"], tpot["p99"], itl["median"], e2e["median"],
                      good])
-    header = ["server", "load", "ok", "req/s", "output tok/s", "TTFT median ms",
+    header = ["server", "threads", "load", "ok", "req/s", "output tok/s", "TTFT median ms",
               "TTFT p99 ms", "TPOT median ms", "TPOT p99 ms", "ITL median ms",
               "E2E median ms", "goodput req/s"]
     return table(header, rows)

@@ -38,7 +38,7 @@ def test_serve_command_sweeps_concurrency_against_an_endpoint(fake_server, tmp_p
     check_points(data, "server", [1, 2])
     assert data["runs"][0]["output_tokens_from"] == ["usage"]
     assert data["runs"][0]["model"] == "fake-model"  # discovered from /v1/models
-    assert "| server | 1 concurrent, all at once | 3/3 |" in (tmp_path / "serve.md").read_text()
+    assert "| server | - | 1 concurrent, all at once | 3/3 |" in (tmp_path / "serve.md").read_text()
     assert main(["bench", "plot", str(out), "--out-dir", str(tmp_path / "img")]) == 0
     for name in ("serve_vs_load.png", "serve_throughput_latency.png", "serve_latency_cdf.png"):
         assert (tmp_path / "img" / name).read_bytes()[:4] == b"\x89PNG"
@@ -91,7 +91,7 @@ def test_serve_command_launches_peregrine_serve(tmp_path):
 def test_serve_command_launches_llamacpp_server(tmp_path):
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--launch", "llama.cpp", *SMALL, "--max-concurrency", "2",
-                 "--goodput", "ttft:600000", "--output", str(out)]) == 0
+                 "--goodput", "ttft:600000", "--threads", "1", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
     check_points(data, "llama.cpp", [2])
     # llama-cpp-python sends no usage while streaming; "length" gives the exact count.

@@ -75,7 +75,7 @@ def test_llamacpp_peer_on_the_same_gguf():
     from peregrine.bench.peers.llamacpp import run_llamacpp
     tok = load_tokenizer(None)
     requests = random_requests(2, (8, 24), (2, 5), tok, seed=1)
-    run = run_llamacpp(requests, PEAK, model=None, threads=2)
+    run = run_llamacpp(requests, PEAK, model=None, threads=1)
     check_run(run, requests)
     assert run["decode"]["tokens"] == run["output_tokens"] - 2
     assert run["cost_model"]["weight_bytes_per_forward"] < 135e6  # Q4_1: under a byte each
