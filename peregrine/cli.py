@@ -249,12 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--work-dir", default=None,
                    help="where GPTQ/AWQ checkpoints are written (default: a temp dir)")
     e.set_defaults(func=cmd_eval_quant_table)
+
+    from peregrine.bench.cli import add_bench_parser  # here: it imports this module
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     ns = build_parser().parse_args(argv)
+    ns.argv = argv  # benchmarks save the command line that made their numbers
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from peregrine.models.errors import ModelLoadError

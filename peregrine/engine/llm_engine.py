@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,9 @@ class LLMEngine:
         self.last_step_tokens = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.batch_observer: Callable[[ScheduledBatch], None] | None = None
+        """Called with each step's batch after the forward pass and before postprocessing
+        advances its sequences (benchmarks attribute step time to prefill and decode)."""
         logger.info("loaded %s in %.1fs: %d KV blocks of %d tokens (%d tokens)",
                     self.loaded.source.name, self.load_time, num_blocks, config.block_size,
                     num_blocks * config.block_size)
@@ -213,6 +217,8 @@ class LLMEngine:
     def postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance computed counts, append sampled tokens, stop finished sequences, and
         report every request that changed."""
+        if self.batch_observer is not None:
+            self.batch_observer(batch)
         now = time.monotonic()
         self.num_steps += 1
         self.last_step_tokens = batch.num_tokens

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput, latency, online serving, peers side by side, plots."""

@@ -1,0 +1,1 @@
+"""Other engines run on the same model and workload as ours: transformers and llama.cpp."""
