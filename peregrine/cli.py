@@ -1,4 +1,4 @@
-"""The `peregrine` command: serve | generate | chat | bench | quantize | eval | estimate."""
+"""The `peregrine` command: serve | generate | chat | bench | quantize | quantize | eval."""
 
 from __future__ import annotations
 
