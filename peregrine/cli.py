@@ -1,4 +1,4 @@
-"""The `peregrine` command: serve | generate | chat | bench | quantize | quantize | eval."""
+"""The `peregrine` command: serve | generate | chat | bench | quantize | eval."""
 
 from __future__ import annotations
 
