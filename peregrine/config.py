@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,9 +84,11 @@ class EngineConfig:
 
     # --- speculative decoding ------------------------------------------------------------
     speculative: str | None = None
-    """None, `ngram`, `draft:<model>` or `layers:<k>`."""
+    """None (off), `ngram` (prompt lookup), `draft:<model>` (a smaller model with the same
+    tokenizer, its own KV pool) or `layers:<k>` (self-speculative: the target's first k
+    layers and its LM head, sharing the target's KV of those layers)."""
     num_speculative_tokens: int = 4
-    """Tokens proposed per step when speculating."""
+    """Tokens proposed per sequence per step when speculating."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form options for experiments; nothing in the engine depends on it."""
@@ -120,6 +123,12 @@ class EngineConfig:
         if g is not None and (g < 32 or g % 32 or (g // 32) & (g // 32 - 1)):
             raise ValueError("quantization_group_size must be 32 times a power of two "
                              f"(32, 64, 128, ...), got {g}")
+        spec = self.speculative
+        if spec is not None and spec != "ngram" and not (
+                spec.startswith("draft:") and len(spec) > 6
+                or re.fullmatch(r"layers:[1-9][0-9]*", spec)):
+            raise ValueError("speculative must be ngram, draft:<model> or layers:<k>, got "
+                             f"{spec!r}")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")

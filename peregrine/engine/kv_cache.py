@@ -164,8 +164,17 @@ class KVCacheManager:
         while len(seq.block_table) < self.blocks_needed(end):
             seq.block_table.append(self._take_free_block())
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq, end)
+            # Only real tokens are hashed: slots reserved for draft tokens never are.
+            self._register_full_blocks(seq, min(end, seq.num_tokens))
         return True
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past the ones seq's tokens need (slots of rejected draft tokens)."""
+        keep = self.blocks_needed(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            if block != NULL_BLOCK:
+                self._release(block)
 
     def _take_free_block(self) -> int:
         """Pop the least recently freed block, evicting the prefix it cached."""

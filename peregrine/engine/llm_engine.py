@@ -25,6 +25,8 @@ from peregrine.layers.sampler import SamplerOutput, TokenLogprobs
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling_params import SamplingParams
+from peregrine.spec_decode.metrics import SpecDecodeStats
+from peregrine.spec_decode.proposers import build_proposer
 
 logger = logging.getLogger("peregrine")
 
@@ -48,6 +50,7 @@ class EngineStats:
     last_step_tokens: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_decode: SpecDecodeStats | None = None  # None when not speculating
 
 
 class StepFailedError(RuntimeError):
@@ -84,6 +87,8 @@ class LLMEngine:
                                  self.model_config.sliding_window)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size)
+        self.runner.proposer = build_proposer(config, self.runner, num_blocks)
+        self.spec_stats = SpecDecodeStats()
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
                                 self.max_model_len)
@@ -234,24 +239,25 @@ class LLMEngine:
             if not samples:
                 continue
             row = next(rows)
-            self.generation_tokens_total += 1
             times = seq.request.times
             times.first_token = times.first_token or now
             times.last_token = now
             changed[seq.request.request_id] = seq.request
             if seq.request.beam is not None:
+                self.generation_tokens_total += 1
                 self.beams.collect(seq, sampled.logprobs[row])
                 continue
-            token = sampled.token_ids[row]
-            self._append_token(seq, token, sampled.logprobs[row] if sampled.logprobs else None)
-            # Like EOS, stop strings count only once min_tokens are out (vLLM).
-            past_min = seq.num_output_tokens > seq.params.min_tokens
-            stop_str = seq.detokenizer.update([token], check_stop=past_min)
-            reason = self._finish_reason(seq, token, stop_str)
-            if reason is not None:
-                if stop_str is None:
-                    seq.detokenizer.flush()  # an incomplete character at the very end
-                self.scheduler.finish(seq, reason)
+            tokens = [sampled.token_ids[row]]
+            drafts = len(seq.spec_token_ids)
+            if drafts:
+                tokens[:0] = sampled.accepted_drafts[row]
+            lp = sampled.logprobs[row] if sampled.logprobs else None
+            for token in tokens:
+                self._append_token(seq, token, lp)
+                if self._check_stop(seq, token):
+                    break
+            if drafts:
+                self._roll_back_drafts(seq, len(tokens) - 1)
         outputs = []
         for req in changed.values():
             if req.beam is not None:
@@ -262,7 +268,30 @@ class LLMEngine:
             outputs.append(self.make_output(req))
         return outputs
 
+    def _roll_back_drafts(self, seq: Sequence, num_accepted: int) -> None:
+        """Forget the rejected drafts: their K/V slots count as not computed, and blocks
+        that held only them go back to the pool."""
+        self.spec_stats.record(len(seq.spec_token_ids), num_accepted)
+        seq.num_computed_tokens -= len(seq.spec_token_ids) - num_accepted
+        seq.spec_token_ids = []
+        if not seq.is_finished:
+            self.kv.trim(seq)
+
+    def _check_stop(self, seq: Sequence, token: int) -> bool:
+        """Feed the new token to the detokenizer; finish the sequence if it should stop."""
+        # Like EOS, stop strings count only once min_tokens are out (vLLM).
+        past_min = seq.num_output_tokens > seq.params.min_tokens
+        stop_str = seq.detokenizer.update([token], check_stop=past_min)
+        reason = self._finish_reason(seq, token, stop_str)
+        if reason is None:
+            return False
+        if stop_str is None:
+            seq.detokenizer.flush()  # an incomplete character at the very end
+        self.scheduler.finish(seq, reason)
+        return True
+
     def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        self.generation_tokens_total += 1
         seq.token_ids.append(token)
         if logprobs is not None:
             seq.cumulative_logprob += logprobs.logprob
@@ -322,7 +351,8 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_queries, prefix_cache_hits=kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
             last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total,
+            spec_decode=self.spec_stats if self.runner.proposer is not None else None)
 
     def check_invariants(self) -> None:
         """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""

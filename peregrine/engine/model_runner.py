@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from peregrine.layers.attention import AttentionMetadata, LayerCache, get_attent
 from peregrine.layers.sampler import (Sampler, SamplerOutput, SamplingTensors, TokenLogprobs,
                                      prompt_logprobs)
 from peregrine.models.llama import LlamaForCausalLM
+from peregrine.spec_decode.proposers import Proposer
+from peregrine.spec_decode.verify import verify_drafts
 
 
 @dataclass
@@ -26,8 +29,9 @@ class ModelInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] rows of the hidden states to sample from
-    sample_rows: list[int]  # batch entries those rows belong to
+    logits_indices: torch.Tensor  # rows of the hidden states to sample from
+    sample_rows: list[int]  # batch entries that sample (1 + their drafts rows each)
+    num_drafts: list[int]  # draft tokens of each sampling entry (0: no speculation)
 
 
 class ModelRunner:
@@ -43,6 +47,8 @@ class ModelRunner:
         model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
         self.rng = random.Random(config.seed)  # uniforms of requests without a seed
         self.sampler = Sampler()
+        self.proposer: Proposer | None = None  # set by the engine when speculating
+        self.spec_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.graphs: DecodeGraphRunner | None = None
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = config.attention_backend != "torch"
@@ -56,16 +62,60 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> SamplerOutput:
         """Run one step; the output has one token per sampling entry of the batch."""
         copy_kv_blocks(self.kv_caches, batch.block_copies)
+        if self.proposer is not None:
+            self.propose(batch)
         inp = self.prepare(batch)
         hidden = self.forward(inp)
+        if self.proposer is not None:
+            self.proposer.observe(inp)
         prompt_lps = self.prompt_logprobs(batch, hidden)
         if not inp.sample_rows:
             return SamplerOutput([], prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
         seqs = [batch.seqs[i] for i in inp.sample_rows]
-        out = self.sampler(logits, self.sampling_tensors(seqs))
+        if any(inp.num_drafts):
+            out = self.sample_with_drafts(logits, seqs, inp.num_drafts)
+        else:
+            out = self.sampler(logits, self.sampling_tensors(seqs))
         out.prompt_logprobs = prompt_lps
         return out
+
+    def propose(self, batch: ScheduledBatch) -> None:
+        """Let the proposer fill the draft slots the scheduler reserved, then count the
+        drafts in the batch."""
+        entries = [(s, k) for s, k in zip(batch.seqs, batch.spec_slots) if k]
+        if entries:
+            self.proposer.propose([s for s, _ in entries], [k for _, k in entries])
+            batch.add_drafts()
+
+    def sample_with_drafts(self, logits: torch.Tensor, seqs: list[Sequence],
+                           num_drafts: list[int]) -> SamplerOutput:
+        """Sample the entries without drafts as usual; verify the others' drafts (logits
+        holds 1 + drafts rows per entry, in order)."""
+        first = list(itertools.accumulate([0] + [1 + d for d in num_drafts[:-1]]))
+        plain = [i for i, d in enumerate(num_drafts) if d == 0]
+        spec = [i for i, d in enumerate(num_drafts) if d]
+        tokens: list[int] = [0] * len(seqs)
+        accepted: list[list[int]] = [[] for _ in seqs]
+        logprobs: list[TokenLogprobs | None] | None = None
+        if plain:
+            rows = torch.tensor([first[i] for i in plain], device=logits.device)
+            out = self.sampler(logits[rows], self.sampling_tensors([seqs[i] for i in plain]))
+            for i, tok in zip(plain, out.token_ids):
+                tokens[i] = tok
+            if out.logprobs is not None:
+                logprobs = [None] * len(seqs)
+                for i, lp in zip(plain, out.logprobs):
+                    logprobs[i] = lp
+        spec_seqs = [seqs[i] for i in spec]
+        rows = torch.tensor([first[i] + j for i in spec for j in range(1 + num_drafts[i])],
+                            device=logits.device)
+        per_row = [s for s in spec_seqs for _ in range(1 + len(s.spec_token_ids))]
+        result = verify_drafts(logits[rows], spec_seqs, self.sampling_tensors(per_row),
+                               self.spec_generator)
+        for i, toks in zip(spec, result.tokens):
+            accepted[i], tokens[i] = toks[:-1], toks[-1]
+        return SamplerOutput(tokens, logprobs, accepted_drafts=accepted)
 
     def prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor
                         ) -> dict[int, list[TokenLogprobs]] | None:
@@ -108,14 +158,18 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         logits_indices: list[int] = []
+        num_drafts: list[int] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            drafts = len(seq.spec_token_ids)
+            ids.extend(seq.token_ids[start:start + n - drafts])
+            ids.extend(seq.spec_token_ids)  # verified at the positions after the last token
             starts.append(starts[-1] + n)
             seq_lens.append(start + n)
             if batch.samples(i):
                 sample_rows.append(i)
-                logits_indices.append(starts[-1] - 1)
+                num_drafts.append(drafts)
+                logits_indices.extend(range(starts[-1] - 1 - drafts, starts[-1]))
         num_new = torch.tensor(batch.num_new_tokens)
         seq_index = torch.repeat_interleave(torch.arange(len(seq_lens)), num_new)
         # position of token t = its sequence's first new position + its offset in the chunk
@@ -133,7 +187,7 @@ class ModelRunner:
             query_start_loc_t=dev(torch.tensor(starts, dtype=torch.int32)),
             seq_lens_t=dev(torch.tensor(seq_lens, dtype=torch.int32)))
         return ModelInput(dev(torch.tensor(ids)), dev(positions), meta,
-                          dev(torch.tensor(logits_indices)), sample_rows)
+                          dev(torch.tensor(logits_indices)), sample_rows, num_drafts)
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling controls of the sequences being sampled."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from peregrine.config import EngineConfig
 from peregrine.engine.kv_cache import KVCacheManager
 from peregrine.engine.sequence import Sequence, SequenceStatus
+from peregrine.spec_decode.proposers import can_speculate
 
 
 @dataclass
@@ -31,6 +32,17 @@ class ScheduledBatch:
     num_decodes: int = 0  # leading entries with exactly one new token
     preempted: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    spec_slots: list[int] = field(default_factory=list)  # KV slots reserved for draft tokens
+
+    def add_drafts(self) -> None:
+        """Count each entry's draft tokens (seq.spec_token_ids, proposed into its reserved
+        slots) among its new tokens, and put the single-token entries first again."""
+        entries = sorted(zip(self.seqs, self.num_new_tokens, self.spec_slots),
+                         key=lambda e: e[1] + len(e[0].spec_token_ids) != 1)
+        self.seqs = [s for s, _, _ in entries]
+        self.num_new_tokens = [n + len(s.spec_token_ids) for s, n, _ in entries]
+        self.spec_slots = [k for _, _, k in entries]
+        self.num_decodes = sum(1 for n in self.num_new_tokens if n == 1)
 
     @property
     def is_empty(self) -> bool:
@@ -60,6 +72,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []  # sorted by Sequence.sort_key
         self.num_preemptions = 0
+        self.num_spec = config.num_speculative_tokens if config.speculative else 0
 
     # --- queues --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -94,7 +107,7 @@ class Scheduler:
         """Pick this step's sequences and token counts, allocating their KV slots."""
         batch = ScheduledBatch()
         budget = self.token_budget
-        scheduled: list[tuple[Sequence, int]] = []
+        scheduled: list[tuple[Sequence, int, int]] = []  # (seq, new tokens, draft slots)
 
         for seq in list(self.running):
             if seq not in self.running or budget == 0:
@@ -105,15 +118,16 @@ class Scheduler:
             if n > budget and not self.chunked:
                 continue  # an unchunked prompt runs whole, in a later step
             n = min(n, budget)
+            spec = self._draft_room(seq, budget - n) if n == 1 else 0
             self.kv.free_out_of_window(seq)
-            while not self.kv.allocate(seq, n):
+            while not self.kv.allocate(seq, n + spec):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
-                scheduled.append((seq, n))
-                budget -= n
+                scheduled.append((seq, n, spec))
+                budget -= n + spec
 
         if not batch.preempted and self._admission_open():
             # A static/dynamic batch is admitted whole even when this step's budget covers
@@ -142,16 +156,27 @@ class Scheduler:
                 if seq.request.times.first_scheduled is None:
                     seq.request.times.first_scheduled = time.monotonic()
                 if n:
-                    scheduled.append((seq, n))
+                    scheduled.append((seq, n, 0))
                     budget -= n
 
         # Single-token entries first: the attention backend runs them as one batch.
         scheduled.sort(key=lambda e: e[1] != 1)
-        batch.seqs = [s for s, _ in scheduled]
-        batch.num_new_tokens = [n for _, n in scheduled]
+        batch.seqs = [s for s, _, _ in scheduled]
+        batch.num_new_tokens = [n for _, n, _ in scheduled]
+        batch.spec_slots = [k for _, _, k in scheduled]
         batch.num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         batch.block_copies = self.kv.take_pending_copies()
         return batch
+
+    def _draft_room(self, seq: Sequence, budget: int) -> int:
+        """How many draft tokens a decoding sequence may verify this step: up to
+        num_speculative_tokens, leaving room for the extra sampled token within max_tokens
+        and the context; none for requests speculation cannot serve exactly."""
+        if not self.num_spec or not can_speculate(seq):
+            return 0
+        room = min(seq.params.max_tokens - seq.num_output_tokens,
+                   self.max_model_len - seq.num_tokens) - 1
+        return max(0, min(self.num_spec, room, budget))
 
     def _admission_open(self) -> bool:
         """Continuous: always. Static/dynamic: only between batches (dynamic also waits for

@@ -64,6 +64,8 @@ class Sequence:
         self.logprobs: list[dict[int, Any]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
         self.generator: random.Random | None = None  # seeded requests sample from their own
+        self.spec_token_ids: list[int] = []  # draft tokens verified in this step (speculation)
+        self.spec_generator: torch.Generator | None = None  # seeded rejection sampling
 
     # --- views ------------------------------------------------------------------------------
     @property

@@ -86,6 +86,7 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None] | None = None  # per row; None: no row asked
     prompt_logprobs: dict[int, list[TokenLogprobs]] | None = None  # seq_id -> new positions
+    accepted_drafts: list[list[int]] | None = None  # per row: draft tokens accepted before it
 
 
 def apply_penalties_(logits: torch.Tensor, pt: PenaltyTensors) -> None:
@@ -259,6 +260,16 @@ def sort_descending(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return probs.sort(dim=-1, descending=True)
     ids = torch.from_numpy(np.argsort(-probs.numpy(), axis=-1))
     return probs.gather(1, ids), ids
+
+
+def filtered_probs(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """`probs` [B, V] with what each row's min-p, top-k and top-p drop set to zero (not
+    renormalized): the distribution `sample_filtered` draws from, as a whole row."""
+    if st.top_k is None and st.top_p is None:
+        return probs if st.min_p is None else min_p_filter(probs, st.min_p)
+    vals, ids = sort_descending(probs)
+    keep = head_keep(vals, st.top_k, st.top_p, st.min_p)
+    return torch.zeros_like(probs).scatter_(1, ids, vals * keep)
 
 
 def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

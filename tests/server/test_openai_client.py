@@ -92,7 +92,7 @@ def test_streamed_completion_with_usage(client):
 
 def test_n_samples_with_a_seed_are_reproducible(client):
     kwargs = dict(model="smollm2-135m", prompt="My favourite colour is", max_tokens=5,
-                  temperature=1.0, n=3, seed=1234)
+                  temperature=1.0, n=3, seed=1234, extra_body={"min_tokens": 5})
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)
     assert [c.index for c in a.choices] == [0, 1, 2]
