@@ -16,6 +16,7 @@ from peregrine.config import EngineConfig
 def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One --flag per EngineConfig field, except those in `exclude`."""
     hints = typing.get_type_hints(EngineConfig)
+    docs = EngineConfig.field_docs()
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
         if f.name == "extra" or f.name in exclude:
@@ -23,7 +24,8 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         args = typing.get_args(hint)
-        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name}
+        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name,
+                                  "help": docs.get(f.name, "").replace("%", "%%") or None}
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is typing.Literal:

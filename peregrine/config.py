@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -153,6 +156,19 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 8192 if self.torch_device.type == "cuda" else 512
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's docstring (the string literal under it in this class's source)."""
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        docs = {}
+        for stmt, nxt in zip(body, body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[stmt.target.id] = " ".join(nxt.value.value.split())
+        return docs
 
     @classmethod
     def field_names(cls) -> list[str]:

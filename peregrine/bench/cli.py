@@ -148,6 +148,24 @@ def add_bench_parser(sub: Any) -> None:
     _common_args(p)
     p.set_defaults(func=cmd_serve)
 
+    p = bsub.add_parser("spec", help="decode speed with and without speculative decoding "
+                                     "on copy-heavy and chat workloads")
+    p.add_argument("--proposers", type=_csv(str), default=["ngram", "layers:24"],
+                   help="compared with no speculation (ngram, layers:<k>, draft:<model>)")
+    p.add_argument("--workloads", type=_csv(str), default=["copy", "chat"])
+    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests per workload (default: all 8)")
+    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="CPU threads (default: all cores)")
+    p.add_argument("--output", default=None, help="save the results as JSON here")
+    p.add_argument("--markdown", default=None, help="save the results table as markdown here")
+    add_engine_args(p, exclude=(*OWN_FLAGS, "speculative", "num_speculative_tokens"))
+    p.set_defaults(func=cmd_spec)
+
     p = bsub.add_parser("compare", help="ours and the peers on one workload, side by side")
     p.add_argument("--engines", default=DEFAULT_COMPARE,
                    help="comma list of peregrine:<batching>, transformers, llama.cpp")
@@ -299,6 +317,19 @@ def cmd_latency(ns: argparse.Namespace) -> int:
     cfg = bench_config(ns)
     result = run_latency(cfg, bench_peak(ns, cfg), ns.input_lens, ns.batch_sizes, ns.output_len,
                          ns.decode_prompt_len, ns.iters, ns.seed, ns.warmup)
+    result["env"] = _env(ns, cfg)
+    finish(ns, result)
+    return 0
+
+
+def cmd_spec(ns: argparse.Namespace) -> int:
+    from peregrine.bench.spec import WORKLOADS, run_spec
+    bad = set(ns.workloads) - set(WORKLOADS)
+    if bad:
+        raise ValueError(f"unknown workloads {sorted(bad)}; choose from {sorted(WORKLOADS)}")
+    cfg = bench_config(ns)
+    result = run_spec(cfg, ns.proposers, ns.workloads, ns.max_tokens, ns.batch_sizes, ns.k,
+                      ns.num_requests)
     result["env"] = _env(ns, cfg)
     finish(ns, result)
     return 0

@@ -129,6 +129,9 @@ def render(result: dict[str, Any]) -> str:
         body = latency_tables(result)
     elif kind == "serve":
         body = serve_table(result)
+    elif kind == "spec":
+        from peregrine.bench.spec import spec_table
+        body = spec_table(result)
     else:
         raise ValueError(f"unknown result kind {kind!r}")
     env = result.get("env") or {}

@@ -91,6 +91,28 @@ class _EngineCollector(Collector):
                       s.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("engine_steps", "Engine steps run.", s.num_steps)
+        if s.spec_decode is not None:
+            yield from self._spec_decode(s, counter, gauge)
+
+    def _spec_decode(self, s: EngineStats, counter: Callable, gauge: Callable
+                     ) -> Iterable[Metric]:
+        sd = s.spec_decode
+        yield counter("spec_decode_num_drafts", "Sequence-steps that verified draft tokens.",
+                      sd.num_verifications)
+        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                      sd.num_draft_tokens)
+        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                      sd.num_accepted_tokens)
+        yield gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens.",
+                    sd.acceptance_rate)
+        yield gauge("spec_decode_mean_accepted_length", "Tokens a speculating sequence "
+                    "gains per step (accepted drafts + 1).", sd.mean_accepted_length)
+        per_pos = GaugeMetricFamily(PREFIX + "spec_decode_acceptance_by_position",
+                                    "Acceptance rate of the draft at each position.",
+                                    labels=["model_name", "position"])
+        for j, rate in enumerate(sd.per_position_acceptance):
+            per_pos.add_metric([self._model, str(j)], rate)
+        yield per_pos
 
 
 class ServerMetrics:
