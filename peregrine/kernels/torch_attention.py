@@ -86,6 +86,52 @@ def decode_plan(meta: AttentionMetadata, b: int, block_size: int, sliding_window
     return plan
 
 
+# Entries with at most this many query tokens (a last token plus its drafts, when
+# speculating) after the decodes run as one padded batch rather than one by one.
+SHORT_QUERY = 16
+
+
+def short_query_plan(meta: AttentionMetadata, lo: int, hi: int, block_size: int,
+                     sliding_window: int | None, dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For entries lo..hi-1, each with a few queries at the end of its sequence: the flat
+    token row of each padded query [B, Q] (padding repeats the last), which of them are
+    real [B, Q], the cache slot of every key [B, L] and the additive mask [B, 1, Q, L]."""
+    plan = meta.scratch.get("short_query_plan")
+    if plan is None:
+        qs, lens = meta.query_start_loc, meta.seq_lens
+        qlen = [qs[i + 1] - qs[i] for i in range(lo, hi)]
+        nq, num_keys = max(qlen), max(lens[lo:hi])
+        dev = meta.seq_lens_t.device
+        j = torch.arange(nq)
+        ql = torch.tensor(qlen).unsqueeze(1)
+        rows = torch.tensor(qs[lo:hi]).unsqueeze(1) + torch.minimum(j, ql - 1)
+        real = (j < ql).to(dev)
+        seq_lens = meta.seq_lens_t[lo:hi]
+        qpos = (torch.tensor(lens[lo:hi]).unsqueeze(1) - ql + torch.minimum(j, ql - 1)).to(dev)
+        pos = torch.arange(num_keys, device=dev)
+        table = meta.block_tables[lo:hi, :-(-num_keys // block_size)].long()
+        slots = table[:, pos // block_size] * block_size + pos % block_size
+        visible = key_mask(qpos, seq_lens, num_keys, sliding_window)  # [B, Q, L]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=dev)
+        mask.masked_fill_(~visible, float("-inf"))
+        plan = meta.scratch["short_query_plan"] = (rows.to(dev), real, slots,
+                                                   mask.unsqueeze(1))
+    return plan
+
+
+def gather_slots(cache: LayerCache, slots: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V at cache `slots` [B, L] as [B, Hkv, L, D] in `dtype` (dequantized if stored so)."""
+    hkv, d = cache.k.shape[2], cache.k.shape[3]
+    k = cache.k.view(-1, hkv, d)[slots]  # [B, L, Hkv, D]
+    v = cache.v.view(-1, hkv, d)[slots]
+    if cache.k_scale is not None:
+        k = (k.float() * cache.k_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(dtype)
+        v = (v.float() * cache.v_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(dtype)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
 class TorchAttentionBackend:
     """Reference backend: correct for every shape, vectorized, used on CPU."""
 
@@ -101,6 +147,15 @@ class TorchAttentionBackend:
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta, scale, sliding_window)
         qs = meta.query_start_loc
+        # Short entries right after the decodes (speculative verification) run batched.
+        short = nd
+        while (cache is not None and short < meta.num_seqs
+               and qs[short + 1] - qs[short] <= SHORT_QUERY
+               and meta.seq_lens[short] > qs[short + 1] - qs[short]):  # after context
+            short += 1
+        if short - nd > 1:
+            self._short_queries(q, out, cache, meta, nd, short, scale, sliding_window)
+            nd = short
         for i in range(nd, meta.num_seqs):
             s, e = qs[i], qs[i + 1]
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], cache, meta, i, scale,
@@ -111,18 +166,25 @@ class TorchAttentionBackend:
     def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
         """One query per sequence: [B, Hq, D] against each sequence's paged K/V."""
-        b, hq, d = q.shape
+        b = q.shape[0]
         slots, mask = decode_plan(meta, b, cache.block_size, sliding_window, q.dtype)
-        hkv = cache.k.shape[2]
-        k = cache.k.view(-1, hkv, d)[slots]  # [B, L, Hkv, D]
-        v = cache.v.view(-1, hkv, d)[slots]
-        if cache.k_scale is not None:
-            k = (k.float() * cache.k_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(q.dtype)
-            v = (v.float() * cache.v_scale.view(-1, hkv)[slots].unsqueeze(-1)).to(q.dtype)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
+        k, v = gather_slots(cache, slots, q.dtype)
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                              enable_gqa=True)  # [B, Hq, 1, D]
         return out.squeeze(2)
+
+    @staticmethod
+    def _short_queries(q: torch.Tensor, out: torch.Tensor, cache: LayerCache,
+                       meta: AttentionMetadata, lo: int, hi: int, scale: float,
+                       sliding_window: int | None) -> None:
+        """Entries lo..hi-1 (a few queries each, after cached context) as one padded batch."""
+        rows, real, slots, mask = short_query_plan(meta, lo, hi, cache.block_size,
+                                                   sliding_window, q.dtype)
+        k, v = gather_slots(cache, slots, q.dtype)
+        qb = q[rows].transpose(1, 2)  # [B, Hq, Q, D]
+        res = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True).transpose(1, 2)  # [B, Q, Hq, D]
+        out[rows[real]] = res[real]
 
     @staticmethod
     def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
