@@ -17,6 +17,7 @@ from peregrine.layers.attention import AttentionMetadata, LayerCache, get_attent
 from peregrine.layers.sampler import (Sampler, SamplerOutput, SamplingTensors, TokenLogprobs,
                                      prompt_logprobs)
 from peregrine.models.llama import LlamaForCausalLM
+from peregrine.structured.masking import GrammarMasker
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ModelRunner:
         model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
         self.rng = random.Random(config.seed)  # uniforms of requests without a seed
         self.sampler = Sampler()
+        self.masker = GrammarMasker(model.config.vocab_size, config.structured_mask_overlap)
         self.graphs: DecodeGraphRunner | None = None
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = config.attention_backend != "torch"
@@ -57,13 +59,20 @@ class ModelRunner:
         """Run one step; the output has one token per sampling entry of the batch."""
         copy_kv_blocks(self.kv_caches, batch.block_copies)
         inp = self.prepare(batch)
+        seqs = [batch.seqs[i] for i in inp.sample_rows]
+        masks = self.masker.start(seqs)  # grammar masks, None when no sequence is constrained
         hidden = self.forward(inp)
         prompt_lps = self.prompt_logprobs(batch, hidden)
         if not inp.sample_rows:
             return SamplerOutput([], prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
-        seqs = [batch.seqs[i] for i in inp.sample_rows]
-        out = self.sampler(logits, self.sampling_tensors(seqs))
+        st = self.sampling_tensors(seqs)
+        raw = None
+        if masks is not None:
+            # Logprobs are those of the model's own distribution, not the masked one.
+            raw = logits.clone() if st.logprob_rows is not None else None
+            masks.apply_(logits)
+        out = self.sampler(logits, st, raw)
         out.prompt_logprobs = prompt_lps
         return out
 

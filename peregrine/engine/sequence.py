@@ -64,6 +64,7 @@ class Sequence:
         self.logprobs: list[dict[int, Any]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
         self.generator: random.Random | None = None  # seeded requests sample from their own
+        self.matcher: Any = None  # xgrammar GrammarMatcher of a structured-output request
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -101,6 +102,8 @@ class Sequence:
     def fork(self, index: int) -> "Sequence":
         """A copy of this sequence as a new sample `index` of the same request (beam search);
         the caller shares the blocks (KVCacheManager.fork) and queues it."""
+        if self.matcher is not None:  # SamplingParams refuses beam search + structured
+            raise ValueError("a structured-output sequence cannot be forked")
         child = Sequence(self.request, index, self.params)
         child.token_ids = list(self.token_ids)
         child.status = self.status

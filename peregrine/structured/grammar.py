@@ -15,6 +15,9 @@ from typing import Any
 from peregrine.models.tokenizer import Tokenizer
 
 
+MAX_ROLLBACK_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class StructuredOutputs:
     """Exactly one constraint on the generated text."""
@@ -61,9 +64,13 @@ class GrammarCache:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, capacity: int = 256) -> None:
         import xgrammar as xgr  # optional dependency, imported when first needed
         self._xgr = xgr
-        vocab = [tokenizer.backend.id_to_token(i) or "" for i in range(tokenizer.vocab_size)]
+        # The model's vocabulary may be larger (padding rows, never allowed) or, for small
+        # test models sharing a tokenizer, smaller (tokens it cannot produce are dropped).
+        size = min(tokenizer.vocab_size, vocab_size)
+        vocab = [tokenizer.backend.id_to_token(i) or "" for i in range(size)]
+        stops = [t for t in tokenizer.eos_token_ids if t < vocab_size]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
-                                 stop_token_ids=tokenizer.eos_token_ids)
+                                 stop_token_ids=stops)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
         self.vocab_size = vocab_size
         self.capacity = capacity
@@ -102,8 +109,10 @@ class GrammarCache:
         return compiled
 
     def matcher(self, spec: StructuredOutputs) -> Any:
-        """A fresh matcher at the start of `spec`'s grammar."""
-        return self._xgr.GrammarMatcher(self.compile(spec))
+        """A fresh matcher at the start of `spec`'s grammar; it can roll back
+        MAX_ROLLBACK_TOKENS tokens (speculative decoding checks drafts ahead of the state)."""
+        return self._xgr.GrammarMatcher(self.compile(spec),
+                                        max_rollback_tokens=MAX_ROLLBACK_TOKENS)
 
     def allocate_bitmask(self, rows: int) -> Any:
         """An int32 bitmask tensor [rows, ceil(vocab/32)] (all tokens allowed)."""

@@ -1,0 +1,104 @@
+"""Token bitmasks of constrained sequences: filled from their matchers, applied to the logits.
+
+Each step, the sampled sequences that carry a grammar matcher get one row of a single int32
+bitmask [B, ceil(V / 32)] (bit set = token allowed), filled in one batched xgrammar call and
+applied in place to the step's logits before the sampler. A batch without constrained
+sequences allocates and fills nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from peregrine.engine.sequence import Sequence
+
+# xgrammar's own kernel covers these; other dtypes (float64 test models) use the torch path.
+_XGR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fill_bitmasks(bitmask: torch.Tensor, row0: int, matcher: Any,
+                  lookahead: Seq[int] = ()) -> int:
+    """Fill row `row0` with the matcher's next-token mask and, for draft tokens d1..dk in
+    `lookahead`, row `row0 + j` with the mask after accepting d1..dj (speculative decoding
+    verifies k + 1 positions of one sequence at once). Returns how many leading drafts the
+    grammar accepts: rows past `row0 + accepted` are left as they were. The matcher ends in
+    the state it started in (it needs max_rollback_tokens >= len(lookahead))."""
+    matcher.fill_next_token_bitmask(bitmask, row0)
+    accepted = 0
+    for token in lookahead:
+        if matcher.is_terminated() or not matcher.accept_token(token):
+            break
+        accepted += 1
+        if matcher.is_terminated():  # a stop token: nothing follows, the next row is unused
+            break
+        matcher.fill_next_token_bitmask(bitmask, row0 + accepted)
+    if accepted:
+        matcher.rollback(accepted)
+    return accepted
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Set to -inf, in place, the logits of `rows` whose bit in `bitmask` is clear."""
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    if logits.dtype in _XGR_DTYPES:
+        import xgrammar as xgr
+        xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+        return
+    V = logits.shape[1]
+    index = torch.tensor(rows, device=logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[index].unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :V]
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+class StepMasks:
+    """The bitmask of one step: being filled (maybe in a worker thread), then applied."""
+
+    def __init__(self, bitmask: torch.Tensor, rows: list[int], filling: Future | None) -> None:
+        self.bitmask = bitmask
+        self.rows = rows  # batch rows with a matcher
+        self._filling = filling
+
+    def apply_(self, logits: torch.Tensor) -> None:
+        """Wait for the fill, then mask the constrained rows of `logits` [B, V] in place."""
+        if self._filling is not None:
+            self._filling.result()
+        apply_bitmask_(logits, self.bitmask, self.rows)
+
+
+class GrammarMasker:
+    """Builds each step's StepMasks for the sequences being sampled.
+
+    With `overlap`, the fill runs in a worker thread started before the forward pass and is
+    joined before sampling; otherwise it runs inline when the step starts."""
+
+    def __init__(self, vocab_size: int, overlap: bool = False) -> None:
+        self.vocab_size = vocab_size
+        self.overlap = overlap
+        self._batch_matcher: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start(self, seqs: Seq[Sequence]) -> StepMasks | None:
+        """Begin filling the masks of `seqs` (one row each); None when none is constrained."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return None
+        import xgrammar as xgr
+        if self._batch_matcher is None:
+            # One C++ call fills every row; a single thread: the forward pass owns the cores.
+            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
+        bitmask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
+        matchers = [seqs[i].matcher for i in rows]
+
+        def fill() -> None:
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        if not self.overlap:
+            fill()
+            return StepMasks(bitmask, rows, None)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="peregrine-grammar")
+        return StepMasks(bitmask, rows, self._pool.submit(fill))
