@@ -6,6 +6,7 @@ that tracks where it is in the grammar and fills its row of the batch's token bi
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections import OrderedDict
@@ -72,6 +73,10 @@ class GrammarCache:
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
                                  stop_token_ids=stops)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        # Newer xgrammar matchers roll back without limit (and warn when given one).
+        limit = inspect.signature(xgr.GrammarMatcher).parameters["max_rollback_tokens"].default
+        self._matcher_kwargs = ({} if limit == -1
+                                else {"max_rollback_tokens": MAX_ROLLBACK_TOKENS})
         self.vocab_size = vocab_size
         self.capacity = capacity
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -109,10 +114,9 @@ class GrammarCache:
         return compiled
 
     def matcher(self, spec: StructuredOutputs) -> Any:
-        """A fresh matcher at the start of `spec`'s grammar; it can roll back
+        """A fresh matcher at the start of `spec`'s grammar; it can roll back at least
         MAX_ROLLBACK_TOKENS tokens (speculative decoding checks drafts ahead of the state)."""
-        return self._xgr.GrammarMatcher(self.compile(spec),
-                                        max_rollback_tokens=MAX_ROLLBACK_TOKENS)
+        return self._xgr.GrammarMatcher(self.compile(spec), **self._matcher_kwargs)
 
     def allocate_bitmask(self, rows: int) -> Any:
         """An int32 bitmask tensor [rows, ceil(vocab/32)] (all tokens allowed)."""
