@@ -19,6 +19,10 @@ from peregrine.models.tokenizer import Tokenizer
 MAX_ROLLBACK_TOKENS = 16
 
 
+class InvalidConstraintError(ValueError):
+    """A constraint that does not compile (a bad JSON schema, regex or grammar)."""
+
+
 @dataclass(frozen=True)
 class StructuredOutputs:
     """Exactly one constraint on the generated text."""
@@ -68,7 +72,10 @@ class GrammarCache:
         # The model's vocabulary may be larger (padding rows, never allowed) or, for small
         # test models sharing a tokenizer, smaller (tokens it cannot produce are dropped).
         size = min(tokenizer.vocab_size, vocab_size)
-        vocab = [tokenizer.backend.id_to_token(i) or "" for i in range(size)]
+        # Control tokens (<|im_start|>, <file_sep>, ...) are not text: as empty strings
+        # xgrammar never allows them (stop tokens are allowed by id where the grammar ends).
+        vocab = ["" if tokenizer.is_special(i) else tokenizer.backend.id_to_token(i) or ""
+                 for i in range(size)]
         stops = [t for t in tokenizer.eos_token_ids if t < vocab_size]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
                                  stop_token_ids=stops)
@@ -105,7 +112,7 @@ class GrammarCache:
             else:
                 compiled = self.compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its reason
-            raise ValueError(f"invalid {key[0]} constraint: {e}") from None
+            raise InvalidConstraintError(f"invalid {key[0]} constraint: {e}") from None
         with self._lock:
             self.misses += 1
             self._compiled[key] = compiled
