@@ -7,8 +7,10 @@ sequences allocates and fills nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,19 +57,35 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int])
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
+@dataclass
+class MaskTimes:
+    """Seconds spent on masks over all steps with a constrained row (benchmarks read it)."""
+
+    steps: int = 0
+    fill_s: float = 0.0  # filling, in the step or in the worker thread
+    wait_s: float = 0.0  # the step blocked on the worker thread (overlap only)
+    apply_s: float = 0.0  # applying to the logits
+
+
 class StepMasks:
     """The bitmask of one step: being filled (maybe in a worker thread), then applied."""
 
-    def __init__(self, bitmask: torch.Tensor, rows: list[int], filling: Future | None) -> None:
+    def __init__(self, bitmask: torch.Tensor, rows: list[int], filling: Future | None,
+                 times: MaskTimes) -> None:
         self.bitmask = bitmask
         self.rows = rows  # batch rows with a matcher
         self._filling = filling
+        self._times = times
 
     def apply_(self, logits: torch.Tensor) -> None:
         """Wait for the fill, then mask the constrained rows of `logits` [B, V] in place."""
+        t0 = time.perf_counter()
         if self._filling is not None:
             self._filling.result()
+        t1 = time.perf_counter()
         apply_bitmask_(logits, self.bitmask, self.rows)
+        self._times.wait_s += t1 - t0
+        self._times.apply_s += time.perf_counter() - t1
 
 
 class GrammarMasker:
@@ -81,6 +99,7 @@ class GrammarMasker:
         self.overlap = overlap
         self._batch_matcher: Any = None
         self._pool: ThreadPoolExecutor | None = None
+        self.times = MaskTimes()
 
     def start(self, seqs: Seq[Sequence]) -> StepMasks | None:
         """Begin filling the masks of `seqs` (one row each); None when none is constrained."""
@@ -94,11 +113,16 @@ class GrammarMasker:
         bitmask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
         matchers = [seqs[i].matcher for i in rows]
 
+        times = self.times
+        times.steps += 1
+
         def fill() -> None:
+            t0 = time.perf_counter()
             self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+            times.fill_s += time.perf_counter() - t0
         if not self.overlap:
             fill()
-            return StepMasks(bitmask, rows, None)
+            return StepMasks(bitmask, rows, None, times)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="peregrine-grammar")
-        return StepMasks(bitmask, rows, self._pool.submit(fill))
+        return StepMasks(bitmask, rows, self._pool.submit(fill), times)
