@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="best of N runs per point")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--cases", default=",".join(CASES), help="constraints to run")
     ap.add_argument("--out", default="bench_results/structured")
     ns = ap.parse_args()
     llm = LLM(device=ns.device, kv_cache_memory=1.0, num_threads=ns.threads)
@@ -88,7 +89,7 @@ def main() -> None:
             llm.engine.abort_request("warm")
     rows = []
     for batch in (int(b) for b in ns.batches.split(",")):
-        for case in CASES:
+        for case in ns.cases.split(","):
             for overlap in ([False] if case == "none" else [False, True]):
                 best = max((run(llm, batch, case, ns.max_tokens, overlap)
                             for _ in range(ns.repeats)), key=lambda r: r["output_tokens_per_s"])
