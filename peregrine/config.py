@@ -80,9 +80,6 @@ class EngineConfig:
     """Largest `logprobs` / `top_logprobs` a request may ask for."""
     num_threads: int | None = None
     """torch intra-op threads on CPU. None: torch's default (all cores)."""
-    structured_mask_overlap: bool = False
-    """Fill structured-output token masks in a worker thread during the forward pass
-    (joined before sampling) instead of before it."""
 
     # --- speculative decoding ------------------------------------------------------------
     speculative: str | None = None

@@ -3,9 +3,8 @@
     .venv/bin/python scripts/bench_structured.py [--batches 8,32] [--max-tokens 64]
 
 Runs the same batch of chat requests (greedy) unconstrained and under a JSON constraint
-(any JSON object, and a JSON schema), with the masks filled inline or in a worker thread
-during the forward pass (--overlap), and reports output tokens/s and the time per
-constrained step spent filling, waiting for and applying the bitmask. Unconstrained rows
+(any JSON object, and a JSON schema), and reports output tokens/s and the time per
+constrained step spent filling and applying the bitmask. Unconstrained rows
 use ignore_eos so they run all --max-tokens; constrained ones stop when the JSON is
 complete, so compare tokens/s, not wall time. Writes JSON and a markdown table to --out."""
 
@@ -35,9 +34,8 @@ TOPICS = ["a teacher", "a pilot", "a chef", "a painter", "a farmer", "a doctor",
           "a sailor"]
 
 
-def run(llm: LLM, batch: int, case: str, max_tokens: int, overlap: bool) -> dict:
+def run(llm: LLM, batch: int, case: str, max_tokens: int) -> dict:
     """One timed batch; returns tokens, wall time and mask times."""
-    llm.engine.runner.masker.overlap = overlap
     masker = llm.engine.runner.masker
     masker.times = type(masker.times)()
     spec = CASES[case]
@@ -55,11 +53,10 @@ def run(llm: LLM, batch: int, case: str, max_tokens: int, overlap: bool) -> dict
         valid = sum(_parses(o.outputs[0].text) for o in outs) / batch
     t = masker.times
     per_step = (lambda s: 1e3 * s / t.steps) if t.steps else (lambda s: 0.0)
-    return {"batch": batch, "case": case, "overlap": overlap, "output_tokens": tokens,
+    return {"batch": batch, "case": case, "output_tokens": tokens,
             "wall_s": wall, "output_tokens_per_s": tokens / wall,
             "engine_steps": llm.engine.num_steps - steps0, "masked_steps": t.steps,
-            "fill_ms_per_step": per_step(t.fill_s), "wait_ms_per_step": per_step(t.wait_s),
-            "apply_ms_per_step": per_step(t.apply_s), "json_parse_rate": valid,
+            "fill_ms_per_step": per_step(t.fill_s), "apply_ms_per_step": per_step(t.apply_s), "json_parse_rate": valid,
             "finish_stop": sum(o.outputs[0].finish_reason == "stop" for o in outs)}
 
 
@@ -90,11 +87,10 @@ def main() -> None:
     rows = []
     for batch in (int(b) for b in ns.batches.split(",")):
         for case in ns.cases.split(","):
-            for overlap in ([False] if case == "none" else [False, True]):
-                best = max((run(llm, batch, case, ns.max_tokens, overlap)
-                            for _ in range(ns.repeats)), key=lambda r: r["output_tokens_per_s"])
-                rows.append(best)
-                print(_line(best), flush=True)
+            best = max((run(llm, batch, case, ns.max_tokens) for _ in range(ns.repeats)),
+                       key=lambda r: r["output_tokens_per_s"])
+            rows.append(best)
+            print(_line(best), flush=True)
     os.makedirs(ns.out, exist_ok=True)
     meta = {"config": {k: str(v) for k, v in dataclasses.asdict(llm.config).items()},
             "max_tokens": ns.max_tokens, "repeats": ns.repeats,
@@ -107,16 +103,14 @@ def main() -> None:
     print("\n".join(table))
 
 
-HEADER = ("| batch | constraint | overlap | tokens | tok/s | fill ms/step | wait ms/step "
-          "| apply ms/step | JSON parses |")
-SEPARATOR = "|---|---|---|---|---|---|---|---|---|"
+HEADER = "| batch | constraint | tokens | tok/s | fill ms/step | apply ms/step | JSON parses |"
+SEPARATOR = "|---|---|---|---|---|---|---|"
 
 
 def _line(r: dict) -> str:
     parses = "-" if r["json_parse_rate"] is None else f"{100 * r['json_parse_rate']:.0f}%"
-    return (f"| {r['batch']} | {r['case']} | {'yes' if r['overlap'] else 'no'} | "
-            f"{r['output_tokens']} | {r['output_tokens_per_s']:.1f} | "
-            f"{r['fill_ms_per_step']:.3f} | {r['wait_ms_per_step']:.3f} | "
+    return (f"| {r['batch']} | {r['case']} | {r['output_tokens']} | "
+            f"{r['output_tokens_per_s']:.1f} | {r['fill_ms_per_step']:.3f} | "
             f"{r['apply_ms_per_step']:.3f} | {parses} |")
 
 

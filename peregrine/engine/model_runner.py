@@ -44,7 +44,7 @@ class ModelRunner:
         model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
         self.rng = random.Random(config.seed)  # uniforms of requests without a seed
         self.sampler = Sampler()
-        self.masker = GrammarMasker(model.config.vocab_size, config.structured_mask_overlap)
+        self.masker = GrammarMasker(model.config.vocab_size)
         self.graphs: DecodeGraphRunner | None = None
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = config.attention_backend != "torch"

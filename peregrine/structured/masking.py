@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,47 +61,39 @@ class MaskTimes:
     """Seconds spent on masks over all steps with a constrained row (benchmarks read it)."""
 
     steps: int = 0
-    fill_s: float = 0.0  # filling, in the step or in the worker thread
-    wait_s: float = 0.0  # the step blocked on the worker thread (overlap only)
-    apply_s: float = 0.0  # applying to the logits
+    fill_s: float = 0.0
+    apply_s: float = 0.0
 
 
 class StepMasks:
-    """The bitmask of one step: being filled (maybe in a worker thread), then applied."""
+    """The filled bitmask of one step, to apply to its logits."""
 
-    def __init__(self, bitmask: torch.Tensor, rows: list[int], filling: Future | None,
-                 times: MaskTimes) -> None:
+    def __init__(self, bitmask: torch.Tensor, rows: list[int], times: MaskTimes) -> None:
         self.bitmask = bitmask
         self.rows = rows  # batch rows with a matcher
-        self._filling = filling
         self._times = times
 
     def apply_(self, logits: torch.Tensor) -> None:
-        """Wait for the fill, then mask the constrained rows of `logits` [B, V] in place."""
+        """Mask the constrained rows of `logits` [B, V] in place."""
         t0 = time.perf_counter()
-        if self._filling is not None:
-            self._filling.result()
-        t1 = time.perf_counter()
         apply_bitmask_(logits, self.bitmask, self.rows)
-        self._times.wait_s += t1 - t0
-        self._times.apply_s += time.perf_counter() - t1
+        self._times.apply_s += time.perf_counter() - t0
 
 
 class GrammarMasker:
-    """Builds each step's StepMasks for the sequences being sampled.
+    """Fills each step's bitmask for the sequences being sampled.
 
-    With `overlap`, the fill runs in a worker thread started before the forward pass and is
-    joined before sampling; otherwise it runs inline when the step starts."""
+    The fill runs on the step's thread, before the forward pass. Filling in a worker thread
+    during the forward pass was measured on the 2-core CPU host and lost throughput (the
+    fill competes with the forward for the cores; see docs/structured_outputs.md)."""
 
-    def __init__(self, vocab_size: int, overlap: bool = False) -> None:
+    def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self.overlap = overlap
         self._batch_matcher: Any = None
-        self._pool: ThreadPoolExecutor | None = None
         self.times = MaskTimes()
 
     def start(self, seqs: Seq[Sequence]) -> StepMasks | None:
-        """Begin filling the masks of `seqs` (one row each); None when none is constrained."""
+        """Fill the masks of `seqs` (one row each); None when none is constrained."""
         rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if not rows:
             return None
@@ -110,19 +101,10 @@ class GrammarMasker:
         if self._batch_matcher is None:
             # One C++ call fills every row; a single thread: the forward pass owns the cores.
             self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
+        t0 = time.perf_counter()
         bitmask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
-        matchers = [seqs[i].matcher for i in rows]
-
-        times = self.times
-        times.steps += 1
-
-        def fill() -> None:
-            t0 = time.perf_counter()
-            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-            times.fill_s += time.perf_counter() - t0
-        if not self.overlap:
-            fill()
-            return StepMasks(bitmask, rows, None, times)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="peregrine-grammar")
-        return StepMasks(bitmask, rows, self._pool.submit(fill), times)
+        self._batch_matcher.batch_fill_next_token_bitmask(
+            [seqs[i].matcher for i in rows], bitmask, rows)
+        self.times.steps += 1
+        self.times.fill_s += time.perf_counter() - t0
+        return StepMasks(bitmask, rows, self.times)

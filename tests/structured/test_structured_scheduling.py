@@ -1,4 +1,4 @@
-"""Constrained sequences through preemption, chunked prefill and mask overlap: the same
+"""Constrained sequences through preemption, chunked prefill and small batches: the same
 greedy tokens as when run alone, and always inside the constraint (tiny float64 model)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def alone(tiny_model_dir):
 @pytest.mark.parametrize("settings", [
     dict(num_kv_blocks=24, max_num_batched_tokens=33),  # preempts (recompute)
     dict(max_num_batched_tokens=7),  # chunked prefill
-    dict(structured_mask_overlap=True),  # masks filled in a worker thread
+    dict(max_num_seqs=5),  # few sequences at a time
 ])
 def test_batched_constrained_output_matches_alone(tiny_model_dir, alone, settings):
     llm = make_tiny_llm(tiny_model_dir, **settings)
