@@ -4,7 +4,8 @@ from peregrine.config import EngineConfig
 from peregrine.llm import LLM
 from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
+from peregrine.structured.grammar import StructuredOutputs
 
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "Logprob"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "StructuredOutputs", "RequestOutput",
+           "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

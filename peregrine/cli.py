@@ -54,10 +54,43 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help="sampling seed (also seeds the engine)")
 
 
+def _structured_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured outputs (at most one)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="answer as JSON valid for this schema")
+    g.add_argument("--json-object", action="store_true", help="answer as any JSON object")
+    g.add_argument("--regex", help="answer matching this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT",
+                   help="answer exactly one of these (repeat the flag)")
+    g.add_argument("--grammar", metavar="FILE", help="answer in this EBNF (GBNF) grammar")
+
+
+def _structured(ns: argparse.Namespace):
+    """The StructuredOutputs of the generate flags, or None."""
+    from peregrine.structured import StructuredOutputs
+
+    def read(path: str, flag: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    if getattr(ns, "json_schema", None):
+        return StructuredOutputs(json=read(ns.json_schema, "--json-schema"))
+    if getattr(ns, "json_object", False):
+        return StructuredOutputs(json_object=True)
+    if getattr(ns, "regex", None):
+        return StructuredOutputs(regex=ns.regex)
+    if getattr(ns, "choice", None):
+        return StructuredOutputs(choice=ns.choice)
+    if getattr(ns, "grammar", None):
+        return StructuredOutputs(grammar=read(ns.grammar, "--grammar"))
+    return None
+
+
 def _params(ns: argparse.Namespace):
     from peregrine.sampling_params import SamplingParams
     return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                          top_k=ns.top_k, seed=ns.seed)
+                          top_k=ns.top_k, seed=ns.seed, structured=_structured(ns))
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -179,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     _sampling_args(p)
+    _structured_args(p)
     add_engine_args(p, exclude=("seed",))
     p.set_defaults(func=cmd_generate)
 

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from peregrine.structured.grammar import StructuredOutputs
+
 _GREEDY_EPS = 1e-5
 
 
@@ -61,8 +63,10 @@ class SamplingParams:
     """Beams kept per step when use_beam_search is set (n <= beam_width are returned)."""
     length_penalty: float = 1.0
     """Beam score = cumulative logprob / (generated tokens) ** length_penalty."""
-    structured: Any = None
-    """A structured-output constraint (JSON schema, regex, choice, grammar)."""
+    structured: StructuredOutputs | None = None
+    """A structured-output constraint (JSON schema, any JSON object, regex, choice or EBNF
+    grammar): every generated token is masked to keep the text inside it, and the sequence
+    stops once it is complete. A dict is taken as StructuredOutputs keyword arguments."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,6 +78,11 @@ class SamplingParams:
         if self.logit_bias:
             # JSON objects (the OpenAI API) carry token ids as strings.
             self.logit_bias = {_as_token_id(k): v for k, v in self.logit_bias.items()}
+        if isinstance(self.structured, dict):
+            try:
+                self.structured = StructuredOutputs(**self.structured)
+            except TypeError as e:
+                raise ValueError(f"structured: {e}") from None
         self.validate()
 
     @property
@@ -152,6 +161,14 @@ class SamplingParams:
                 check(value <= max_logprobs,
                       f"{name} must be <= {max_logprobs} (the engine's max_logprobs), got {value}")
         check(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        check(self.structured is None or isinstance(self.structured, StructuredOutputs),
+              "structured must be a StructuredOutputs (json, json_object, regex, choice or "
+              f"grammar), got {type(self.structured).__name__}")
+        # The grammar decides where the output ends: suppressing its stop token could leave
+        # no allowed token at all.
+        check(self.structured is None or self.min_tokens == 0,
+              "min_tokens must be 0 with structured outputs (the constraint decides where the "
+              "output ends)")
         if self.use_beam_search:
             self._validate_beam_search(check, is_int, is_num)
 

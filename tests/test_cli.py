@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,19 @@ def test_generate_raw_with_seed_is_reproducible():
             "0.9", "--seed", "7", "--kv-cache-memory", "0.25")
     a, b = run_cli(*args), run_cli(*args)
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_generate_with_a_json_schema(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"city": {"type": "string", '
+                      '"maxLength": 10}}, "required": ["city"], "additionalProperties": false}')
+    res = run_cli("generate", "Where is the Eiffel tower? Answer in JSON.", "--json-schema",
+                  str(schema), "--max-tokens", "40", "--kv-cache-memory", "0.25")
+    assert res.returncode == 0, res.stderr
+    answer = json.loads(res.stdout)
+    assert list(answer) == ["city"] and len(answer["city"]) <= 10
+    res = run_cli("generate", "x", "--regex", "(", "--kv-cache-memory", "0.25")
+    assert res.returncode == 2 and "invalid regex" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_unknown_model_is_a_clear_error():

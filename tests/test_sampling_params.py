@@ -37,6 +37,13 @@ INVALID = [
      r"best_of \(4\) must be <= beam_width \(3\)"),
     (dict(use_beam_search=True, top_p=0.5), "use_beam_search does not support top_p"),
     (dict(use_beam_search=True, stop=["x"]), "use_beam_search does not support stop"),
+    (dict(structured="a+"), "structured must be a StructuredOutputs"),
+    (dict(structured={"regex": "a", "choice": ["a"]}), "structured outputs need exactly one"),
+    (dict(structured={"pattern": "a"}), "structured: .*pattern"),
+    (dict(structured={"choice": []}), "choice must be a non-empty list"),
+    (dict(structured={"regex": "a"}, min_tokens=3), "min_tokens must be 0 with structured"),
+    (dict(structured={"regex": "a"}, use_beam_search=True),
+     "use_beam_search does not support structured"),
 ]
 
 

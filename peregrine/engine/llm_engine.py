@@ -27,6 +27,8 @@ from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.spec_decode.metrics import SpecDecodeStats
 from peregrine.spec_decode.proposers import build_proposer
+from peregrine.structured.acceptance import accept_sampled
+from peregrine.structured.grammar import GrammarCache, StructuredOutputs
 
 logger = logging.getLogger("peregrine")
 
@@ -92,6 +94,7 @@ class LLMEngine:
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
                                 self.max_model_len)
+        self.grammars: GrammarCache | None = None  # built on the first structured request
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -161,6 +164,9 @@ class LLMEngine:
                 raise ValueError(f"beam search with beam_width={params.beam_width} and "
                                  f"max_tokens={params.max_tokens} needs {need} KV blocks, the "
                                  f"pool has {self.kv.num_blocks}")
+        # Compiled before anything is queued: an invalid schema or regex refuses the request.
+        matchers = (self._grammar_matchers(params.structured, params.num_sequences)
+                    if params.structured is not None else None)
         times = RequestTimes(arrival_time if arrival_time is not None else time.monotonic())
         req = Request(request_id, text, ids, params, priority, times,
                       eos_token_ids=list(self.tokenizer.eos_token_ids))
@@ -173,10 +179,17 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, ids, params.skip_special_tokens, params.stop,
                 params.include_stop_str_in_output)
+            seq.matcher = matchers[i] if matchers else None
             req.seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = req
         return req
+
+    def _grammar_matchers(self, spec: StructuredOutputs, n: int) -> list:
+        """One fresh matcher per sequence of a request constrained by `spec`."""
+        if self.grammars is None:
+            self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
+        return [self.grammars.matcher(spec) for _ in range(n)]
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -282,7 +295,8 @@ class LLMEngine:
         # Like EOS, stop strings count only once min_tokens are out (vLLM).
         past_min = seq.num_output_tokens > seq.params.min_tokens
         stop_str = seq.detokenizer.update([token], check_stop=past_min)
-        reason = self._finish_reason(seq, token, stop_str)
+        grammar_done = accept_sampled(seq, token)  # False for unconstrained sequences
+        reason = self._finish_reason(seq, token, stop_str, grammar_done)
         if reason is None:
             return False
         if stop_str is None:
@@ -302,7 +316,8 @@ class LLMEngine:
         num = seq.params.prompt_logprobs
         seq.request.prompt_logprobs.extend(self.formatter.entry(r, num) for r in rows)
 
-    def _finish_reason(self, seq: Sequence, token: int, stop_str: str | None) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, stop_str: str | None,
+                       grammar_done: bool = False) -> str | None:
         p = seq.params
         enough = seq.num_output_tokens >= p.min_tokens
         if enough and not p.ignore_eos and token in self.tokenizer.eos_token_ids:
@@ -312,6 +327,8 @@ class LLMEngine:
             return "stop"
         if stop_str is not None:
             seq.stop_reason = stop_str
+            return "stop"
+        if grammar_done:  # the structured output is complete
             return "stop"
         if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

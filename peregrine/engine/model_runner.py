@@ -20,6 +20,7 @@ from peregrine.layers.sampler import (Sampler, SamplerOutput, SamplingTensors, T
 from peregrine.models.llama import LlamaForCausalLM
 from peregrine.spec_decode.proposers import Proposer
 from peregrine.spec_decode.verify import verify_drafts
+from peregrine.structured.masking import GrammarMasker, StepMasks, grammar_prefix
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.proposer: Proposer | None = None  # set by the engine when speculating
         self.spec_generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.masker = GrammarMasker(model.config.vocab_size)
         self.graphs: DecodeGraphRunner | None = None
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = config.attention_backend != "torch"
@@ -65,6 +67,9 @@ class ModelRunner:
         if self.proposer is not None:
             self.propose(batch)
         inp = self.prepare(batch)
+        seqs = [batch.seqs[i] for i in inp.sample_rows]
+        # Grammar masks (a row per logits row, drafts included); None if nothing is constrained.
+        masks = self.masker.start(seqs, inp.num_drafts)
         hidden = self.forward(inp)
         if self.proposer is not None:
             self.proposer.observe(inp)
@@ -72,11 +77,16 @@ class ModelRunner:
         if not inp.sample_rows:
             return SamplerOutput([], prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[inp.logits_indices])
-        seqs = [batch.seqs[i] for i in inp.sample_rows]
         if any(inp.num_drafts):
-            out = self.sample_with_drafts(logits, seqs, inp.num_drafts)
+            out = self.sample_with_drafts(logits, seqs, inp.num_drafts, masks)
         else:
-            out = self.sampler(logits, self.sampling_tensors(seqs))
+            st = self.sampling_tensors(seqs)
+            raw = None
+            if masks is not None:
+                # Logprobs are those of the model's own distribution, not the masked one.
+                raw = logits.clone() if st.logprob_rows is not None else None
+                masks.apply_(logits)
+            out = self.sampler(logits, st, raw)
         out.prompt_logprobs = prompt_lps
         return out
 
@@ -86,12 +96,20 @@ class ModelRunner:
         entries = [(s, k) for s, k in zip(batch.seqs, batch.spec_slots) if k]
         if entries:
             self.proposer.propose([s for s, _ in entries], [k for _, k in entries])
+            for seq, _ in entries:
+                if seq.matcher is not None:  # drafts the grammar forbids cannot be accepted
+                    seq.spec_token_ids = seq.spec_token_ids[:grammar_prefix(
+                        seq.matcher, seq.spec_token_ids)]
             batch.add_drafts()
 
     def sample_with_drafts(self, logits: torch.Tensor, seqs: list[Sequence],
-                           num_drafts: list[int]) -> SamplerOutput:
+                           num_drafts: list[int], masks: StepMasks | None) -> SamplerOutput:
         """Sample the entries without drafts as usual; verify the others' drafts (logits
         holds 1 + drafts rows per entry, in order)."""
+        raw = logits
+        if masks is not None:
+            logits = logits.clone()
+            masks.apply_(logits)
         first = list(itertools.accumulate([0] + [1 + d for d in num_drafts[:-1]]))
         plain = [i for i, d in enumerate(num_drafts) if d == 0]
         spec = [i for i, d in enumerate(num_drafts) if d]
@@ -100,7 +118,8 @@ class ModelRunner:
         logprobs: list[TokenLogprobs | None] | None = None
         if plain:
             rows = torch.tensor([first[i] for i in plain], device=logits.device)
-            out = self.sampler(logits[rows], self.sampling_tensors([seqs[i] for i in plain]))
+            out = self.sampler(logits[rows], self.sampling_tensors([seqs[i] for i in plain]),
+                               raw[rows] if masks is not None else None)
             for i, tok in zip(plain, out.token_ids):
                 tokens[i] = tok
             if out.logprobs is not None:

@@ -66,6 +66,7 @@ class Sequence:
         self.generator: random.Random | None = None  # seeded requests sample from their own
         self.spec_token_ids: list[int] = []  # draft tokens verified in this step (speculation)
         self.spec_generator: torch.Generator | None = None  # seeded rejection sampling
+        self.matcher: Any = None  # xgrammar GrammarMatcher of a structured-output request
 
     # --- views ------------------------------------------------------------------------------
     @property
@@ -103,6 +104,8 @@ class Sequence:
     def fork(self, index: int) -> "Sequence":
         """A copy of this sequence as a new sample `index` of the same request (beam search);
         the caller shares the blocks (KVCacheManager.fork) and queues it."""
+        if self.matcher is not None:  # SamplingParams refuses beam search + structured
+            raise ValueError("a structured-output sequence cannot be forked")
         child = Sequence(self.request, index, self.params)
         child.token_ids = list(self.token_ids)
         child.status = self.status

@@ -319,8 +319,11 @@ def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, nums: list[int]
 class Sampler(nn.Module):
     """Logits [B, V] -> token ids [B] (plus logprobs for the rows that ask)."""
 
-    def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-        raw = logits
+    def forward(self, logits: torch.Tensor, st: SamplingTensors,
+                raw: torch.Tensor | None = None) -> SamplerOutput:
+        """`raw`: the logits logprobs are computed from, when `logits` were already masked
+        (structured outputs); by default `logits` themselves."""
+        raw = logits if raw is None else raw
         logits = apply_logits_processors(logits, st)
         if st.all_greedy:
             tokens = logits.argmax(dim=-1)

@@ -2,8 +2,10 @@
 
 Requests accept OpenAI's fields plus vLLM's sampling extras (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
-include_stop_str_in_output, priority). Unknown fields are ignored, as OpenAI clients send
-some (`user`, `metadata`, ...) that change nothing here."""
+include_stop_str_in_output, priority) and structured outputs (response_format, or one of
+regex / choice / grammar, vLLM's guided_* fields or structured_outputs). Unknown fields
+are ignored, as OpenAI clients send some (`user`, `metadata`, ...) that change nothing
+here."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from peregrine.sampling_params import SamplingParams
+from peregrine.structured.grammar import StructuredOutputs
 
 
 class _Request(BaseModel):
@@ -27,9 +30,35 @@ class StreamOptions(_Request):
 
 
 class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or a JSON schema
+    ({"name", "schema", "strict"} under `json_schema`)."""
+
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema", "regex", "grammar", "structural_tag"]
     json_schema: dict[str, Any] | None = None
+
+    def constraint(self) -> StructuredOutputs | None:
+        """The constraint this format asks for (None for text); ValueError if unusable."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.type == "json_schema":
+            spec = self.json_schema or {}
+            schema = spec.get("schema", spec.get("schema_"))
+            if not isinstance(schema, (dict, str)):
+                raise ValueError("response_format must carry the schema as "
+                                 "json_schema.schema (an object)")
+            return StructuredOutputs(json=schema)
+        raise ValueError(f"response_format must be text, json_object or json_schema, got "
+                         f"'{self.type}' (use the regex or grammar request fields)")
+
+
+# Request fields that carry a constraint besides response_format, with the
+# StructuredOutputs field each sets: ours, then vLLM's older `guided_*` names.
+_CONSTRAINT_FIELDS = {"regex": "regex", "choice": "choice", "grammar": "grammar",
+                      "guided_json": "json", "guided_regex": "regex",
+                      "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 class SamplingRequest(_Request):
@@ -63,6 +92,39 @@ class SamplingRequest(_Request):
     use_beam_search: bool = False
     beam_width: int | None = None
     length_penalty: float = 1.0
+    # structured outputs (besides response_format); at most one per request
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    """vLLM's {"json" | "json_object" | "regex" | "choice" | "grammar": ...}."""
+
+    def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
+        """The request's structured-output constraint and the field that carries it;
+        ValueError (naming the field) for two constraints or a malformed one."""
+        given: list[tuple[str, Any]] = []
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append(("response_format", None))
+        given += [(name, {key: getattr(self, name)}) for name, key in _CONSTRAINT_FIELDS.items()
+                  if getattr(self, name) is not None]
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise ValueError(f"{given[1][0]} must not be combined with {given[0][0]}: a request "
+                             "takes at most one structured-output constraint")
+        name, kwargs = given[0]
+        if name == "response_format":
+            return self.response_format.constraint(), name
+        try:
+            return StructuredOutputs(**kwargs), name
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be one valid constraint: {e}") from None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams; ValueError names a field that is out of range."""
@@ -94,7 +156,8 @@ class SamplingRequest(_Request):
             ignore_eos=self.ignore_eos, stop=self.stop or [],
             stop_token_ids=self.stop_token_ids or [],
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, **extra)
+            skip_special_tokens=self.skip_special_tokens, structured=self.constraint()[0],
+            **extra)
 
     @property
     def include_usage(self) -> bool:

@@ -30,6 +30,7 @@ from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server.metrics import ServerMetrics
+from peregrine.structured.grammar import InvalidConstraintError
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatChoice,
                                        ChatLogprobs, ChatMessage, ChatResponseMessage,
                                        CompletionChoice, CompletionLogprobs, CompletionRequest,
@@ -119,14 +120,6 @@ def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
     return room
 
 
-def _check_response_format(req: SamplingRequest) -> None:
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(f"response_format {{'type': '{fmt.type}'}} is not supported yet: "
-                          "structured outputs are not available in this server; use "
-                          "{'type': 'text'}", "response_format")
-
-
 def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
     if req.stream and (req.use_beam_search or (req.best_of or req.n) > req.n):
         # The answer is only known at the end: the beams (or best samples) change until then.
@@ -139,8 +132,11 @@ def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> Samp
 
 
 async def _submit(ctx: ServingContext, base_id: str, prompts: list[Prompt],
-                  params: list[SamplingParams], priority: int) -> list[RequestStream]:
-    """Add one engine request per prompt; on any refusal abort the ones already added."""
+                  params: list[SamplingParams], priority: int,
+                  constraint_field: str | None = None) -> list[RequestStream]:
+    """Add one engine request per prompt; on any refusal abort the ones already added.
+    `constraint_field`: the request field a structured-output constraint came in (the
+    `param` of the 400 when it does not compile)."""
     streams: list[RequestStream] = []
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -151,6 +147,8 @@ async def _submit(ctx: ServingContext, base_id: str, prompts: list[Prompt],
     except BaseException as e:
         for s in streams:
             ctx.engine.abort(s.request_id)
+        if isinstance(e, InvalidConstraintError):
+            raise bad_request(e, constraint_field) from None
         if isinstance(e, ValueError):
             raise bad_request(e) from None
         if isinstance(e, EngineNotReadyError):
@@ -388,7 +386,6 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     """POST /v1/completions."""
     ctx.check_model(req.model)
     ctx.ready_engine()
-    _check_response_format(req)
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     ctx.check_queue()
@@ -403,7 +400,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
             p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
         params.append(p)
     base_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await _submit(ctx, base_id, prompts, params, req.priority)
+    streams = await _submit(ctx, base_id, prompts, params, req.priority,
+                            req.constraint()[1])
     if req.stream:
         return EngineStreamingResponse(_stream_completion(ctx, req, base_id, prompts, streams),
                                        ctx, streams)
@@ -547,7 +545,6 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     """POST /v1/chat/completions."""
     ctx.check_model(req.model)
     tok = ctx.tokenizer
-    _check_response_format(req)
     if req.tools:
         raise bad_request("tools are not supported", "tools")
     if req.top_logprobs is not None and not req.logprobs:
@@ -563,7 +560,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, max_tokens, num_top)
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await _submit(ctx, base_id, [prompt], [params], req.priority)
+    streams = await _submit(ctx, base_id, [prompt], [params], req.priority,
+                            req.constraint()[1])
     if req.stream:
         return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top),
                                        ctx, streams)

@@ -1,5 +1,5 @@
 """Structured outputs: grammar-constrained decoding with xgrammar token bitmasks."""
 
-from peregrine.structured.grammar import GrammarCache, StructuredOutputs
+from peregrine.structured.grammar import GrammarCache, InvalidConstraintError, StructuredOutputs
 
-__all__ = ["StructuredOutputs", "GrammarCache"]
+__all__ = ["StructuredOutputs", "GrammarCache", "InvalidConstraintError"]

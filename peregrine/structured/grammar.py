@@ -6,6 +6,7 @@ that tracks where it is in the grammar and fills its row of the batch's token bi
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections import OrderedDict
@@ -13,6 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from peregrine.models.tokenizer import Tokenizer
+
+
+MAX_ROLLBACK_TOKENS = 16
+
+
+class InvalidConstraintError(ValueError):
+    """A constraint that does not compile (a bad JSON schema, regex or grammar)."""
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,21 @@ class GrammarCache:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, capacity: int = 256) -> None:
         import xgrammar as xgr  # optional dependency, imported when first needed
         self._xgr = xgr
-        vocab = [tokenizer.backend.id_to_token(i) or "" for i in range(tokenizer.vocab_size)]
+        # The model's vocabulary may be larger (padding rows, never allowed) or, for small
+        # test models sharing a tokenizer, smaller (tokens it cannot produce are dropped).
+        size = min(tokenizer.vocab_size, vocab_size)
+        # Control tokens (<|im_start|>, <file_sep>, ...) are not text: as empty strings
+        # xgrammar never allows them (stop tokens are allowed by id where the grammar ends).
+        vocab = ["" if tokenizer.is_special(i) else tokenizer.backend.id_to_token(i) or ""
+                 for i in range(size)]
+        stops = [t for t in tokenizer.eos_token_ids if t < vocab_size]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.BYTE_LEVEL, vocab_size=vocab_size,
-                                 stop_token_ids=tokenizer.eos_token_ids)
+                                 stop_token_ids=stops)
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        # Newer xgrammar matchers roll back without limit (and warn when given one).
+        limit = inspect.signature(xgr.GrammarMatcher).parameters["max_rollback_tokens"].default
+        self._matcher_kwargs = ({} if limit == -1
+                                else {"max_rollback_tokens": MAX_ROLLBACK_TOKENS})
         self.vocab_size = vocab_size
         self.capacity = capacity
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -93,7 +112,7 @@ class GrammarCache:
             else:
                 compiled = self.compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its reason
-            raise ValueError(f"invalid {key[0]} constraint: {e}") from None
+            raise InvalidConstraintError(f"invalid {key[0]} constraint: {e}") from None
         with self._lock:
             self.misses += 1
             self._compiled[key] = compiled
@@ -102,8 +121,9 @@ class GrammarCache:
         return compiled
 
     def matcher(self, spec: StructuredOutputs) -> Any:
-        """A fresh matcher at the start of `spec`'s grammar."""
-        return self._xgr.GrammarMatcher(self.compile(spec))
+        """A fresh matcher at the start of `spec`'s grammar; it can roll back at least
+        MAX_ROLLBACK_TOKENS tokens (speculative decoding checks drafts ahead of the state)."""
+        return self._xgr.GrammarMatcher(self.compile(spec), **self._matcher_kwargs)
 
     def allocate_bitmask(self, rows: int) -> Any:
         """An int32 bitmask tensor [rows, ceil(vocab/32)] (all tokens allowed)."""

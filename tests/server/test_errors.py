@@ -136,10 +136,23 @@ def test_bad_roles_and_parts(http):
     assert_error(r, 400, "messages.0.content")
 
 
-def test_response_format_other_than_text_is_refused_until_structured_outputs(http):
+def test_bad_structured_output_requests(http):
     r = http.post(CHAT, json={"messages": HELLO, "max_tokens": 2,
+                              "response_format": {"type": "regex"}})
+    assert_error(r, 400, "response_format", "json_schema")
+    r = http.post(CHAT, json={"messages": HELLO, "max_tokens": 2, "regex": "a+",
                               "response_format": {"type": "json_object"}})
-    assert_error(r, 400, "response_format", "json_object")
+    assert_error(r, 400, "regex", "at most one")
+    r = http.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 2, "choice": ["a"],
+                                     "guided_regex": "b"})
+    assert_error(r, 400, "guided_regex", "at most one")
+    r = http.post(COMPLETIONS, json={"prompt": "a", "max_tokens": 2, "choice": []})
+    assert_error(r, 400, "choice", "non-empty")
+    r = http.post(COMPLETIONS, json={"prompt": "a", "structured_outputs": {"pattern": "a"}})
+    assert_error(r, 400, "structured_outputs", "pattern")
+    r = http.post(CHAT, json={"messages": HELLO, "max_tokens": 2,
+                              "response_format": {"type": "json_schema", "json_schema": {}}})
+    assert_error(r, 400, "response_format", "json_schema.schema")
     r = http.post(CHAT, json={"messages": HELLO, "max_tokens": 2,
                               "response_format": {"type": "text"}})
     assert r.status_code == 200

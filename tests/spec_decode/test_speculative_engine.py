@@ -4,6 +4,8 @@ through stops, preemption and the prefix cache; rejected drafts give their KV bl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from peregrine import LLM, SamplingParams
@@ -127,3 +129,28 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model_dir, tmp_pa
     draft = tiny_config_dir(tmp_path_factory, vocab_size=1024)
     with pytest.raises(ValueError, match="same tokenizer"):
         make_tiny_llm(tiny_model_dir, speculative=f"draft:{draft}")
+
+
+def test_structured_outputs_with_speculation(smollm2_llm):
+    """Drafts are cut to what the grammar accepts and every verified position is masked:
+    greedy JSON is the same as without speculation, and it validates."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from peregrine.structured import StructuredOutputs
+    schema = {"type": "object", "properties": {
+        "items": {"type": "array", "items": {"type": "string", "maxLength": 10},
+                  "minItems": 3, "maxItems": 3},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["items", "count"], "additionalProperties": False}
+    params = SamplingParams(temperature=0, max_tokens=60,
+                            structured=StructuredOutputs(json=schema))
+    chats = [[{"role": "user", "content": "List apples, pears and plums as JSON with a "
+                                          "count, like {\"items\": [\"apples\", \"pears\", "
+                                          "\"plums\"], \"count\": 3}."}]] * 2
+    want = smollm2_llm.chat(chats[:1], params)[0].outputs[0]
+    llm = LLM(kv_cache_memory=0.3, speculative="ngram")
+    got = llm.chat(chats, params)
+    for out in got:
+        assert out.outputs[0].token_ids == want.token_ids
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
+    check_engine_is_clean(llm)

@@ -57,3 +57,13 @@ def test_invalid_specs_are_clear_errors(cache):
         c.compile(StructuredOutputs(grammar="root ::= ("))
     with pytest.raises(ValueError, match="invalid json"):
         c.compile(StructuredOutputs(json='{"type": "nonsense-type"}'))
+
+
+def test_control_tokens_never_match_as_text(cache):
+    """<file_sep> is one token whose text fits `"<" [a-z_]+ ">"`; it must not be allowed."""
+    c, tok = cache
+    m = c.matcher(StructuredOutputs(grammar='root ::= "<" [a-z_]+ ">"'))
+    special = [i for i in range(32) if tok.is_special(i)]
+    assert special
+    assert not any(m.accept_token(i) for i in special)
+    assert m.accept_token(tok.encode("<")[0])
