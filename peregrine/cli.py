@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval_ppl)
     e = esub.add_parser("quant-table", help="weight memory, perplexity and decode speed of "
                         "every quantization method (docs/quantization.md)")
-    e.add_argument("--out", default="bench_results/quantization",
+    e.add_argument("--out", default="docs/bench-results/quantization",
                    help="directory for the JSON and markdown results")
     e.add_argument("--methods", default=None,
                    help="comma-separated subset of the table's rows (default: all)")

@@ -92,6 +92,11 @@ class EngineConfig:
     layers and its LM head, sharing the target's KV of those layers)."""
     num_speculative_tokens: int = 4
     """Tokens proposed per sequence per step when speculating."""
+    ngram_min: int = 2
+    """`ngram`: the shortest suffix of the sequence looked up (vLLM's prompt_lookup_min).
+    1 proposes more often and is right less often: on chat it costs more than it gains."""
+    ngram_max: int = 4
+    """`ngram`: the longest suffix looked up first (vLLM's prompt_lookup_max)."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form options for experiments; nothing in the engine depends on it."""
@@ -132,6 +137,9 @@ class EngineConfig:
                 or re.fullmatch(r"layers:[1-9][0-9]*", spec)):
             raise ValueError("speculative must be ngram, draft:<model> or layers:<k>, got "
                              f"{spec!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, "
+                             f"got {self.ngram_min} and {self.ngram_max}")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")

@@ -143,7 +143,7 @@ def main() -> None:
                     help="real: SmolLM2's next-token logits (vocab 49152); random: N(0, 1)")
     ap.add_argument("--engine-steps", type=int, default=0,
                     help="also time this many whole engine decode steps per case (SmolLM2)")
-    ap.add_argument("--out", default="bench_results")
+    ap.add_argument("--out", default="docs/bench-results")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cases", default=",".join(CASES), help="constraints to run")
-    ap.add_argument("--out", default="bench_results/structured")
+    ap.add_argument("--out", default="docs/bench-results/structured")
     ns = ap.parse_args()
     llm = LLM(device=ns.device, kv_cache_memory=1.0, num_threads=ns.threads)
     llm.chat([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=4))  # warm up

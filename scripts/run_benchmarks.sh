@@ -28,17 +28,20 @@ case "$SIZE" in
     OFFLINE=(--num-prompts 64 --input-len 32-512 --output-len 32-256)
     SEQS=16
     LATENCY=(--input-lens 32,128,512,1024 --batch-sizes 1,4,16,64 --output-len 32 --iters 3)
-    SERVE=(--num-prompts 8,32,96 --input-len 64-256 --output-len 64-128) ;;
+    SERVE=(--num-prompts 8,32,96 --input-len 64-256 --output-len 64-128)
+    SPEC_TOKENS=96 ;;
   small)
     OFFLINE=(--num-prompts 32 --input-len 32-256 --output-len 32-128)
     SEQS=8
     LATENCY=(--input-lens 32,128,512 --batch-sizes 1,4,16 --output-len 16 --iters 2)
-    SERVE=(--num-prompts 4,16,48 --input-len 64-128 --output-len 32-64) ;;
+    SERVE=(--num-prompts 4,16,48 --input-len 64-128 --output-len 32-64)
+    SPEC_TOKENS=64 ;;
   quick)
     OFFLINE=(--num-prompts 4 --input-len 16-64 --output-len 4-16)
     SEQS=2
     LATENCY=(--input-lens 32,128 --batch-sizes 1,4 --output-len 8 --iters 1)
-    SERVE=(--num-prompts 2,4,8 --input-len 16-64 --output-len 4-16) ;;
+    SERVE=(--num-prompts 2,4,8 --input-len 16-64 --output-len 4-16)
+    SPEC_TOKENS=8 ;;
   *) echo "SIZE must be full, small or quick" >&2; exit 2 ;;
 esac
 COMMON=(--threads "$THREADS" --seed 0)
@@ -64,6 +67,10 @@ bench latency "${LATENCY[@]}" "${COMMON[@]}" --kv-cache-memory 3 --output "$OUT/
 #    batching waits for each batch's longest request.
 bench throughput --batching continuous,dynamic,static --max-num-seqs "$SEQS" \
   "${OFFLINE[@]}" "${COMMON[@]}" --kv-cache-memory 3 --output "$OUT/batching.json"
+
+# 5. Speculative decoding: decode speed with and without each proposer, copy-heavy and chat.
+bench spec --proposers ngram,layers:24 --workloads copy,chat --batch-sizes 1,8 \
+  --max-tokens "$SPEC_TOKENS" --threads "$THREADS" --kv-cache-memory 1 --output "$OUT/spec.json"
 
 # Plots and the tables of docs/benchmarks.md.
 bench plot "$OUT/throughput.json" "$OUT/batching.json" "$OUT/latency.json" "$OUT/serve.json" \

@@ -90,3 +90,15 @@ def make_tiny_llm(model_dir: str, **kwargs):
     from peregrine import LLM
     defaults = dict(load_format="dummy", dtype="float64", num_kv_blocks=256, block_size=4)
     return LLM(model_dir, **{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="session")
+def quant_ops():
+    """The C++ quantized-linear kernels; the first build compiles (~1 min), later sessions
+    load the cache."""
+    from peregrine.kernels.cpu import cpu_supports_kernels, quant_ops
+    if not cpu_supports_kernels():
+        pytest.skip("this CPU has no AVX2/FMA: the C++ kernels do not apply")
+    ops = quant_ops()
+    assert ops is not None, "the C++ kernels failed to build (see the logged warning)"
+    return ops

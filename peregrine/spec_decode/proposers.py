@@ -49,7 +49,7 @@ class Proposer(Protocol):
 class NgramProposer:
     """Propose what followed the latest earlier occurrence of the sequence's last n tokens."""
 
-    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, seqs: list[Sequence], max_drafts: list[int]) -> None:
@@ -134,7 +134,7 @@ def build_proposer(config: "EngineConfig", runner: "ModelRunner", num_blocks: in
     if spec is None:
         return None
     if spec == "ngram":
-        return NgramProposer()
+        return NgramProposer(config.ngram_min, config.ngram_max)
     target = runner.model
     if spec.startswith("layers:"):
         k = int(spec.split(":", 1)[1])
