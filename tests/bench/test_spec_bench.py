@@ -11,8 +11,8 @@ from peregrine.cli import main
 def test_spec_bench_compares_proposers_on_the_same_requests(tmp_path):
     out = tmp_path / "spec.json"
     assert main(["bench", "spec", "--proposers", "ngram", "--workloads", "copy",
-                 "--batch-sizes", "2", "--max-tokens", "6", "--num-requests", "2", "--kv-cache-memory", "0.2",
-                 "--threads", "2", "--output", str(out), "--markdown",
+                 "--batch-sizes", "2", "--max-tokens", "6", "--num-requests", "2",
+                 "--kv-cache-memory", "0.2", "--threads", "2", "--output", str(out), "--markdown",
                  str(tmp_path / "spec.md")]) == 0
     runs = json.loads(out.read_text())["runs"]
     assert [(r["proposer"], r["workload"], r["batch"]) for r in runs] == [
