@@ -51,13 +51,15 @@ class StepWork:
     @classmethod
     def of_batch(cls, batch: "ScheduledBatch", cost: ModelCost) -> "StepWork":
         """The work of one of our engine's scheduled batches (before postprocess advances
-        it). A sequence decodes once its whole prompt is in the cache; everything before
-        that, including the recompute of a preempted sequence, is prefill."""
+        it). A sequence decodes once its whole prompt is in the cache (with speculation,
+        its draft positions count as decode work too); everything before that, including
+        the recompute of a preempted sequence, is prefill."""
         work = cls()
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            if start >= seq.num_prompt_tokens and n == 1:
-                work.add_decode(cost, start)
+            if start >= seq.num_prompt_tokens and n == 1 + len(seq.spec_token_ids):
+                for j in range(n):  # the last token and any drafts verified with it
+                    work.add_decode(cost, start + j)
             else:
                 work.add_prefill(cost, start, n, logits=batch.samples(i))
         return work

@@ -56,3 +56,19 @@ def test_engine_steps_account_every_prompt_and_decode_token(tiny_model_dir):
     assert acc.mixed_steps >= 1  # the chunked 40-token prompt shares steps with decodes
     total = sum(s for s, _ in timer.step_log)
     assert acc.prefill.seconds + acc.decode.seconds == pytest.approx(total)
+
+
+def test_speculative_drafts_count_as_decode_work(tiny_model_dir):
+    """Verified draft positions are decode work (computed, accepted or not), never prefill."""
+    llm = make_tiny_llm(tiny_model_dir, speculative="ngram", enable_prefix_caching=False)
+    engine = llm.engine
+    timer = EngineStepTimer(engine, engine_cost(engine))
+    prompt = [5, 6, 7, 8] * 6
+    engine.add_request(None, {"prompt_token_ids": prompt}, bench_params(20))
+    timer.run_until_done()
+    timer.close()
+    stats = engine.get_stats().spec_decode
+    assert stats.num_draft_tokens > 0
+    assert timer.phases.prefill.tokens == len(prompt)
+    # Each decode step computes its last token plus the drafts it verifies.
+    assert timer.phases.decode.tokens == (timer.phases.num_steps - 1) + stats.num_draft_tokens
