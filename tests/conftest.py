@@ -102,3 +102,10 @@ def quant_ops():
     ops = quant_ops()
     assert ops is not None, "the C++ kernels failed to build (see the logged warning)"
     return ops
+
+
+def assert_engine_drained(engine) -> None:
+    """Every request is done: the pool's bookkeeping is consistent and every block is free
+    (cached ones count: they are evictable)."""
+    engine.check_invariants()
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -62,57 +62,55 @@ class _EngineCollector(Collector):
         s = self._stats()
         if s is None:  # still loading
             return
-        labels = ["model_name"]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
-            g.add_metric([self._model], value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
-            c.add_metric([self._model], value)
-            return c
-
-        yield gauge("num_requests_running", "Sequences in the running batch.", s.num_running)
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", s.num_waiting)
-        yield gauge("kv_cache_usage", "Fraction of KV blocks held by live requests "
-                    "(cached free blocks count as free).", s.kv_cache_usage)
-        yield gauge("kv_cache_blocks", "KV blocks in the pool.", s.num_kv_blocks)
-        yield gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / "
-                    "prompt tokens looked up.", s.prefix_cache_hit_rate)
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.prefix_cache_queries)
-        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
-                      s.prefix_cache_hits)
-        yield counter("num_preemptions", "Sequences preempted (to be recomputed).",
-                      s.num_preemptions)
-        yield counter("prompt_tokens", "Prompt tokens computed (prefill).",
-                      s.prompt_tokens_total)
-        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
-        yield counter("engine_steps", "Engine steps run.", s.num_steps)
+        metrics = ENGINE_METRICS + (SPEC_DECODE_METRICS if s.spec_decode is not None else [])
+        for kind, name, doc, read in metrics:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                PREFIX + name, doc, labels=["model_name"])
+            family.add_metric([self._model], read(s))
+            yield family
         if s.spec_decode is not None:
-            yield from self._spec_decode(s, counter, gauge)
+            per_pos = GaugeMetricFamily(PREFIX + "spec_decode_acceptance_by_position",
+                                        "Acceptance rate of the draft at each position.",
+                                        labels=["model_name", "position"])
+            for j, rate in enumerate(s.spec_decode.per_position_acceptance):
+                per_pos.add_metric([self._model, str(j)], rate)
+            yield per_pos
 
-    def _spec_decode(self, s: EngineStats, counter: Callable, gauge: Callable
-                     ) -> Iterable[Metric]:
-        sd = s.spec_decode
-        yield counter("spec_decode_num_drafts", "Sequence-steps that verified draft tokens.",
-                      sd.num_verifications)
-        yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed.",
-                      sd.num_draft_tokens)
-        yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                      sd.num_accepted_tokens)
-        yield gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens.",
-                    sd.acceptance_rate)
-        yield gauge("spec_decode_mean_accepted_length", "Tokens a speculating sequence "
-                    "gains per step (accepted drafts + 1).", sd.mean_accepted_length)
-        per_pos = GaugeMetricFamily(PREFIX + "spec_decode_acceptance_by_position",
-                                    "Acceptance rate of the draft at each position.",
-                                    labels=["model_name", "position"])
-        for j, rate in enumerate(sd.per_position_acceptance):
-            per_pos.add_metric([self._model, str(j)], rate)
-        yield per_pos
+
+# (kind, name, help, how to read it from EngineStats), exported at every scrape.
+ENGINE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
+    ("gauge", "num_requests_running", "Sequences in the running batch.",
+     lambda s: s.num_running),
+    ("gauge", "num_requests_waiting", "Sequences waiting to be scheduled.",
+     lambda s: s.num_waiting),
+    ("gauge", "kv_cache_usage", "Fraction of KV blocks held by live requests (cached free "
+     "blocks count as free).", lambda s: s.kv_cache_usage),
+    ("gauge", "kv_cache_blocks", "KV blocks in the pool.", lambda s: s.num_kv_blocks),
+    ("gauge", "prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / prompt "
+     "tokens looked up.", lambda s: s.prefix_cache_hit_rate),
+    ("counter", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+     lambda s: s.prefix_cache_queries),
+    ("counter", "prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+     lambda s: s.prefix_cache_hits),
+    ("counter", "num_preemptions", "Sequences preempted (to be recomputed).",
+     lambda s: s.num_preemptions),
+    ("counter", "prompt_tokens", "Prompt tokens computed (prefill).",
+     lambda s: s.prompt_tokens_total),
+    ("counter", "generation_tokens", "Tokens generated.", lambda s: s.generation_tokens_total),
+    ("counter", "engine_steps", "Engine steps run.", lambda s: s.num_steps),
+]
+SPEC_DECODE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
+    ("counter", "spec_decode_num_drafts", "Sequence-steps that verified draft tokens.",
+     lambda s: s.spec_decode.num_verifications),
+    ("counter", "spec_decode_num_draft_tokens", "Draft tokens proposed.",
+     lambda s: s.spec_decode.num_draft_tokens),
+    ("counter", "spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+     lambda s: s.spec_decode.num_accepted_tokens),
+    ("gauge", "spec_decode_acceptance_rate", "Accepted / proposed draft tokens.",
+     lambda s: s.spec_decode.acceptance_rate),
+    ("gauge", "spec_decode_mean_accepted_length", "Tokens a speculating sequence gains per "
+     "step (accepted drafts + 1).", lambda s: s.spec_decode.mean_accepted_length),
+]
 
 
 class ServerMetrics:

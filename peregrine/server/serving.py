@@ -484,8 +484,7 @@ async def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_i
                                    "finish_reason": o.finish_reason,
                                    "stop_reason": o.stop_reason}]))
     except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
-        yield _sse_error(e)
-        yield _DONE
+        yield _sse_error(e) + _DONE
         return
     if req.include_usage:
         yield _sse({"id": base_id, "object": "text_completion", "created": created,
@@ -614,8 +613,7 @@ async def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id:
                                    "finish_reason": o.finish_reason,
                                    "stop_reason": o.stop_reason}]))
     except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
-        yield _sse_error(e)
-        yield _DONE
+        yield _sse_error(e) + _DONE
         return
     if req.include_usage and latest is not None:
         yield _sse({"id": base_id, "object": "chat.completion.chunk", "created": created,

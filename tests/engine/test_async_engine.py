@@ -21,6 +21,24 @@ def tiny_config(model_dir: str, **kw) -> EngineConfig:
                                                    num_kv_blocks=256, block_size=4), **kw})
 
 
+def one_fails_then_one_succeeds(engine: AsyncLLMEngine, failing_id: str, error: str,
+                                next_prompt: list[int]) -> None:
+    """Request `failing_id` (PROMPTS[0]) ends in a RequestFailedError matching `error`,
+    holding no KV block afterwards, and a fresh request then runs to its end."""
+    async def main():
+        params = SamplingParams(temperature=0, max_tokens=5)
+        doomed = await engine.add_request(failing_id, {"prompt_token_ids": PROMPTS[0]}, params)
+        with pytest.raises(RequestFailedError, match=error):
+            await _final(doomed)
+        fine = await engine.add_request(failing_id + "-next",
+                                        {"prompt_token_ids": next_prompt}, params)
+        return await _final(fine)
+
+    outs = asyncio.run(main())
+    assert len(outs[-1].outputs[0].token_ids) == 5
+    assert engine.stats().kv_cache_usage == 0
+
+
 @pytest.fixture
 def engine(tiny_model_dir):
     eng = AsyncLLMEngine(tiny_config(tiny_model_dir))
@@ -84,7 +102,7 @@ def test_bad_request_raises_in_add_request(engine):
     assert asyncio.run(main()) == 0
 
 
-def test_failed_step_fails_its_requests_and_the_engine_lives_on(engine):
+def test_failed_step_fails_its_requests_and_the_engine_lives_on(engine, monkeypatch):
     inner: LLMEngine = engine.engine
     real_execute = inner.runner.execute
 
@@ -93,22 +111,8 @@ def test_failed_step_fails_its_requests_and_the_engine_lives_on(engine):
             raise RuntimeError("kernel exploded")
         return real_execute(batch)
 
-    inner.runner.execute = execute
-    try:
-        async def main():
-            doomed = await engine.add_request("doomed", {"prompt_token_ids": PROMPTS[0]},
-                                              SamplingParams(temperature=0, max_tokens=5))
-            with pytest.raises(RequestFailedError, match="kernel exploded"):
-                await _final(doomed)
-            fine = await engine.add_request("fine", {"prompt_token_ids": PROMPTS[1]},
-                                            SamplingParams(temperature=0, max_tokens=5))
-            return await _final(fine)
-
-        outs = asyncio.run(main())
-    finally:
-        inner.runner.execute = real_execute
-    assert len(outs[-1].outputs[0].token_ids) == 5
-    assert engine.stats().kv_cache_usage == 0
+    monkeypatch.setattr(inner.runner, "execute", execute)
+    one_fails_then_one_succeeds(engine, "doomed", "kernel exploded", PROMPTS[1])
     asyncio.run(engine.call(lambda e: e.check_invariants()))
 
 
@@ -167,7 +171,8 @@ def test_load_failure_is_reported():
     eng.shutdown()
 
 
-def test_an_error_outside_a_step_fails_live_requests_and_the_loop_lives_on(engine):
+def test_an_error_outside_a_step_fails_live_requests_and_the_loop_lives_on(engine,
+                                                                          monkeypatch):
     inner: LLMEngine = engine.engine
     real_schedule = inner.scheduler.schedule
     calls = {"n": 0}
@@ -178,19 +183,5 @@ def test_an_error_outside_a_step_fails_live_requests_and_the_loop_lives_on(engin
             raise RuntimeError("scheduler bug")
         return real_schedule()
 
-    inner.scheduler.schedule = schedule
-    try:
-        async def main():
-            first = await engine.add_request("a", {"prompt_token_ids": PROMPTS[0]},
-                                             SamplingParams(temperature=0, max_tokens=4))
-            with pytest.raises(RequestFailedError, match="scheduling"):
-                await _final(first)
-            second = await engine.add_request("b", {"prompt_token_ids": PROMPTS[0]},
-                                              SamplingParams(temperature=0, max_tokens=4))
-            return await _final(second)
-
-        outs = asyncio.run(main())
-    finally:
-        inner.scheduler.schedule = real_schedule
-    assert len(outs[-1].outputs[0].token_ids) == 4
-    assert engine.stats().kv_cache_usage == 0
+    monkeypatch.setattr(inner.scheduler, "schedule", schedule)
+    one_fails_then_one_succeeds(engine, "a", "scheduling", PROMPTS[0])

@@ -11,7 +11,7 @@ import torch
 
 from peregrine import SamplingParams
 from peregrine.layers.attention import AttentionMetadata
-from tests.conftest import make_tiny_llm
+from tests.conftest import assert_engine_drained, make_tiny_llm
 from tests.engine.test_batching_invariance import SETTINGS
 
 
@@ -84,8 +84,7 @@ def test_beams_equal_a_plain_uncached_beam_search(tiny_model_dir, width, n, leng
             assert o.cumulative_logprob == pytest.approx(cum, abs=1e-4)
         scores = [o.cumulative_logprob / len(o.token_ids) ** length_penalty for o in out.outputs]
         assert scores == sorted(scores, reverse=True)
-        llm.engine.check_invariants()
-        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+        assert_engine_drained(llm.engine)
 
 
 def test_beams_share_blocks_and_copy_only_the_partial_one(tiny_model_dir):
@@ -129,8 +128,7 @@ def test_beam_search_is_the_same_in_a_busy_engine(tiny_model_dir, name):
     outs = llm.generate(others[:3] + [prompt] + others[3:],
                         [other_sp] * 3 + [sp] + [other_sp] * 3)
     assert [o.token_ids for o in outs[3].outputs] == [o.token_ids for o in alone.outputs]
-    llm.engine.check_invariants()
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    assert_engine_drained(llm.engine)
     if name == "tiny-pool-preempts":
         assert llm.engine.get_stats().num_preemptions > 0
 

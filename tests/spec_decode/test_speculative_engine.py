@@ -9,7 +9,7 @@ import json
 import pytest
 
 from peregrine import LLM, SamplingParams
-from tests.conftest import make_tiny_llm, tiny_config_dir
+from tests.conftest import assert_engine_drained, make_tiny_llm, tiny_config_dir
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins "
         "with a single step. All that glitters is not gold.")
@@ -24,12 +24,6 @@ def reference(smollm2_llm):
     return [o.outputs[0].token_ids for o in smollm2_llm.chat(CHATS, GREEDY)]
 
 
-def check_engine_is_clean(llm: LLM) -> None:
-    engine = llm.engine
-    engine.check_invariants()
-    assert engine.kv.num_free_blocks == engine.kv.num_blocks  # every block returned
-
-
 # An early exit of SmolLM2 guesses poorly: few drafts per step keep that case quick.
 @pytest.mark.parametrize("spec, k", [("ngram", 4), ("draft:smollm2-135m", 4), ("layers:24", 1)])
 def test_greedy_output_is_identical_with_speculation(spec, k, reference):
@@ -42,7 +36,7 @@ def test_greedy_output_is_identical_with_speculation(spec, k, reference):
     assert stats.mean_accepted_length == 1 + stats.num_accepted_tokens / stats.num_verifications
     if not spec.startswith("layers"):
         assert stats.acceptance_rate > 0.5
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
 
 
 def test_a_stop_string_inside_accepted_drafts_ends_the_output(smollm2_llm):
@@ -51,7 +45,7 @@ def test_a_stop_string_inside_accepted_drafts_ends_the_output(smollm2_llm):
     llm = LLM(kv_cache_memory=0.3, speculative="ngram")
     got = llm.chat(CHATS[:1], params)[0].outputs[0]
     assert (got.text, got.finish_reason, got.stop_reason) == (want.text, "stop", "thousand")
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,7 @@ def test_mixed_batch_only_eligible_sequences_speculate(tiny_model_dir, tiny_refe
     assert got[2].outputs[0].logprobs == want[2].outputs[0].logprobs
     assert [len(o.outputs[0].token_ids) for o in got] == [24, 24, 24, 7]  # max_tokens exact
     assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
 
 
 def test_preemption_and_prefix_cache_keep_greedy_output(tiny_model_dir, tiny_reference):
@@ -92,7 +86,7 @@ def test_preemption_and_prefix_cache_keep_greedy_output(tiny_model_dir, tiny_ref
     stats = llm.engine.get_stats()
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     assert stats.spec_decode.num_draft_tokens > 0
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
 
 
 def test_sampling_with_speculation_is_reproducible_and_exact_in_length(tiny_model_dir):
@@ -102,7 +96,7 @@ def test_sampling_with_speculation_is_reproducible_and_exact_in_length(tiny_mode
     for _ in range(2):
         llm = make_tiny_llm(tiny_model_dir, speculative="layers:1")
         runs.append([o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)])
-        check_engine_is_clean(llm)
+        assert_engine_drained(llm.engine)
     assert runs[0] == runs[1] and all(len(t) == 25 for t in runs[0])
 
 
@@ -122,7 +116,7 @@ def test_a_small_draft_model_with_its_own_cache(tiny_model_dir, tiny_reference,
     llm = make_tiny_llm(tiny_model_dir, speculative=f"draft:{draft}")
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
     assert llm.engine.get_stats().spec_decode.num_draft_tokens > 0
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused(tiny_model_dir, tmp_path_factory):
@@ -153,4 +147,4 @@ def test_structured_outputs_with_speculation(smollm2_llm):
         assert out.outputs[0].token_ids == want.token_ids
         jsonschema.validate(json.loads(out.outputs[0].text), schema)
     assert llm.engine.get_stats().spec_decode.num_accepted_tokens > 0
-    check_engine_is_clean(llm)
+    assert_engine_drained(llm.engine)
