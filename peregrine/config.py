@@ -79,7 +79,8 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
     """`auto`: torch on CPU, Triton on GPU."""
     enforce_eager: bool = False
-    """Disable CUDA graphs (GPU only)."""
+    """Run every step through the eager modules: no CUDA graphs on a GPU, no fused C++ decode
+    step on a CPU (the reference path)."""
     max_logprobs: int = 20
     """Largest `logprobs` / `top_logprobs` a request may ask for."""
     num_threads: int | None = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from peregrine.config import EngineConfig
+from peregrine.engine.cpu_decode import FusedDecodeRunner, fused_decode_runner
 from peregrine.engine.cuda_graphs import DecodeGraphRunner
 from peregrine.engine.kv_cache import NULL_BLOCK, copy_kv_blocks
 from peregrine.engine.sampling_metadata import build_sampling_tensors, prompt_logprob_positions
@@ -33,6 +34,7 @@ class ModelInput:
     logits_indices: torch.Tensor  # rows of the hidden states to sample from
     sample_rows: list[int]  # batch entries that sample (1 + their drafts rows each)
     num_drafts: list[int]  # draft tokens of each sampling entry (0: no speculation)
+    num_decoding: int = 0  # leading entries past their prompt (decodes, drafts to verify)
 
 
 class ModelRunner:
@@ -52,6 +54,9 @@ class ModelRunner:
         self.spec_generator = torch.Generator(self.device).manual_seed(config.seed)
         self.masker = GrammarMasker(model.config.vocab_size)
         self.graphs: DecodeGraphRunner | None = None
+        self.fused: FusedDecodeRunner | None = None
+        if self.device.type == "cpu" and not config.enforce_eager:
+            self.fused = fused_decode_runner(model, kv_caches)
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = config.attention_backend != "torch"
         if self.device.type == "cuda" and not config.enforce_eager and triton:
@@ -156,10 +161,13 @@ class ModelRunner:
         return out
 
     def forward(self, inp: ModelInput) -> torch.Tensor:
-        """Hidden states of the batch: a CUDA graph replay for a pure decode step that fits
-        one, else the eager forward."""
+        """Hidden states of the batch: a CUDA graph replay (GPU) or the fused C++ step (CPU)
+        for a pure decode step that fits one, else the eager forward."""
         if self.graphs is not None and self.graphs.can_run(inp.meta):
             return self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        if self.fused is not None and inp.num_decoding:
+            return self.fused.run(inp.input_ids, inp.positions, inp.meta, self.kv_caches,
+                                  inp.num_decoding)
         return self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -205,8 +213,10 @@ class ModelRunner:
             slot_mapping=dev(slot_mapping), block_tables=dev(table),
             query_start_loc_t=dev(torch.tensor(starts, dtype=torch.int32)),
             seq_lens_t=dev(torch.tensor(seq_lens, dtype=torch.int32)))
+        decoding = next((i for i, s in enumerate(batch.seqs) if s.is_prefilling),
+                        len(batch.seqs))
         return ModelInput(dev(torch.tensor(ids)), dev(positions), meta,
-                          dev(torch.tensor(logits_indices)), sample_rows, num_drafts)
+                          dev(torch.tensor(logits_indices)), sample_rows, num_drafts, decoding)
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling controls of the sequences being sampled."""

@@ -1,8 +1,11 @@
 """Linear layers. `Linear` is the dense float path; quantized methods replace it at load.
 
 A quantized linear keeps its weight packed (see peregrine/quantization/formats.py) and
-picks one of three paths per call:
-  - CPU, float32, few rows (decode): our C++ kernel, which dequantizes in registers;
+picks one of four paths per call:
+  - CPU, float32, int4/int8 weights, any rows: int8 dot products against activations
+    quantized per 32 values (q8_decode.cpp), faster than a float GEMM at every batch size;
+  - CPU, float32, few rows (decode), other formats: our C++ kernel, which dequantizes in
+    registers;
   - CPU, many rows (prefill) or no kernel: dequantize the whole weight, then one matmul
     (compute-bound there, so MKL's GEMM wins over any dequantizing loop);
   - CUDA: the Triton dequant-GEMM (fp8: torch._scaled_mm on GPUs that have it).
@@ -43,6 +46,7 @@ class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized; subclasses define the format."""
 
     method = ""  # the --quantization name of the format
+    int8_dot = False  # runs on q8_decode.cpp's int8 dot products (int4 and int8 formats)
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -80,7 +84,10 @@ class QuantLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from peregrine.kernels.cpu import quant_ops
+        from peregrine.kernels.cpu import q8_ops, quant_ops
+        if self.int8_dot and x.dtype == torch.float32 and (q8 := q8_ops()) is not None:
+            return q8.q8_linear(x, self.qweight, self.scale, getattr(self, "offset", None), None,
+                                self.group_size or 0)
         ops = quant_ops() if x.dtype == torch.float32 else None
         if ops is None:
             return F.linear(x, self.dequantize().to(x.dtype))
@@ -106,6 +113,7 @@ class Int8Linear(QuantLinear):
     """int8 weights, symmetric, one float32 scale per output channel (or per group)."""
 
     method = "int8"
+    int8_dot = True
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:
@@ -135,6 +143,7 @@ class Int4Linear(QuantLinear):
     """Group-wise int4 weights, w = scale * q + offset (asymmetric, symmetric, GGUF Q4_0/1)."""
 
     method = "int4"
+    int8_dot = True
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor | None = None) -> None:

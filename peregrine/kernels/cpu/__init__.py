@@ -1,7 +1,9 @@
 """Our C++ CPU kernels, compiled with the machine's compiler on first use and cached.
 
-`quant_ops()` returns the compiled module, or None where it cannot exist (no AVX2/FMA, no
-compiler, a failed build); callers then take the torch reference path. The build lands in
+`quant_ops()` (weight-only dequantizing linears, quant_linear.cpp) and `q8_ops()` (int8-dot
+linears and the fused decode step, q8_decode.cpp) return the compiled module, or None where
+it cannot exist (no AVX2/FMA, no compiler, a failed build); callers then take the torch
+reference path. The build lands in
 $PEREGRINE_CACHE (default ~/.cache/peregrine)/torch_extensions and is reused by every later
 process; torch rebuilds it only when the source changes."""
 
@@ -16,10 +18,7 @@ import torch
 
 logger = logging.getLogger("peregrine")
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "quant_linear.cpp")
 _lock = threading.Lock()
-_module: ModuleType | None = None
-_tried = False
 
 
 def cache_dir() -> str:
@@ -34,28 +33,40 @@ def cpu_supports_kernels() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_modules: dict[str, ModuleType | None] = {}
+
+
+def _build(name: str, source: str) -> ModuleType | None:
+    """Compile (or load the cached build of) one extension; None when it cannot exist."""
+    if name in _modules:
+        return _modules[name]
+    with _lock:
+        if name in _modules:
+            return _modules[name]
+        module = None
+        if os.environ.get("PEREGRINE_NO_CPP_KERNELS") != "1" and cpu_supports_kernels():
+            try:
+                from torch.utils.cpp_extension import load
+                build = os.path.join(cache_dir(), name)
+                os.makedirs(build, exist_ok=True)
+                module = load(name=name, sources=[os.path.join(os.path.dirname(__file__), source)],
+                              extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                              build_directory=build, verbose=False)
+            except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
+                logger.warning("peregrine C++ kernels (%s) unavailable, using the torch path: "
+                               "%s", source, e)
+        _modules[name] = module
+    return module
+
+
 def quant_ops() -> ModuleType | None:
-    """The compiled quantized-linear kernels, or None when unavailable (logged once).
+    """The weight-only quantized-linear kernels, or None when unavailable (logged once).
 
     PEREGRINE_NO_CPP_KERNELS=1 disables them (to compare against the torch path)."""
-    global _module, _tried
-    if _tried:
-        return _module
-    with _lock:
-        if _tried:
-            return _module
-        if os.environ.get("PEREGRINE_NO_CPP_KERNELS") == "1" or not cpu_supports_kernels():
-            _tried = True
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-            build = cache_dir()
-            os.makedirs(build, exist_ok=True)
-            _module = load(name="peregrine_quant_linear", sources=[_SOURCE],
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=build, verbose=False)
-        except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
-            logger.warning("peregrine C++ kernels unavailable, using the torch path: %s", e)
-            _module = None
-        _tried = True
-    return _module
+    return _build("peregrine_quant_linear", "quant_linear.cpp")
+
+
+def q8_ops() -> ModuleType | None:
+    """The int8-dot linears and the fused decode step, or None when unavailable."""
+    return _build("peregrine_q8_decode", "q8_decode.cpp")

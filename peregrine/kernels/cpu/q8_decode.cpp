@@ -1,0 +1,707 @@
+// Integer-dot quantized linears and a fused decode step for x86 CPUs (AVX2 + FMA + F16C).
+//
+// Activations are quantized on the fly to int8 in blocks of 32 (d = absmax / 127, as
+// llama.cpp's Q8 activations), and each block of 32 weights is one `maddubs` against them:
+// 32 multiply-adds in one instruction, so a 2-core CPU keeps up with its memory.
+//
+// Weight formats (K a multiple of 32, group size G = 32 * 2^gshift, S = ceil(K / G)):
+//   int4  q uint8 [N, K/2], scale/offset f16 [N, S]:  w = scale * q + offset
+//         (GGUF's Q4_0/Q4_1 layout: in each run of 32, byte i = weight i | weight i+16 << 4)
+//   int8  q int8 [N, K], scale f32 [N, S]:            w = scale * q
+//
+// Activation layout ("pair-interleaved"): blocks go in pairs (A, B) of 64 bytes,
+//   [A 0..15 | B 0..15 | A 16..31 | B 16..31],
+// which is what one 32-byte load of two int4 blocks gives after masking the low nibbles
+// (first 32 bytes) and shifting the high ones (last 32): the weights are used as stored.
+// After maddubs + madd, lanes 0-3 hold block A's partial sums and lanes 4-7 block B's, so a
+// per-lane scale vector [sA x4, sB x4] applies both blocks' scales in one FMA.
+//
+// `Decoder` runs every layer of a Llama-family model for a decode-only step (one new token
+// per sequence) in one call and one OpenMP parallel region: norms, linears, RoPE, the paged
+// KV write and attention, SwiGLU, residuals. It replaces ~40 eager torch ops per layer; the
+// torch modules remain the reference it is tested against.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kInt4 = 0;
+constexpr int kInt8 = 1;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Split [0, n) into nth parts, aligned to `align`; part tid.
+inline void split(int64_t n, int tid, int nth, int64_t align, int64_t& lo, int64_t& hi) {
+  const int64_t units = (n + align - 1) / align;
+  lo = std::min(n, units * tid / nth * align);
+  hi = std::min(n, units * (tid + 1) / nth * align);
+}
+
+// --- activations ---------------------------------------------------------------------------
+
+// Quantized rows of x: per row `npair * 64` int8 (pair-interleaved, zero-padded to an even
+// number of blocks), `npair * 8` expanded block scales (4 lanes per block) and the scaled
+// block sums d * sum(q) (for int4's offsets).
+struct QX {
+  int64_t K = 0, nb = 0, npair = 0;
+  std::vector<int8_t> q;
+  std::vector<float> de;
+  std::vector<float> s;  // rows of nb8 (zero-padded to a multiple of 8)
+  int64_t nb8 = 0;
+  void resize(int64_t M, int64_t K_) {
+    K = K_;
+    nb = K / 32;
+    npair = (nb + 1) / 2;
+    nb8 = (nb + 7) / 8 * 8;
+    q.resize(static_cast<size_t>(M * npair * 64));
+    de.resize(static_cast<size_t>(M * npair * 8));
+    s.assign(static_cast<size_t>(M * nb8), 0.0f);
+  }
+  const int8_t* qrow(int64_t m) const { return q.data() + m * npair * 64; }
+  const float* derow(int64_t m) const { return de.data() + m * npair * 8; }
+  const float* srow(int64_t m) const { return s.data() + m * nb8; }
+};
+
+// Quantize row m of x (K floats) into qx.
+void quantize_row(const float* x, QX& qx, int64_t m) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+  int8_t* qr = qx.q.data() + m * qx.npair * 64;
+  float* de = qx.de.data() + m * qx.npair * 8;
+  float* sr = qx.s.data() + m * qx.nb8;
+  for (int64_t b = 0; b < qx.npair * 2; ++b) {
+    int8_t* dst = qr + (b / 2) * 64 + (b % 2) * 16;
+    if (b >= qx.nb) {  // padding block of an odd count: zeros
+      std::memset(dst, 0, 16);
+      std::memset(dst + 32, 0, 16);
+      for (int l = 0; l < 4; ++l) de[4 * b + l] = 0.0f;
+      continue;
+    }
+    const float* p = x + b * 32;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int t = 0; t < 4; ++t) {
+      v[t] = _mm256_loadu_ps(p + 8 * t);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, v[t]));
+    }
+    const float d = hmax(amax) / 127.0f;
+    const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
+    __m256i q[4];
+    for (int t = 0; t < 4; ++t) q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], id));
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    // packs works within 128-bit lanes: the permute restores element order
+    const __m256i w16a = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m256i w16b = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+    const __m256i w8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(w16a, w16b), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(w8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(w8, 1));
+    for (int l = 0; l < 4; ++l) de[4 * b + l] = d;
+    sr[b] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+  }
+}
+
+// --- weights ---------------------------------------------------------------------------------
+
+// A quantized weight as raw pointers (the tensors are owned by the Python module).
+struct QW {
+  int kind = kInt4;
+  int64_t N = 0, K = 0, S = 0;
+  int gshift = 0;
+  const uint8_t* q = nullptr;
+  const void* scale = nullptr;      // f16 (int4) or f32 (int8)
+  const uint16_t* offset = nullptr;  // f16, int4 only
+  const float* bias = nullptr;       // [N] or null
+};
+
+// Block b (32 weights) of a row uses scale column b >> gshift; G = 0 means one per row.
+int group_shift(int64_t G) {
+  TORCH_CHECK(G == 0 || (G % 32 == 0 && ((G / 32) & (G / 32 - 1)) == 0),
+              "group size must be 0 (per row) or 32 times a power of two, got ", G);
+  return G == 0 ? 62 : __builtin_ctzll(G / 32);
+}
+
+QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
+           const c10::optional<torch::Tensor>& offset, const c10::optional<torch::Tensor>& bias,
+           int64_t G) {
+  QW w;
+  w.kind = kind;
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.device().is_cpu(),
+              "quantized weights must be contiguous CPU tensors");
+  w.N = q.size(0);
+  if (kind == kInt4) {
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kFloat16,
+                "int4 weights: q uint8 [N, K/2], scale/offset float16 [N, S]");
+    TORCH_CHECK(offset.has_value() && offset->sizes() == scale.sizes() &&
+                offset->scalar_type() == torch::kFloat16 && offset->is_contiguous(),
+                "int4 weights need a float16 offset shaped like the scale");
+    w.K = q.size(1) * 2;
+    w.offset = reinterpret_cast<const uint16_t*>(offset->data_ptr());
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kFloat32,
+                "int8 weights: q int8 [N, K], scale float32 [N, S]");
+    w.K = q.size(1);
+  }
+  TORCH_CHECK(w.K % 32 == 0, "K must be a multiple of 32");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == w.N, "scale must be [N, S]");
+  w.S = scale.size(1);
+  w.gshift = group_shift(G);
+  TORCH_CHECK(w.S == (G == 0 ? 1 : (w.K + G - 1) / G), "scale must be [N, ceil(K / G)]");
+  w.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
+  w.scale = scale.data_ptr();
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->numel() == w.N &&
+                bias->is_contiguous(), "bias must be float32 [N]");
+    w.bias = bias->data_ptr<float>();
+  }
+  return w;
+}
+
+// Row n's per-block scales (and int4 offsets) as floats, zero-padded to a multiple of 8.
+inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob) {
+  const int64_t nb = w.K / 32;
+  if (w.kind == kInt4) {
+    const uint16_t* s = static_cast<const uint16_t*>(w.scale) + n * w.S;
+    const uint16_t* o = w.offset + n * w.S;
+    if (w.gshift == 0) {
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) {
+        _mm256_storeu_ps(sb + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + b))));
+        _mm256_storeu_ps(ob + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(o + b))));
+      }
+      for (; b < nb; ++b) {
+        sb[b] = _cvtsh_ss(s[b]);
+        ob[b] = _cvtsh_ss(o[b]);
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        sb[b] = _cvtsh_ss(s[b >> w.gshift]);
+        ob[b] = _cvtsh_ss(o[b >> w.gshift]);
+      }
+    }
+  } else {
+    const float* s = static_cast<const float*>(w.scale) + n * w.S;
+    if (w.gshift == 0) {
+      std::memcpy(sb, s, sizeof(float) * nb);
+    } else {
+      for (int64_t b = 0; b < nb; ++b) sb[b] = s[b >> w.gshift];
+    }
+  }
+  for (int64_t b = nb; b < nb8; ++b) sb[b] = ob[b] = 0.0f;
+}
+
+// Pair p of an int4 row: [A 0..15 | B 0..15] (lo) and [A 16..31 | B 16..31] (hi), unsigned.
+inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256i v;
+  if (2 * p + 1 < nb) {
+    v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
+  } else {  // odd tail: block A only (never read past the row)
+    v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + p * 32)));
+  }
+  lo = _mm256_and_si256(v, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+// Pair p of an int8 row in the same arrangement (signed).
+inline void int8_pair(const int8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
+  const int8_t* a = row + p * 64;
+  if (2 * p + 1 < nb) {
+    lo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(a + 32),
+                             reinterpret_cast<const __m128i*>(a));
+    hi = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(a + 48),
+                             reinterpret_cast<const __m128i*>(a + 16));
+  } else {
+    lo = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
+    hi = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 16)));
+  }
+}
+
+// The expanded scale vector of pair p from 8 block scales held in sv (pairs p%4 within).
+inline __m256 pair_scales(__m256 sv, int k) {
+  static const int idx[4][8] = {{0, 0, 0, 0, 1, 1, 1, 1}, {2, 2, 2, 2, 3, 3, 3, 3},
+                                {4, 4, 4, 4, 5, 5, 5, 5}, {6, 6, 6, 6, 7, 7, 7, 7}};
+  return _mm256_permutevar8x32_ps(sv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[k])));
+}
+
+// Where a row's block scales (and int4 offsets) are read from, 8 blocks at a time: the
+// stored float16/float32 values directly (group size 32, not the tensor's last row, so an
+// 8-wide load past the row's end stays inside the tensor), else a float copy expanded per
+// block and zero-padded.
+struct RowScales {
+  const uint16_t* s16 = nullptr;
+  const uint16_t* o16 = nullptr;
+  const float* s32 = nullptr;
+  const float* o32 = nullptr;
+  inline __m256 scale8(int64_t b) const {
+    return s16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + b)))
+               : _mm256_loadu_ps(s32 + b);
+  }
+  inline __m256 offset8(int64_t b) const {
+    return o16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o16 + b)))
+               : _mm256_loadu_ps(o32 + b);
+  }
+};
+
+inline RowScales row_scales_of(const QW& w, int64_t n, float* buf, int64_t nb8) {
+  RowScales r;
+  const int64_t nb = w.K / 32;
+  const bool direct = w.gshift == 0 && (n + 1 < w.N || nb % 8 == 0);
+  if (direct && w.kind == kInt4) {
+    r.s16 = static_cast<const uint16_t*>(w.scale) + n * w.S;
+    r.o16 = w.offset + n * w.S;
+  } else if (direct) {
+    r.s32 = static_cast<const float*>(w.scale) + n * w.S;
+  } else {
+    row_scales(w, n, nb8, buf, buf + nb8);
+    r.s32 = buf;
+    r.o32 = buf + nb8;
+  }
+  return r;
+}
+
+// y[m0 + j, n0 + i] for RN rows of W and MT rows of x: each pair of weight blocks is
+// unpacked once and used MT times, each pair of x blocks loaded once and used RN times.
+template <int KIND, int RN, int MT>
+void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int64_t ldy,
+                float* buf) {
+  const int64_t nb = w.K / 32, npair = x.npair, nb8 = (nb + 7) / 8 * 8;
+  const __m256i ones = _mm256_set1_epi16(1);
+  RowScales rs[RN];
+  for (int i = 0; i < RN; ++i) rs[i] = row_scales_of(w, n0 + i, buf + i * 2 * nb8, nb8);
+  __m256 acc[RN][MT];
+  for (int i = 0; i < RN; ++i)
+    for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t p8 = 0; p8 < npair; p8 += 4) {
+    const int64_t b8 = 2 * p8;
+    __m256 sv[RN];
+    for (int i = 0; i < RN; ++i) {
+      sv[i] = rs[i].scale8(b8);
+      if (KIND == kInt4) {  // offsets: sum over blocks of offset * d * sum(q)
+        const __m256 ov = rs[i].offset8(b8);
+        for (int j = 0; j < MT; ++j)
+          acc[i][j] = _mm256_fmadd_ps(ov, _mm256_loadu_ps(x.srow(m0 + j) + b8), acc[i][j]);
+      }
+    }
+    const int64_t pe = std::min<int64_t>(p8 + 4, npair);
+    for (int64_t p = p8; p < pe; ++p) {
+      __m256i lo[RN], hi[RN];
+      for (int i = 0; i < RN; ++i) {
+        if (KIND == kInt4) {
+          int4_pair(w.q + (n0 + i) * (w.K / 2), p, nb, lo[i], hi[i]);
+        } else {
+          int8_pair(reinterpret_cast<const int8_t*>(w.q) + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
+        }
+      }
+      __m256 ws[RN];
+      for (int i = 0; i < RN; ++i) ws[i] = pair_scales(sv[i], static_cast<int>(p - p8));
+      for (int j = 0; j < MT; ++j) {
+        const int8_t* xq = x.qrow(m0 + j) + p * 64;
+        const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+        const __m256 de = _mm256_loadu_ps(x.derow(m0 + j) + p * 8);
+        for (int i = 0; i < RN; ++i) {
+          __m256i s32;
+          if (KIND == kInt4) {
+            // int4 lanes are at most 2 * 15 * 127: two of them still fit in 16 bits
+            s32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], x0),
+                                                     _mm256_maddubs_epi16(hi[i], x1)), ones);
+          } else {  // signed weights: |w| against x with w's sign; lanes reach 2 * 128 * 127
+            s32 = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(lo[i], lo[i]),
+                                                       _mm256_sign_epi8(x0, lo[i])), ones),
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(hi[i], hi[i]),
+                                                       _mm256_sign_epi8(x1, hi[i])), ones));
+          }
+          acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws[i], de),
+                                      acc[i][j]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < RN; ++i) {
+    const float bias = w.bias ? w.bias[n0 + i] : 0.0f;
+    for (int j = 0; j < MT; ++j) y[(m0 + j) * ldy + n0 + i] = hsum(acc[i][j]) + bias;
+  }
+}
+
+template <int KIND>
+void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy, float* buf) {
+  // A band of W rows stays in L1/L2 while every tile of x passes over it.
+  constexpr int64_t kBand = 16;
+  for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
+    const int64_t b1 = std::min(n1, b0 + kBand);
+    if (M == 1) {
+      int64_t n = b0;
+      for (; n + 4 <= b1; n += 4) qgemm_tile<KIND, 4, 1>(w, x, 0, n, y, ldy, buf);
+      for (; n < b1; ++n) qgemm_tile<KIND, 1, 1>(w, x, 0, n, y, ldy, buf);
+      continue;
+    }
+    for (int64_t n = b0; n < b1; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) qgemm_tile<KIND, 1, 4>(w, x, m, n, y, ldy, buf);
+      switch (M - m) {
+        case 1: qgemm_tile<KIND, 1, 1>(w, x, m, n, y, ldy, buf); break;
+        case 2: qgemm_tile<KIND, 1, 2>(w, x, m, n, y, ldy, buf); break;
+        case 3: qgemm_tile<KIND, 1, 3>(w, x, m, n, y, ldy, buf); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// Rows [n0, n1) of y = x W^T (+ bias) for all M rows of the quantized x.
+void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
+                int64_t ldy) {
+  const int64_t nb8 = (w.K / 32 + 7) / 8 * 8;
+  std::vector<float> buf(static_cast<size_t>(8 * nb8 + 8));  // 4 rows of scales + offsets
+  if (w.kind == kInt4) {
+    qgemm_rows_kind<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
+  } else {
+    qgemm_rows_kind<kInt8>(w, x, M, n0, n1, y, ldy, buf.data());
+  }
+}
+
+// --- the fused decode step -------------------------------------------------------------------
+
+struct Layer {
+  QW qkv, o, gate_up, down;
+  const float* in_norm;
+  const float* post_norm;
+  float* k_cache;  // [num_blocks, block_size, Hkv, D]
+  float* v_cache;
+  std::vector<torch::Tensor> keep;  // owns what the pointers point into
+};
+
+inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t H, float eps) {
+  __m256 ss = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= H; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    ss = _mm256_fmadd_ps(v, v, ss);
+  }
+  float s = hsum(ss);
+  for (; i < H; ++i) s += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(s / static_cast<float>(H) + eps);
+  const __m256 rv = _mm256_set1_ps(r);
+  for (i = 0; i + 8 <= H; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv),
+                                            _mm256_loadu_ps(w + i)));
+  for (; i < H; ++i) out[i] = x[i] * r * w[i];
+}
+
+inline void add_row(float* acc, const float* v, int64_t H) {
+  int64_t i = 0;
+  for (; i + 8 <= H; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_add_ps(_mm256_loadu_ps(acc + i), _mm256_loadu_ps(v + i)));
+  for (; i < H; ++i) acc[i] += v[i];
+}
+
+// x[D] rotated in place with the rotate-half layout: (cos, signed sin) rows of the table.
+inline void rope_row(float* x, const float* cs, int64_t D) {
+  const float* c = cs;
+  const float* s = cs + D;
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = x[i], b = x[i + h];
+    x[i] = a * c[i] + b * s[i];
+    x[i + h] = b * c[i + h] + a * s[i + h];
+  }
+}
+
+inline float dot_d(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+class Decoder {
+ public:
+  Decoder(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+          int64_t intermediate, double eps, int64_t sliding_window, int64_t block_size)
+      : H_(hidden), Hq_(num_heads), Hkv_(num_kv_heads), D_(head_dim), I_(intermediate),
+        eps_(static_cast<float>(eps)), window_(sliding_window), bs_(block_size) {}
+
+  // One layer's weights (int4: q, scale, offset; int8: q, scale, None), norms and caches.
+  void add_layer(std::vector<c10::optional<torch::Tensor>> qkv,
+                 std::vector<c10::optional<torch::Tensor>> o,
+                 std::vector<c10::optional<torch::Tensor>> gate_up,
+                 std::vector<c10::optional<torch::Tensor>> down, torch::Tensor in_norm,
+                 torch::Tensor post_norm, torch::Tensor k_cache, torch::Tensor v_cache) {
+    Layer L;
+    L.qkv = take(qkv, L.keep, (Hq_ + 2 * Hkv_) * D_, H_);
+    L.o = take(o, L.keep, H_, Hq_ * D_);
+    L.gate_up = take(gate_up, L.keep, 2 * I_, H_);
+    L.down = take(down, L.keep, H_, I_);
+    for (auto* t : {&in_norm, &post_norm}) {
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+                  t->numel() == H_, "norm weights must be float32 [hidden]");
+    }
+    for (auto* t : {&k_cache, &v_cache}) {
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 4 &&
+                  t->size(1) == bs_ && t->size(2) == Hkv_ && t->size(3) == D_,
+                  "KV caches must be float32 [blocks, block_size, kv_heads, head_dim]");
+    }
+    L.in_norm = in_norm.data_ptr<float>();
+    L.post_norm = post_norm.data_ptr<float>();
+    L.k_cache = k_cache.data_ptr<float>();
+    L.v_cache = v_cache.data_ptr<float>();
+    L.keep.insert(L.keep.end(), {in_norm, post_norm, k_cache, v_cache});
+    layers_.push_back(std::move(L));
+  }
+
+  // Hidden states [T, hidden] before the final norm, and the residual stream, of T tokens
+  // that each attend to their sequence's cache up to their own position (decodes, and
+  // drafts being verified): x [T, hidden] embeddings, positions [T], token_seq [T] (each
+  // token's row of block_tables), slot_mapping [T], block_tables [B, max_blocks] int32,
+  // rope table [P, 2, D] (cos, signed sin). The caller applies the final norm to h +
+  // residual. The step's K/V are all written before any token attends.
+  std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor positions,
+                                     torch::Tensor cos_sin, torch::Tensor slot_mapping,
+                                     torch::Tensor block_tables, torch::Tensor token_seq,
+                                     int64_t num_layers) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == H_ &&
+                x.is_contiguous(), "x must be contiguous float32 [T, hidden]");
+    const int64_t B = x.size(0);  // tokens
+    const int64_t nl = num_layers < 0 ? static_cast<int64_t>(layers_.size())
+                                      : std::min<int64_t>(num_layers, layers_.size());
+    TORCH_CHECK(positions.numel() == B && slot_mapping.numel() == B && token_seq.numel() == B,
+                "one position, slot and sequence per token");
+    auto pos = positions.to(torch::kInt64).contiguous();
+    auto slots = slot_mapping.to(torch::kInt64).contiguous();
+    auto tables = block_tables.to(torch::kInt32).contiguous();
+    auto tseq = token_seq.to(torch::kInt64).contiguous();
+    auto rope = cos_sin.contiguous();
+    TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.dim() == 3 && rope.size(1) == 2 &&
+                rope.size(2) == D_, "rope table must be float32 [positions, 2, head_dim]");
+    const int64_t* posp = pos.data_ptr<int64_t>();
+    const int64_t* tseqp = tseq.data_ptr<int64_t>();
+    const int64_t max_blocks = tables.size(1);
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(posp[b] >= 0 && posp[b] < rope.size(0), "position out of the rope table");
+      TORCH_CHECK(tseqp[b] >= 0 && tseqp[b] < tables.size(0), "token_seq out of range");
+      TORCH_CHECK(posp[b] < max_blocks * bs_, "position beyond the block table");
+      max_len = std::max(max_len, posp[b] + 1);
+    }
+
+    auto residual = x.clone();
+    auto h = torch::empty({B, H_}, x.options());
+    const int64_t qkv_n = (Hq_ + 2 * Hkv_) * D_;
+    auto qkv = torch::empty({B, qkv_n}, x.options());
+    auto attn = torch::empty({B, Hq_ * D_}, x.options());
+    auto gu = torch::empty({B, 2 * I_}, x.options());
+    auto act = torch::empty({B, I_}, x.options());
+    QX qx_h, qx_a, qx_i;
+    qx_h.resize(B, H_);
+    qx_a.resize(B, Hq_ * D_);
+    qx_i.resize(B, I_);
+
+    float* res = residual.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    float* qkvp = qkv.data_ptr<float>();
+    float* ap = attn.data_ptr<float>();
+    float* gup = gu.data_ptr<float>();
+    float* actp = act.data_ptr<float>();
+    const float* ropep = rope.data_ptr<float>();
+    const int64_t* slotp = slots.data_ptr<int64_t>();
+    const int32_t* tabp = tables.data_ptr<int32_t>();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
+    const int64_t group = Hq_ / Hkv_;
+    const int nt = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      std::vector<float> scores(static_cast<size_t>(max_len) + 8);
+      std::vector<float> outv(static_cast<size_t>(D_));
+      int64_t lo, hi;
+      for (int64_t l = 0; l < nl; ++l) {
+        const Layer& L = layers_[l];
+        // 1. residual += previous MLP output; h = norm(residual); quantize h
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) {
+          if (l > 0) add_row(res + b * H_, hp + b * H_, H_);
+          rmsnorm_row(res + b * H_, L.in_norm, hp + b * H_, H_, eps_);
+          quantize_row(hp + b * H_, qx_h, b);
+        }
+#pragma omp barrier
+        // 2. qkv projection
+        split(qkv_n, tid, nth, 8, lo, hi);
+        qgemm_rows(L.qkv, qx_h, B, lo, hi, qkvp, qkv_n);
+#pragma omp barrier
+        // 3. RoPE on q and k, K/V into the cache (one thread per sequence's rows)
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) {
+          float* row = qkvp + b * qkv_n;
+          const float* cs = ropep + posp[b] * 2 * D_;
+          for (int64_t hh = 0; hh < Hq_ + Hkv_; ++hh) rope_row(row + hh * D_, cs, D_);
+          const int64_t slot = slotp[b];
+          std::memcpy(L.k_cache + slot * Hkv_ * D_, row + Hq_ * D_, sizeof(float) * Hkv_ * D_);
+          std::memcpy(L.v_cache + slot * Hkv_ * D_, row + (Hq_ + Hkv_) * D_,
+                      sizeof(float) * Hkv_ * D_);
+        }
+#pragma omp barrier
+        // 4. attention: one (sequence, query head) per work item
+        split(B * Hq_, tid, nth, 1, lo, hi);
+        for (int64_t it = lo; it < hi; ++it) {
+          const int64_t b = it / Hq_, hq = it % Hq_, g = hq / group;
+          const int64_t len = posp[b] + 1;
+          const int64_t first = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0;
+          const float* q = qkvp + b * qkv_n + hq * D_;
+          const int32_t* table = tabp + tseqp[b] * max_blocks;
+          float mx = -INFINITY;
+          for (int64_t j = first; j < len; ++j) {
+            const int64_t slot = static_cast<int64_t>(table[j / bs_]) * bs_ + j % bs_;
+            const float s = dot_d(q, L.k_cache + (slot * Hkv_ + g) * D_, D_) * scale;
+            scores[j - first] = s;
+            mx = std::max(mx, s);
+          }
+          float denom = 0.0f;
+          for (int64_t j = 0; j < len - first; ++j) {
+            scores[j] = std::exp(scores[j] - mx);
+            denom += scores[j];
+          }
+          std::fill(outv.begin(), outv.end(), 0.0f);
+          for (int64_t j = first; j < len; ++j) {
+            const int64_t slot = static_cast<int64_t>(table[j / bs_]) * bs_ + j % bs_;
+            const float* v = L.v_cache + (slot * Hkv_ + g) * D_;
+            const __m256 p = _mm256_set1_ps(scores[j - first]);
+            int64_t d = 0;
+            for (; d + 8 <= D_; d += 8)
+              _mm256_storeu_ps(outv.data() + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d),
+                                                                _mm256_loadu_ps(outv.data() + d)));
+            for (; d < D_; ++d) outv[d] += scores[j - first] * v[d];
+          }
+          float* dst = ap + b * Hq_ * D_ + hq * D_;
+          const float inv = 1.0f / denom;
+          for (int64_t d = 0; d < D_; ++d) dst[d] = outv[d] * inv;
+        }
+#pragma omp barrier
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) quantize_row(ap + b * Hq_ * D_, qx_a, b);
+#pragma omp barrier
+        // 5. output projection into h, then residual += h; h = norm(residual)
+        split(H_, tid, nth, 8, lo, hi);
+        qgemm_rows(L.o, qx_a, B, lo, hi, hp, H_);
+#pragma omp barrier
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) {
+          add_row(res + b * H_, hp + b * H_, H_);
+          rmsnorm_row(res + b * H_, L.post_norm, hp + b * H_, H_, eps_);
+          quantize_row(hp + b * H_, qx_h, b);
+        }
+#pragma omp barrier
+        // 6. SwiGLU MLP: gate_up, silu(gate) * up, down into h
+        split(2 * I_, tid, nth, 8, lo, hi);
+        qgemm_rows(L.gate_up, qx_h, B, lo, hi, gup, 2 * I_);
+#pragma omp barrier
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) {
+          const float* g = gup + b * 2 * I_;
+          float* a = actp + b * I_;
+          for (int64_t i = 0; i < I_; ++i) a[i] = silu(g[i]) * g[I_ + i];
+          quantize_row(a, qx_i, b);
+        }
+#pragma omp barrier
+        split(H_, tid, nth, 8, lo, hi);
+        qgemm_rows(L.down, qx_i, B, lo, hi, hp, H_);
+#pragma omp barrier
+      }
+    }
+    return {h, residual};
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  static QW take(const std::vector<c10::optional<torch::Tensor>>& t, std::vector<torch::Tensor>& keep,
+                 int64_t N, int64_t K) {
+    TORCH_CHECK(t.size() == 5, "a weight is (q, scale, offset or None, bias or None, "
+                "group size as a tensor)");
+    TORCH_CHECK(t[0].has_value() && t[1].has_value() && t[4].has_value(),
+                "a weight needs q, scale and group size");
+    const int kind = t[0]->scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
+    QW w = make_qw(kind, *t[0], *t[1], t[2], t[3], t[4]->item<int64_t>());
+    TORCH_CHECK(w.N == N && w.K == K, "weight shape [", w.N, ", ", w.K, "], expected [", N,
+                ", ", K, "]");
+    for (size_t i = 0; i < 4; ++i)
+      if (t[i].has_value()) keep.push_back(*t[i]);
+    return w;
+  }
+
+  int64_t H_, Hq_, Hkv_, D_, I_;
+  float eps_;
+  int64_t window_, bs_;
+  std::vector<Layer> layers_;
+};
+
+// y = x W^T (+ bias) for a float32 x [M, K] and a quantized W, parallel over W's rows.
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
+                        c10::optional<torch::Tensor> offset, c10::optional<torch::Tensor> bias,
+                        int64_t G) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
+  const int kind = q.scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
+  const QW w = make_qw(kind, q, scale, offset, bias, G);
+  TORCH_CHECK(x.size(1) == w.K, "x and the weight disagree on K");
+  auto xc = x.contiguous();
+  const int64_t M = xc.size(0);
+  auto y = torch::empty({M, w.N}, xc.options());
+  QX qx;
+  qx.resize(M, w.K);
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int nt = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t lo, hi;
+    split(M, tid, nth, 1, lo, hi);
+    for (int64_t m = lo; m < hi; ++m) quantize_row(xp + m * w.K, qx, m);
+#pragma omp barrier
+    split(w.N, tid, nth, 8, lo, hi);
+    qgemm_rows(w, qx, M, lo, hi, yp, w.N);
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_linear", &q8_linear, "y = x W^T (+ b): W int4 (q uint8, scale, offset) or int8 "
+        "(q int8, scale f32), x quantized to int8 per 32 values",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
+        py::arg("bias") = py::none(), py::arg("group_size") = 32);
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("forward", &Decoder::forward)
+      .def("num_layers", &Decoder::num_layers);
+}
