@@ -209,6 +209,9 @@ def add_bench_parser(sub: Any) -> None:
                         f"{','.join(DEFAULT_WORKLOADS)} (see `bench workloads`)")
     p.add_argument("--repetitions", type=int, default=5,
                    help="with --workloads: repetitions of ppN and tgN (llama-bench -r)")
+    p.add_argument("--llamacpp-args", default="",
+                   help="with --workloads: extra flags for llama-bench and "
+                        "llama-batched-bench")
     _build_peers_arg(p)
     p.add_argument("--output-dir", default="bench-results",
                    help="where each engine's JSON and compare.json/.md go")
@@ -654,6 +657,8 @@ def compare_workloads(ns: argparse.Namespace) -> int:
                 continue
             if ns.model:
                 argv += ["--model", ns.model]
+            if ns.llamacpp_args:
+                argv.append(f"--llamacpp-args={ns.llamacpp_args}")
         path = os.path.join(ns.output_dir, f"workloads-{item.replace(':', '-').replace('.', '')}"
                                            ".json")
         argv += ["--output", path]
