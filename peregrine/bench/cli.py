@@ -14,14 +14,19 @@ import tempfile
 import typing
 from typing import Any
 
+from peregrine.bench.peers.workloads import DEFAULT_WORKLOADS
 from peregrine.cli import add_engine_args
 from peregrine.config import EngineConfig
 
-ENGINES = ("peregrine", "transformers", "llama.cpp")
+# llama.cpp: its own binaries (llama-bench, llama-batched-bench; the fixed workloads of
+# `bench workloads` / `bench compare --workloads`); llama.cpp-python: the llama-cpp-python
+# package, which runs any workload but one sequence at a time.
+ENGINES = ("peregrine", "transformers", "llama.cpp", "llama.cpp-python")
 # Engine flags the bench commands own: --seed seeds the workload and the engine alike,
 # --threads sets every engine's CPU threads, --batching takes a comma list.
 OWN_FLAGS = ("seed", "num_threads", "batching")
-DEFAULT_COMPARE = "peregrine:continuous,peregrine:static,transformers,llama.cpp"
+DEFAULT_COMPARE = "peregrine:continuous,peregrine:static,transformers,llama.cpp-python"
+DEFAULT_WORKLOAD_ENGINES = "peregrine,llama.cpp"
 
 
 # --- argument groups ---------------------------------------------------------------------------
@@ -117,7 +122,8 @@ def add_bench_parser(sub: Any) -> None:
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server to drive")
     p.add_argument("--launch", default=None,
                    help="start these servers one after another instead (comma list of "
-                        "peregrine, llama.cpp)")
+                        "peregrine, llama.cpp = llama-server from llama.cpp's binaries, "
+                        "llama.cpp-python = llama-cpp-python's server)")
     p.add_argument("--endpoint", choices=("/v1/completions", "/v1/chat/completions"),
                    default="/v1/completions")
     p.add_argument("--model", default=None,
@@ -143,6 +149,12 @@ def add_bench_parser(sub: Any) -> None:
                    help="context length of launched servers")
     p.add_argument("--server-args", default="",
                    help="extra flags for a launched `peregrine serve`")
+    p.add_argument("--llamacpp-parallel", type=int, default=None,
+                   help="llama-server's parallel slots (-np; default: the largest "
+                        "--max-concurrency, 32 when unbounded)")
+    p.add_argument("--llamacpp-args", default="",
+                   help="extra flags for a launched llama-server")
+    _build_peers_arg(p)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     _workload_args(p, prompt_format="text", serving=True)
     _common_args(p)
@@ -166,9 +178,41 @@ def add_bench_parser(sub: Any) -> None:
     add_engine_args(p, exclude=(*OWN_FLAGS, "speculative", "num_speculative_tokens"))
     p.set_defaults(func=cmd_spec)
 
+    p = bsub.add_parser("workloads", help="llama.cpp's benchmark workloads on one engine: "
+                                          "prefill ppN, one-stream decode tgN, S sequences "
+                                          "batchSxPxG")
+    p.add_argument("--engine", choices=("peregrine", "llama.cpp"), default="peregrine",
+                   help="peregrine, or llama.cpp's own llama-bench / llama-batched-bench")
+    p.add_argument("--workloads", type=_csv(str), default=list(DEFAULT_WORKLOADS),
+                   help="ppN: prefill of N tokens (llama-bench -p N); tgN: one stream "
+                        "decoding N tokens (llama-bench -n N); batchSxPxG: S sequences, "
+                        "P-token prompts, G new tokens, generated tok/s over the wall time "
+                        "(llama-batched-bench -npl S -npp P -ntg G)")
+    p.add_argument("--repetitions", type=int, default=5,
+                   help="repetitions of ppN and tgN (llama-bench -r)")
+    p.add_argument("--batching", default="continuous", help="our scheduler policy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llamacpp-args", default="",
+                   help="extra flags for llama-bench and llama-batched-bench")
+    _build_peers_arg(p)
+    _common_args(p)
+    add_engine_args(p, exclude=OWN_FLAGS)
+    p.set_defaults(func=cmd_workloads)
+
     p = bsub.add_parser("compare", help="ours and the peers on one workload, side by side")
-    p.add_argument("--engines", default=DEFAULT_COMPARE,
-                   help="comma list of peregrine:<batching>, transformers, llama.cpp")
+    p.add_argument("--engines", default=None,
+                   help="comma list of peregrine:<batching>, transformers, llama.cpp "
+                        "(its own binaries: with --workloads), llama.cpp-python (default: "
+                        f"{DEFAULT_COMPARE}; with --workloads: {DEFAULT_WORKLOAD_ENGINES})")
+    p.add_argument("--workloads", type=_csv(str), default=None,
+                   help="llama.cpp's fixed workloads instead of the random one, e.g. "
+                        f"{','.join(DEFAULT_WORKLOADS)} (see `bench workloads`)")
+    p.add_argument("--repetitions", type=int, default=5,
+                   help="with --workloads: repetitions of ppN and tgN (llama-bench -r)")
+    p.add_argument("--llamacpp-args", default="",
+                   help="with --workloads: extra flags for llama-bench and "
+                        "llama-batched-bench")
+    _build_peers_arg(p)
     p.add_argument("--output-dir", default="bench-results",
                    help="where each engine's JSON and compare.json/.md go")
     p.add_argument("--hf-batch-size", type=int, default=16)
@@ -188,6 +232,12 @@ def add_bench_parser(sub: Any) -> None:
                    help="with --doc: fill the doc's bench:NAME blocks from NAME.json here")
     p.add_argument("--doc", default=None, help="the markdown file to update")
     p.set_defaults(func=cmd_report)
+
+
+def _build_peers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--build-peers", action="store_true",
+                   help="build llama.cpp's binaries now if they are not built "
+                        "(../shared/peers/build_llamacpp.sh, about 5 minutes, once)")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -289,6 +339,11 @@ def cmd_throughput(ns: argparse.Namespace) -> int:
     for b in batchings:
         if b not in ("continuous", "dynamic", "static"):
             raise ValueError(f"--batching takes continuous, dynamic or static, got {b!r}")
+    if ns.engine == "llama.cpp":
+        raise ValueError("llama.cpp's own binaries run fixed workloads: use `bench workloads "
+                         "--engine llama.cpp` or `bench compare --workloads ...`; for this "
+                         "random workload use --engine llama.cpp-python (llama-cpp-python, "
+                         "one sequence at a time)")
     cfg = bench_config(ns, batching=batchings[0])
     requests, workload = build_workload(ns, cfg.model, cfg.load_format)
     peak = bench_peak(ns, cfg if ns.engine == "peregrine" else None)
@@ -303,7 +358,7 @@ def cmd_throughput(ns: argparse.Namespace) -> int:
         runs = [run_transformers(requests, peak, model=cfg.model, load_format=cfg.load_format,
                                  threads=ns.threads, batch_size=ns.hf_batch_size,
                                  seed=ns.seed, warmup=ns.warmup)]
-    else:
+    else:  # llama.cpp-python
         from peregrine.bench.peers.llamacpp import run_llamacpp
         runs = [run_llamacpp(requests, peak, model=cfg.model, threads=ns.threads,
                              warmup=ns.warmup)]
@@ -319,6 +374,37 @@ def cmd_latency(ns: argparse.Namespace) -> int:
                          ns.decode_prompt_len, ns.iters, ns.seed, ns.warmup)
     result["env"] = _env(ns, cfg)
     finish(ns, result)
+    return 0
+
+
+def cmd_workloads(ns: argparse.Namespace) -> int:
+    """llama.cpp's fixed workloads on one engine (ours, or llama.cpp's binaries)."""
+    import shlex
+
+    from peregrine.bench.peers.workloads import (parse_workloads, run_llamacpp_workloads,
+                                                 run_peregrine_workloads, workloads_suite)
+    workloads = parse_workloads(ns.workloads)
+    if ns.repetitions < 1:
+        raise ValueError(f"--repetitions must be >= 1, got {ns.repetitions}")
+    if ns.engine == "peregrine":
+        cfg = bench_config(ns)
+        peak = bench_peak(ns, cfg)
+        runs = run_peregrine_workloads(workloads, cfg, peak, ns.repetitions, ns.seed,
+                                       ns.warmup)
+    else:
+        from peregrine.bench.peers.llamacpp_bin import find_bin_dir
+        from peregrine.models.registry import resolve_model
+        cfg = None
+        source = resolve_model(ns.model)
+        if source.format != "gguf":
+            raise ValueError("llama.cpp's binaries need a GGUF model with real weights, got "
+                             f"{source.path} ({source.format})")
+        peak = bench_peak(ns)
+        runs = run_llamacpp_workloads(workloads, source.path, peak, threads=ns.threads,
+                                      repetitions=ns.repetitions, warmup=ns.warmup,
+                                      bin_dir=find_bin_dir(ns.build_peers),
+                                      extra_args=shlex.split(ns.llamacpp_args))
+    finish(ns, workloads_suite(runs, workloads, peak=peak.to_dict(), env=_env(ns, cfg)))
     return 0
 
 
@@ -405,9 +491,12 @@ def launch_and_serve(ns: argparse.Namespace, requests: list, slos: dict[str, flo
     from peregrine.bench.launch import (ServerProcess, free_port, server_spec,
                                         unavailable_reason)
     eos = workload_tokenizer(ns.model, tokenizer=ns.tokenizer).eos_token_ids
+    concurrencies = [c for c in ns.max_concurrency if c]
+    parallel = ns.llamacpp_parallel or (max(concurrencies) if len(concurrencies) ==
+                                        len(ns.max_concurrency) else 32)
     runs: list[dict[str, Any]] = []
     for server in [s.strip() for s in ns.launch.split(",") if s.strip()]:
-        reason = unavailable_reason(server)
+        reason = unavailable_reason(server, build=ns.build_peers)
         if reason:
             print(f"{server}: skipped: {reason}", file=sys.stderr)
             runs += [{"server": server, "label": _point_label(server, r, c), "request_rate":
@@ -418,7 +507,8 @@ def launch_and_serve(ns: argparse.Namespace, requests: list, slos: dict[str, flo
         port = free_port()
         spec = server_spec(server, port, model=ns.model, threads=ns.threads,
                            max_model_len=ns.max_model_len, eos_token_ids=eos,
-                           engine_args=shlex.split(ns.server_args))
+                           engine_args=shlex.split(ns.server_args), parallel=parallel,
+                           llamacpp_args=shlex.split(ns.llamacpp_args))
         log = os.path.join(os.path.dirname(os.path.abspath(ns.output)) if ns.output
                            else tempfile.gettempdir(), f"server-{server}.log")
         with ServerProcess(spec, port, log) as srv:
@@ -451,9 +541,10 @@ def engine_flags(ns: argparse.Namespace) -> list[str]:
 def cmd_compare(ns: argparse.Namespace) -> int:
     """Run ours and the peers on one workload, each in its own process, and join them."""
     from peregrine.bench.launch import module_available
-    from peregrine.bench.report import render
-    from peregrine.bench.results import load_json, save_json, suite
+    from peregrine.bench.results import load_json, suite
     os.makedirs(ns.output_dir, exist_ok=True)
+    if ns.workloads:
+        return compare_workloads(ns)
     shared = ["--num-prompts", str(ns.num_prompts), "--input-len", ns.input_len,
               "--output-len", ns.output_len, "--seed", str(ns.seed), "--threads",
               str(ns.threads), "--prompt-format", "token_ids",
@@ -470,13 +561,15 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         shared.append("--no-warmup")
     shared += engine_flags(ns)
     runs, workload, peak = [], None, None
-    for item in [e.strip() for e in ns.engines.split(",") if e.strip()]:
-        engine, _, batching = item.partition(":")
-        if engine not in ENGINES:
-            raise ValueError(f"--engines: unknown engine {engine!r}; use {ENGINES}")
+    for item, engine, batching in _engines(ns.engines or DEFAULT_COMPARE):
         name = item.replace(":", "-").replace(".", "")
         path = os.path.join(ns.output_dir, f"throughput-{name}.json")
-        missing = {"transformers": "transformers", "llama.cpp": "llama_cpp"}.get(engine)
+        if engine == "llama.cpp":
+            runs.append({"engine": engine, "label": engine, "error": (
+                "llama.cpp's binaries run fixed workloads (--workloads); this random "
+                "workload runs on llama.cpp-python")})
+            continue
+        missing = {"transformers": "transformers", "llama.cpp-python": "llama_cpp"}.get(engine)
         if missing and not module_available(missing):
             runs.append({"engine": engine, "label": engine,
                          "error": f"{missing} is not installed (pip install -e '.[peers]')"})
@@ -497,6 +590,25 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         workload, peak = workload or child["workload"], peak or child["peak"]
     result = suite("throughput", runs, workload=workload, peak=peak,
                    env=_env(ns))
+    return _save_compare(ns, result, runs)
+
+
+def _engines(engines: str) -> list[tuple[str, str, str]]:
+    """--engines as (item, engine, batching) triples."""
+    out = []
+    for item in [e.strip() for e in engines.split(",") if e.strip()]:
+        engine, _, batching = item.partition(":")
+        if engine not in ENGINES:
+            raise ValueError(f"--engines: unknown engine {engine!r}; use {ENGINES}")
+        out.append((item, engine, batching))
+    return out
+
+
+def _save_compare(ns: argparse.Namespace, result: dict[str, Any],
+                  runs: list[dict[str, Any]]) -> int:
+    """Save a compare result as compare.json/.md (and --output/--markdown), print it."""
+    from peregrine.bench.report import render
+    from peregrine.bench.results import save_json
     save_json(result, os.path.join(ns.output_dir, "compare.json"))
     md = render(result)
     with open(os.path.join(ns.output_dir, "compare.md"), "w") as f:
@@ -508,6 +620,58 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             f.write(md)
     print(md)
     return 0 if any(not r.get("error") for r in runs) else 1
+
+
+def compare_workloads(ns: argparse.Namespace) -> int:
+    """`bench compare --workloads`: `bench workloads` for each engine, each in its own
+    process, joined into one table with each engine's ratio to llama.cpp."""
+    from peregrine.bench.peers.llamacpp_bin import available
+    from peregrine.bench.peers.workloads import parse_workloads, workloads_suite
+    from peregrine.bench.results import load_json
+    workloads = parse_workloads(ns.workloads)
+    shared = ["--workloads", ",".join(w.name for w in workloads), "--repetitions",
+              str(ns.repetitions), "--seed", str(ns.seed), "--threads", str(ns.threads)]
+    if ns.peak_flops:
+        shared += ["--peak-flops", str(ns.peak_flops)]
+    if ns.peak_bandwidth:
+        shared += ["--peak-bandwidth", str(ns.peak_bandwidth)]
+    if not ns.warmup:
+        shared.append("--no-warmup")
+    runs: list[dict[str, Any]] = []
+    peak = None
+    for item, engine, batching in _engines(ns.engines or DEFAULT_WORKLOAD_ENGINES):
+        def failed(error: str) -> None:
+            runs.extend({"engine": engine, "label": item, "workload": w.name, "error": error}
+                        for w in workloads)
+        if engine not in ("peregrine", "llama.cpp"):
+            failed("runs only the random workload (without --workloads)")
+            continue
+        argv = [sys.executable, "-m", "peregrine.cli", "bench", "workloads", "--engine",
+                engine, *shared]
+        if engine == "peregrine":
+            argv += engine_flags(ns) + (["--batching", batching] if batching else [])
+        else:
+            reason = available(ns.build_peers)
+            if reason:
+                failed(reason)
+                continue
+            if ns.model:
+                argv += ["--model", ns.model]
+            if ns.llamacpp_args:
+                argv.append(f"--llamacpp-args={ns.llamacpp_args}")
+        path = os.path.join(ns.output_dir, f"workloads-{item.replace(':', '-').replace('.', '')}"
+                                           ".json")
+        argv += ["--output", path]
+        print(f"== {item}: {' '.join(argv[3:])}", file=sys.stderr, flush=True)
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            failed(f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
+            continue
+        child = load_json(path)
+        runs += child["runs"]
+        peak = peak or child["peak"]
+    return _save_compare(ns, workloads_suite(runs, workloads, peak=peak, env=_env(ns)), runs)
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:

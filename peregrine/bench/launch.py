@@ -13,7 +13,9 @@ from typing import Any
 
 from peregrine.models.registry import resolve_model
 
-SERVERS = ("peregrine", "llama.cpp")
+# llama.cpp: llama-server from llama.cpp's own binaries (parallel slots, continuous
+# batching); llama.cpp-python: llama-cpp-python's server (one request at a time).
+SERVERS = ("peregrine", "llama.cpp", "llama.cpp-python")
 
 
 def free_port() -> int:
@@ -39,14 +41,19 @@ class ServerSpec:
     command: list[str]
     extra_body: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    new_session: bool = False  # start it in a session of its own (setsid)
 
 
-def unavailable_reason(server: str) -> str | None:
-    """Why `server` cannot be started here (None when it can)."""
+def unavailable_reason(server: str, build: bool = False) -> str | None:
+    """Why `server` cannot be started here (None when it can). With `build`, llama.cpp's
+    binaries are built when they are missing."""
     if server == "peregrine":
         if not module_available("peregrine.server.app"):
             return "peregrine.server.app is not importable (the server is not built in yet)"
     elif server == "llama.cpp":
+        from peregrine.bench.peers.llamacpp_bin import available
+        return available(build)
+    elif server == "llama.cpp-python":
         missing = [m for m in ("llama_cpp", "llama_cpp.server", "sse_starlette",
                                "starlette_context", "pydantic_settings")
                    if not module_available(m)]
@@ -60,8 +67,10 @@ def unavailable_reason(server: str) -> str | None:
 
 def server_spec(server: str, port: int, *, model: str | None, threads: int,
                 max_model_len: int, eos_token_ids: list[int],
-                engine_args: list[str] | None = None) -> ServerSpec:
-    """The command line of `server` on `port`, serving `model` with `threads` CPU threads."""
+                engine_args: list[str] | None = None, parallel: int = 32,
+                llamacpp_args: list[str] | None = None) -> ServerSpec:
+    """The command line of `server` on `port`, serving `model` with `threads` CPU threads
+    (llama-server with `parallel` slots of `max_model_len` tokens each)."""
     if server == "peregrine":
         cmd = [sys.executable, "-m", "peregrine.cli", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--num-threads", str(threads),
@@ -71,6 +80,20 @@ def server_spec(server: str, port: int, *, model: str | None, threads: int,
         return ServerSpec("peregrine", cmd + list(engine_args or []),
                           notes="continuous batching; ignore_eos in the body")
     if server == "llama.cpp":
+        from peregrine.bench.peers.llamacpp_bin import find_bin_dir, server_command
+        source = resolve_model(model)
+        if source.format != "gguf":
+            raise ValueError("llama-server needs a GGUF model")
+        cmd = server_command(find_bin_dir(), source.path, port=port, threads=threads,
+                             parallel=parallel, ctx_per_slot=max_model_len,
+                             extra=llamacpp_args)
+        # llama-server takes ignore_eos in the body (the client sends it) and max_tokens
+        # as its n_predict. Started with setsid: in the process group of a Python client
+        # it was seen to exit after its first request.
+        return ServerSpec("llama.cpp", cmd, new_session=True,
+                          notes=f"llama-server: {parallel} parallel slots, continuous "
+                                "batching; ignore_eos in the body")
+    if server == "llama.cpp-python":
         source = resolve_model(model)
         if source.format != "gguf":
             raise ValueError("the llama.cpp server needs a GGUF model")
@@ -81,7 +104,7 @@ def server_spec(server: str, port: int, *, model: str | None, threads: int,
                "--interrupt_requests", "False"]
         # llama-cpp-python has no ignore_eos: a -100 logit bias keeps EOS from being picked.
         bias = {str(t): -100.0 for t in eos_token_ids}
-        return ServerSpec("llama.cpp", cmd, extra_body={"logit_bias": bias},
+        return ServerSpec("llama.cpp-python", cmd, extra_body={"logit_bias": bias},
                           notes="llama-cpp-python server: one request at a time (the others "
                                 "wait), EOS suppressed with logit_bias")
     raise ValueError(f"--launch must be one of {SERVERS}, got {server!r}")
@@ -104,7 +127,8 @@ class ServerProcess:
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.spec.command, stdout=self._log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=self.spec.new_session)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -132,6 +132,9 @@ def render(result: dict[str, Any]) -> str:
     elif kind == "spec":
         from peregrine.bench.spec import spec_table
         body = spec_table(result)
+    elif kind == "workloads":
+        from peregrine.bench.peers.workloads import workloads_table
+        body = workloads_table(result)
     else:
         raise ValueError(f"unknown result kind {kind!r}")
     env = result.get("env") or {}

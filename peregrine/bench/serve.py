@@ -5,7 +5,8 @@ Metric definitions follow vLLM's `vllm bench serve`, so numbers compare:
 
 - TTFT: from sending the request to the first streamed chunk that carries a choice
   (/v1/completions; /v1/chat/completions: the first chunk with non-empty content, so a
-  role-only opening chunk does not count).
+  role-only opening chunk does not count). A closing chunk with empty text and only a
+  finish_reason (llama-server sends one after the last token) is no token.
 - ITL: the gaps between consecutive such chunks, pooled over all requests.
 - TPOT per request: (E2E - TTFT) / (output_tokens - 1), for requests with > 1 token.
 - E2E: from sending the request to the end of its stream.
@@ -133,7 +134,10 @@ async def stream_request(client: Any, url: str, body: dict[str, Any], prompt_len
                     c = choices[0]
                     finish_reason = c.get("finish_reason") or finish_reason
                     text = (c.get("delta") or {}).get("content") if chat else c.get("text")
-                    if not chat or text:
+                    # A closing chunk with no text and a finish_reason (llama-server sends
+                    # one after the last token) carries no token.
+                    closing = not text and c.get("finish_reason") is not None
+                    if (not chat or text) and not closing:
                         now = time.perf_counter()
                         if chunks == 0:
                             res.ttft = now - st

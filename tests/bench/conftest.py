@@ -2,7 +2,9 @@
 and SSE on 127.0.0.1, with known chunks, so the client's measurements can be checked
 exactly. Its `model` field picks a behaviour: "fake-model" streams one chunk per token and
 sends usage when asked; "no-usage" sends none and ends with finish_reason "length";
-"stop-early" sends none and ends with "stop". The prompt "fail" gets HTTP 400."""
+"stop-early" sends none and ends with "stop"; "closing-chunk" streams its tokens without a
+finish_reason and then, as llama-server does, a closing chunk with empty text, the
+finish_reason and usage. The prompt "fail" gets HTTP 400."""
 
 from __future__ import annotations
 
@@ -34,11 +36,15 @@ def _app():
                 yield 'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n'
             for i in range(n):
                 await asyncio.sleep(0.005)
-                last = i == n - 1
+                last = i == n - 1 and mode != "closing-chunk"
                 finish = ("length" if mode != "stop-early" else "stop") if last else None
                 choice = ({"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "})
                 yield "data: " + json.dumps({"choices": [{**choice, "finish_reason": finish}]}) \
                     + "\n\n"
+            if mode == "closing-chunk":
+                await asyncio.sleep(0.005)
+                yield "data: " + json.dumps({"choices": [{"text": "", "finish_reason": "length"}],
+                                             "usage": {"completion_tokens": n}}) + "\n\n"
             if mode == "fake-model" and body.get("stream_options", {}).get("include_usage"):
                 prompt = body.get("prompt") or body["messages"][0]["content"]
                 yield "data: " + json.dumps({"choices": [], "usage": {

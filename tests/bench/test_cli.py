@@ -109,15 +109,45 @@ def test_compare_runs_each_engine_in_its_own_process(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     proc = subprocess.run(
         [sys.executable, "-m", "peregrine.cli", "bench", "compare", "--engines",
-         engines + ",llama.cpp", "--num-prompts", "2", "--input-len", "4-8", "--output-len",
-         "2-3", "--hf-batch-size", "2", "--output-dir", str(out), *tiny_flags(tiny_model_dir)],
+         engines + ",llama.cpp,llama.cpp-python", "--num-prompts", "2", "--input-len",
+         "4-8", "--output-len", "2-3", "--hf-batch-size", "2", "--output-dir", str(out), *tiny_flags(tiny_model_dir)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "compare.json").read_text())
     runs = {r["engine"]: r for r in data["runs"]}
     assert not runs["peregrine"].get("error")
-    assert runs["llama.cpp"]["error"]  # a random-weight config is no GGUF for llama.cpp
+    assert "fixed workloads" in runs["llama.cpp"]["error"]  # the binaries: --workloads
+    assert runs["llama.cpp-python"]["error"]  # not installed, or no GGUF for it here
     if "transformers" in engines:
         assert runs["transformers"]["output_tokens"] == runs["peregrine"]["output_tokens"]
         assert runs["transformers"]["prompt_tokens"] == runs["peregrine"]["prompt_tokens"]
     assert (out / "compare.md").read_text().count("\n| ") >= 3
+
+
+def test_compare_workloads_runs_peregrine_and_reports_llamacpp_errors(tiny_model_dir,
+                                                                      tmp_path):
+    out = tmp_path / "cmp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "peregrine.cli", "bench", "compare", "--workloads",
+         "pp8,tg3,batch2x4x3", "--engines", "peregrine,llama.cpp,transformers",
+         "--repetitions", "2", "--output-dir", str(out), *tiny_flags(tiny_model_dir)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "compare.json").read_text())
+    assert data["kind"] == "workloads"
+    assert [w["name"] for w in data["workloads"]] == ["pp8", "tg3", "batch2x4x3"]
+    ours = [r for r in data["runs"] if r["engine"] == "peregrine"]
+    assert [r["workload"] for r in ours] == ["pp8", "tg3", "batch2x4x3"]
+    for r in ours:
+        assert not r.get("error") and r["tokens_per_s"] > 0 and r["mfu"] > 0
+    assert ours[0]["repetitions"] == 2 and ours[2]["repetitions"] == 1
+    assert ours[2]["decode"]["tokens"] + ours[2]["prefill"]["tokens"] >= 2 * 3
+    others = [r for r in data["runs"] if r["engine"] != "peregrine"]
+    assert len(others) == 6 and all(r["error"] for r in others)  # dummy weights: no GGUF
+    assert "| tg3 | peregrine |" in (out / "compare.md").read_text()
+
+
+def test_throughput_points_llamacpp_to_its_workloads(tiny_model_dir, capsys):
+    assert main(["bench", "throughput", "--engine", "llama.cpp",
+                 *tiny_flags(tiny_model_dir)]) == 2
+    assert "bench workloads --engine llama.cpp" in capsys.readouterr().err

@@ -95,6 +95,14 @@ def test_without_usage_the_count_comes_from_finish_reason_or_chunks(fake_server)
     assert (results[0].output_tokens, results[0].tokens_from) == (5, "chunks")
 
 
+def test_a_closing_chunk_without_text_is_no_token(fake_server):
+    # llama-server ends a stream with an empty-text chunk carrying finish_reason and usage.
+    results, _ = _run(fake_server, "closing-chunk", [BenchRequest(3, 4, prompt="x")])
+    r = results[0]
+    assert r.ok and (r.output_tokens, r.tokens_from) == (4, "usage")
+    assert len(r.itl) == 3 and r.text == "t0 t1 t2 t3 "
+
+
 def test_chat_ttft_waits_for_content_not_the_role_chunk(fake_server):
     results, _ = _run(fake_server, "fake-model", [BenchRequest(3, 3, prompt="x")],
                       endpoint="/v1/chat/completions")

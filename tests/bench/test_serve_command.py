@@ -1,5 +1,6 @@
 """`peregrine bench serve` end to end: against a running endpoint, and launching our own
-server and llama.cpp's (each when it is installed)."""
+server and llama-cpp-python's (each when it is installed; llama.cpp's own llama-server:
+test_llamacpp_bin.py)."""
 
 from __future__ import annotations
 
@@ -86,13 +87,13 @@ def test_serve_command_launches_peregrine_serve(tmp_path):
     assert (tmp_path / "server-peregrine.log").exists()
 
 
-@pytest.mark.skipif(unavailable_reason("llama.cpp") is not None,
+@pytest.mark.skipif(unavailable_reason("llama.cpp-python") is not None,
                     reason="llama-cpp-python[server] is not installed (optional extra `peers`)")
-def test_serve_command_launches_llamacpp_server(tmp_path):
+def test_serve_command_launches_llamacpp_python_server(tmp_path):
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--launch", "llama.cpp", *SMALL, "--max-concurrency", "2",
-                 "--goodput", "ttft:600000", "--threads", "1", "--output", str(out)]) == 0
+    assert main(["bench", "serve", "--launch", "llama.cpp-python", *SMALL, "--max-concurrency",
+                 "2", "--goodput", "ttft:600000", "--threads", "1", "--output", str(out)]) == 0
     data = json.loads(out.read_text())
-    check_points(data, "llama.cpp", [2])
+    check_points(data, "llama.cpp-python", [2])
     # llama-cpp-python sends no usage while streaming; "length" gives the exact count.
     assert data["runs"][0]["output_tokens_from"] == ["length"]

@@ -1,4 +1,6 @@
-"""llama.cpp (through llama-cpp-python) as a throughput peer, on the same GGUF file.
+"""llama.cpp through llama-cpp-python (engine name `llama.cpp-python`) as a throughput peer
+on the same GGUF file: the fallback for workloads llama.cpp's own binaries cannot run (a
+random workload of mixed lengths; see `llamacpp_bin.py` and `workloads.py` for those).
 
 What it can do, and how we run it: the high-level `Llama` class holds one sequence, so
 requests run one after another: the prompt is evaluated in chunks of `n_batch` tokens,
@@ -7,7 +9,8 @@ directly (Q4_1 here: about 0.6 bytes per weight), while peregrine and transforme
 dequantize to float32 at load (4 bytes per weight): per decoded token llama.cpp reads
 about 6x fewer weight bytes. llama.cpp itself can batch several sequences (its C batch API
 and its own `llama-server` with parallel slots); llama-cpp-python's high-level class and
-its OpenAI server do not use that, and neither do we here."""
+its OpenAI server do not use that, and neither do we here: `llamacpp_bin.py` runs
+llama.cpp's own llama-batched-bench and llama-server, which do."""
 
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def run_llamacpp(requests: list[BenchRequest], peak: DevicePeak, *, model: str |
                 "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(
                     errors="replace").strip()}
     return throughput_run(
-        engine="llama.cpp", label="llama.cpp (llama-cpp-python, one sequence at a time)",
+        engine="llama.cpp-python", label="llama.cpp (llama-cpp-python, one sequence at a time)",
         settings=settings, requests=requests,
         output_tokens=sum(r.output_len for r in requests), wall_s=wall, phases=phases,
         peak=peak, cost=cost)
