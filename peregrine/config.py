@@ -34,14 +34,17 @@ class EngineConfig:
     """`auto`: CUDA when available, else CPU."""
     seed: int = 0
     """Seed for dummy weights and for requests that sample without a seed of their own."""
-    quantization: Literal["none", "int8", "int4", "nf4", "fp8", "gguf"] = "none"
+    quantization: Literal["auto", "none", "int8", "int4", "nf4", "fp8", "gguf"] = "auto"
     """Weight quantization applied at load (docs/quantization.md): `int8` per-channel,
     `int4` group-wise, `nf4` group-wise absmax, `fp8` e4m3 per-channel, all round-to-nearest
     from the float weights; `gguf` keeps a GGUF file's Q8_0/Q4_0/Q4_1 blocks as they are.
-    A checkpoint written by `peregrine quantize` loads quantized with `none`."""
+    `auto` (the default): `gguf` for a GGUF file on the CPU (the fastest lossless path),
+    `none` otherwise. `none` computes in float (the reference path). A checkpoint written by
+    `peregrine quantize` loads quantized with `auto` or `none`."""
     quantization_group_size: int | None = None
     """Weights per scale for int4/nf4/int8 (a multiple of 32). None: the format's default,
-    128 for int4, 64 for nf4, one scale per output channel for int8."""
+    128 for int4 (32 for a GGUF source, whose blocks already sit on a 32-weight grid), 64 for
+    nf4, one scale per output channel for int8."""
     quantization_symmetric: bool = False
     """int4 only: symmetric levels (-8..7 times a scale) instead of min/max (scale + offset)."""
     max_model_len: int | None = None
@@ -125,8 +128,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.batching not in ("continuous", "dynamic", "static"):
             raise ValueError(f"batching must be continuous|dynamic|static, got {self.batching!r}")
-        if self.quantization not in ("none", "int8", "int4", "nf4", "fp8", "gguf"):
-            raise ValueError("quantization must be none|int8|int4|nf4|fp8|gguf, got "
+        if self.quantization not in ("auto", "none", "int8", "int4", "nf4", "fp8", "gguf"):
+            raise ValueError("quantization must be auto|none|int8|int4|nf4|fp8|gguf, got "
                              f"{self.quantization!r}")
         g = self.quantization_group_size
         if g is not None and (g < 32 or g % 32 or (g // 32) & (g // 32 - 1)):
