@@ -353,8 +353,10 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
   for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
     const int64_t b1 = std::min(n1, b0 + kBand);
     if (M == 1) {
+      // int8 rows need twice the registers of int4 ones (the sign trick): two at a time
+      constexpr int RN = KIND == kInt4 ? 4 : 2;
       int64_t n = b0;
-      for (; n + 4 <= b1; n += 4) qgemm_tile<KIND, 4, 1>(w, x, 0, n, y, ldy, buf);
+      for (; n + RN <= b1; n += RN) qgemm_tile<KIND, RN, 1>(w, x, 0, n, y, ldy, buf);
       for (; n < b1; ++n) qgemm_tile<KIND, 1, 1>(w, x, 0, n, y, ldy, buf);
       continue;
     }
