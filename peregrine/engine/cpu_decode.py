@@ -62,6 +62,7 @@ class FusedDecodeRunner:
                                    _weight(mlp.gate_up_proj), _weight(mlp.down_proj),
                                    layer.input_layernorm.weight.data,
                                    layer.post_attention_layernorm.weight.data, cache.k, cache.v)
+        self.decoder.set_final_norm(model.norm.weight.data)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_caches: list[LayerCache], num_fused: int) -> torch.Tensor:
@@ -70,12 +71,14 @@ class FusedDecodeRunner:
         context) through the C++ decoder, the others (prefill chunks) through the modules."""
         qs = meta.query_start_loc
         t = qs[num_fused]
-        lens = torch.tensor([qs[i + 1] - qs[i] for i in range(num_fused)])
-        token_seq = torch.repeat_interleave(torch.arange(num_fused), lens)
+        if t == num_fused:  # one token per entry
+            token_seq = torch.arange(t)
+        else:
+            lens = torch.tensor([qs[i + 1] - qs[i] for i in range(num_fused)])
+            token_seq = torch.repeat_interleave(torch.arange(num_fused), lens)
         x = self.model.embed_tokens(input_ids[:t])
-        h, residual = self.decoder.forward(x, positions[:t], self.model.rotary.cos_sin,
-                                           meta.slot_mapping[:t], meta.block_tables, token_seq, -1)
-        fused, _ = self.model.norm(h, residual)
+        fused, = self.decoder.forward(x, positions[:t], self.model.rotary.cos_sin,
+                                      meta.slot_mapping[:t], meta.block_tables, token_seq, -1)
         if num_fused == meta.num_seqs:
             return fused
         rest = AttentionMetadata(

@@ -479,12 +479,13 @@ class Decoder {
     layers_.push_back(std::move(L));
   }
 
-  // Hidden states [T, hidden] before the final norm, and the residual stream, of T tokens
+  // Hidden states [T, hidden] after the final norm (when set and every layer runs; else
+  // before it, with the residual stream as a second output), of T tokens
   // that each attend to their sequence's cache up to their own position (decodes, and
   // drafts being verified): x [T, hidden] embeddings, positions [T], token_seq [T] (each
   // token's row of block_tables), slot_mapping [T], block_tables [B, max_blocks] int32,
-  // rope table [P, 2, D] (cos, signed sin). The caller applies the final norm to h +
-  // residual. The step's K/V are all written before any token attends.
+  // rope table [P, 2, D] (cos, signed sin). The step's K/V are all written before any
+  // token attends.
   std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor positions,
                                      torch::Tensor cos_sin, torch::Tensor slot_mapping,
                                      torch::Tensor block_tables, torch::Tensor token_seq,
@@ -637,11 +638,26 @@ class Decoder {
         qgemm_rows(L.down, qx_i, B, lo, hi, hp, H_);
 #pragma omp barrier
       }
+      if (final_norm_.defined() && nl == static_cast<int64_t>(layers_.size())) {
+        split(B, tid, nth, 1, lo, hi);
+        for (int64_t b = lo; b < hi; ++b) {
+          add_row(res + b * H_, hp + b * H_, H_);
+          rmsnorm_row(res + b * H_, final_norm_.data_ptr<float>(), hp + b * H_, H_, eps_);
+        }
+      }
     }
+    if (final_norm_.defined() && nl == static_cast<int64_t>(layers_.size())) return {h};
     return {h, residual};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // The final norm's weight: forward then returns norm(h + residual) alone.
+  void set_final_norm(torch::Tensor w) {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == H_,
+                "the final norm weight must be float32 [hidden]");
+    final_norm_ = w;
+  }
 
  private:
   static QW take(const std::vector<c10::optional<torch::Tensor>>& t, std::vector<torch::Tensor>& keep,
@@ -663,6 +679,7 @@ class Decoder {
   float eps_;
   int64_t window_, bs_;
   std::vector<Layer> layers_;
+  torch::Tensor final_norm_;
 };
 
 // y = x W^T (+ bias) for a float32 x [M, K] and a quantized W, parallel over W's rows.
@@ -705,5 +722,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
       .def("add_layer", &Decoder::add_layer)
       .def("forward", &Decoder::forward)
-      .def("num_layers", &Decoder::num_layers);
+      .def("num_layers", &Decoder::num_layers)
+      .def("set_final_norm", &Decoder::set_final_norm);
 }
