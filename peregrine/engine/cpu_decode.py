@@ -1,17 +1,19 @@
-"""The fused CPU decode step: every layer of a pure-decode step in one C++ call.
+"""The fused CPU step: every layer of a step's forward in one C++ call.
 
-The CPU analogue of CUDA graphs. A decode step of a small model is ~40 eager torch ops per
-layer, each a few microseconds of dispatch, which on a 2-core CPU cost more than the
-arithmetic. When every linear of the model is int4 or int8 (GGUF Q4_0/Q4_1/Q8_0 blocks, or
-`--quantization int4|int8`), the KV cache is float32 and the step holds one new token per
-sequence, `FusedDecodeRunner` runs all layers in one OpenMP region of q8_decode.cpp (int8
-dot products against activations quantized per 32 values).
+The CPU analogue of CUDA graphs. A step of a small model is ~40 eager torch ops per layer,
+each a few microseconds of dispatch, which on a 2-core CPU cost more than the arithmetic.
+When every linear of the model is int4 or int8 (GGUF Q4_0/Q4_1/Q8_0 blocks, or
+`--quantization int4|int8`) and the KV cache is float32, `FusedDecodeRunner` runs all layers
+of a step in one OpenMP region of q8_decode.cpp (int8 dot products against activations
+quantized per 32 values).
 
-Every token of a sequence in its decode phase (a decode, or a draft being verified) takes
-this path, and every prefill token the plain modules, whatever else shares the step: a
-mixed step runs its decoding entries fused and its prefill chunks through the modules, so
-a sequence's output does not depend on what it was batched with. The modules stay the
-reference the fused step is tested against."""
+Every token takes the same path: its K/V are written, then it attends to its sequence's
+cache up to its own position, with operations whose order depends on nothing but the token
+itself. A token's hidden states are therefore the same whether it is a decode, a draft being
+verified, part of a prefill chunk of any size, recomputed after preemption or batched with
+anything: batching, chunking, preemption, prefix caching and speculation cannot change
+greedy output. The torch modules stay the reference the fused step is tested against
+(`--enforce-eager` runs them)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
 
 
 class FusedDecodeRunner:
-    """Runs the decoding entries of a step through the C++ decoder."""
+    """Runs a step's entries through the C++ decoder."""
 
     def __init__(self, ops, model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> None:
         cfg = model.config
@@ -67,8 +69,8 @@ class FusedDecodeRunner:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_caches: list[LayerCache], num_fused: int) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, as the model's forward gives: the
-        first `num_fused` entries (decodes and verifications, attending to their cached
-        context) through the C++ decoder, the others (prefill chunks) through the modules."""
+        first `num_fused` entries through the C++ decoder, the others (if any) through the
+        modules."""
         qs = meta.query_start_loc
         t = qs[num_fused]
         if t == num_fused:  # one token per entry

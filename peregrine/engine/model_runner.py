@@ -34,7 +34,6 @@ class ModelInput:
     logits_indices: torch.Tensor  # rows of the hidden states to sample from
     sample_rows: list[int]  # batch entries that sample (1 + their drafts rows each)
     num_drafts: list[int]  # draft tokens of each sampling entry (0: no speculation)
-    num_decoding: int = 0  # leading entries past their prompt (decodes, drafts to verify)
 
 
 class ModelRunner:
@@ -161,13 +160,13 @@ class ModelRunner:
         return out
 
     def forward(self, inp: ModelInput) -> torch.Tensor:
-        """Hidden states of the batch: a CUDA graph replay (GPU) or the fused C++ step (CPU)
-        for a pure decode step that fits one, else the eager forward."""
+        """Hidden states of the batch: a CUDA graph replay for a pure decode step that fits
+        one (GPU), the fused C++ step (CPU, quantized model), else the eager forward."""
         if self.graphs is not None and self.graphs.can_run(inp.meta):
             return self.graphs.run(inp.input_ids, inp.positions, inp.meta)
-        if self.fused is not None and inp.num_decoding:
+        if self.fused is not None:
             return self.fused.run(inp.input_ids, inp.positions, inp.meta, self.kv_caches,
-                                  inp.num_decoding)
+                                  inp.meta.num_seqs)
         return self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -213,10 +212,8 @@ class ModelRunner:
             slot_mapping=dev(slot_mapping), block_tables=dev(table),
             query_start_loc_t=dev(torch.tensor(starts, dtype=torch.int32)),
             seq_lens_t=dev(torch.tensor(seq_lens, dtype=torch.int32)))
-        decoding = next((i for i, s in enumerate(batch.seqs) if s.is_prefilling),
-                        len(batch.seqs))
         return ModelInput(dev(torch.tensor(ids)), dev(positions), meta,
-                          dev(torch.tensor(logits_indices)), sample_rows, num_drafts, decoding)
+                          dev(torch.tensor(logits_indices)), sample_rows, num_drafts)
 
     def sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         """Per-row sampling controls of the sequences being sampled."""

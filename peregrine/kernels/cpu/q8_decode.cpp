@@ -348,7 +348,7 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
 template <int KIND>
 void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
                      int64_t ldy, float* buf) {
-  // A band of W rows stays in L1/L2 while every tile of x passes over it.
+  // A band of W rows stays in L1 while every tile of x passes over it.
   constexpr int64_t kBand = 16;
   for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
     const int64_t b1 = std::min(n1, b0 + kBand);
@@ -360,9 +360,11 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
       for (; n < b1; ++n) qgemm_tile<KIND, 1, 1>(w, x, 0, n, y, ldy, buf);
       continue;
     }
+    // four rows of x (L1) against each row of the band (L1), then the next four rows
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      for (int64_t n = b0; n < b1; ++n) qgemm_tile<KIND, 1, 4>(w, x, m, n, y, ldy, buf);
     for (int64_t n = b0; n < b1; ++n) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) qgemm_tile<KIND, 1, 4>(w, x, m, n, y, ldy, buf);
       switch (M - m) {
         case 1: qgemm_tile<KIND, 1, 1>(w, x, m, n, y, ldy, buf); break;
         case 2: qgemm_tile<KIND, 1, 2>(w, x, m, n, y, ldy, buf); break;
@@ -432,24 +434,116 @@ inline void rope_row(float* x, const float* cs, int64_t D) {
   }
 }
 
-inline float dot_d(const float* a, const float* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < D; ++i) s += a[i] * b[i];
-  return s;
+inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// e^x for x <= 0 (softmax after subtracting the max), 8 at a time: 2^n * e^r with
+// r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (relative error ~2e-7).
+inline __m256 exp_neg(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
+// One query (D floats) against keys [first, len) of one KV head of a sequence's paged
+// cache: softmax(q k^T * scale) v into out. Every query's result follows the same sequence
+// of operations whatever else is computed, so a token's attention does not depend on how
+// its sequence was chunked or batched. scores holds len - first + 8 floats.
+void attend(const float* q, const int32_t* table, int64_t first, int64_t len,
+            const float* kc, const float* vc, int64_t kv_stride, int64_t bs, int64_t D,
+            float scale, float* scores, float* out) {
+  auto key = [&](const float* cache, int64_t j) {
+    return cache + (static_cast<int64_t>(table[j / bs]) * bs + j % bs) * kv_stride;
+  };
+  const int64_t n = len - first;
+  // scores, four keys at a time (four independent FMA chains)
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const float* k0 = key(kc, first + j);
+    const float* k1 = key(kc, first + j + 1);
+    const float* k2 = key(kc, first + j + 2);
+    const float* k3 = key(kc, first + j + 3);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
+    }
+    scores[j] = hsum(a0) * scale;
+    scores[j + 1] = hsum(a1) * scale;
+    scores[j + 2] = hsum(a2) * scale;
+    scores[j + 3] = hsum(a3) * scale;
+  }
+  for (; j < n; ++j) {
+    const float* k0 = key(kc, first + j);
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k0 + d), a0);
+    scores[j] = hsum(a0) * scale;
+  }
+  // softmax
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  for (j = 0; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(scores + j));
+  float mx = hmax(mv);
+  for (; j < n; ++j) mx = std::max(mx, scores[j]);
+  for (int64_t t = n; t < n + 8; ++t) scores[t] = -INFINITY;  // padding: e^-inf = 0
+  const __m256 mxv = _mm256_set1_ps(mx);
+  __m256 dv = _mm256_setzero_ps();
+  for (j = 0; j < n; j += 8) {
+    const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mxv));
+    const __m256 e0 = _mm256_blendv_ps(e, _mm256_setzero_ps(),
+                                       _mm256_cmp_ps(_mm256_loadu_ps(scores + j),
+                                                     _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+    _mm256_storeu_ps(scores + j, e0);
+    dv = _mm256_add_ps(dv, e0);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum(dv));
+  // weighted sum of values, 64 dimensions at a time in registers
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int64_t nv = std::min<int64_t>(8, (D - d0) / 8);
+    __m256 acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+    if (nv == 8) {
+      for (j = 0; j < n; ++j) {
+        const float* v = key(vc, first + j) + d0;
+        const __m256 p = _mm256_set1_ps(scores[j]);
+        for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * t), acc[t]);
+      }
+    } else {
+      for (j = 0; j < n; ++j) {
+        const float* v = key(vc, first + j) + d0;
+        const __m256 p = _mm256_set1_ps(scores[j]);
+        for (int64_t t = 0; t < nv; ++t)
+          acc[t] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * t), acc[t]);
+      }
+    }
+    for (int64_t t = 0; t < nv; ++t) _mm256_storeu_ps(out + d0 + 8 * t, _mm256_mul_ps(acc[t], inv));
+  }
+}
 
 class Decoder {
  public:
   Decoder(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
           int64_t intermediate, double eps, int64_t sliding_window, int64_t block_size)
       : H_(hidden), Hq_(num_heads), Hkv_(num_kv_heads), D_(head_dim), I_(intermediate),
-        eps_(static_cast<float>(eps)), window_(sliding_window), bs_(block_size) {}
+        eps_(static_cast<float>(eps)), window_(sliding_window), bs_(block_size) {
+    TORCH_CHECK(head_dim % 8 == 0 && hidden % 32 == 0 && intermediate % 32 == 0 &&
+                num_heads % num_kv_heads == 0, "the fused step needs head_dim % 8 == 0 and "
+                "hidden/intermediate sizes that are multiples of 32");
+  }
 
   // One layer's weights (int4: q, scale, offset; int8: q, scale, None), norms and caches.
   void add_layer(std::vector<c10::optional<torch::Tensor>> qkv,
@@ -543,8 +637,7 @@ class Decoder {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-      std::vector<float> scores(static_cast<size_t>(max_len) + 8);
-      std::vector<float> outv(static_cast<size_t>(D_));
+      std::vector<float> scores(static_cast<size_t>(max_len) + 16);
       int64_t lo, hi;
       for (int64_t l = 0; l < nl; ++l) {
         const Layer& L = layers_[l];
@@ -572,40 +665,15 @@ class Decoder {
                       sizeof(float) * Hkv_ * D_);
         }
 #pragma omp barrier
-        // 4. attention: one (sequence, query head) per work item
+        // 4. attention: one (token, query head) per work item
         split(B * Hq_, tid, nth, 1, lo, hi);
         for (int64_t it = lo; it < hi; ++it) {
           const int64_t b = it / Hq_, hq = it % Hq_, g = hq / group;
           const int64_t len = posp[b] + 1;
           const int64_t first = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0;
-          const float* q = qkvp + b * qkv_n + hq * D_;
-          const int32_t* table = tabp + tseqp[b] * max_blocks;
-          float mx = -INFINITY;
-          for (int64_t j = first; j < len; ++j) {
-            const int64_t slot = static_cast<int64_t>(table[j / bs_]) * bs_ + j % bs_;
-            const float s = dot_d(q, L.k_cache + (slot * Hkv_ + g) * D_, D_) * scale;
-            scores[j - first] = s;
-            mx = std::max(mx, s);
-          }
-          float denom = 0.0f;
-          for (int64_t j = 0; j < len - first; ++j) {
-            scores[j] = std::exp(scores[j] - mx);
-            denom += scores[j];
-          }
-          std::fill(outv.begin(), outv.end(), 0.0f);
-          for (int64_t j = first; j < len; ++j) {
-            const int64_t slot = static_cast<int64_t>(table[j / bs_]) * bs_ + j % bs_;
-            const float* v = L.v_cache + (slot * Hkv_ + g) * D_;
-            const __m256 p = _mm256_set1_ps(scores[j - first]);
-            int64_t d = 0;
-            for (; d + 8 <= D_; d += 8)
-              _mm256_storeu_ps(outv.data() + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d),
-                                                                _mm256_loadu_ps(outv.data() + d)));
-            for (; d < D_; ++d) outv[d] += scores[j - first] * v[d];
-          }
-          float* dst = ap + b * Hq_ * D_ + hq * D_;
-          const float inv = 1.0f / denom;
-          for (int64_t d = 0; d < D_; ++d) dst[d] = outv[d] * inv;
+          attend(qkvp + b * qkv_n + hq * D_, tabp + tseqp[b] * max_blocks, first, len,
+                 L.k_cache + g * D_, L.v_cache + g * D_, Hkv_ * D_, bs_, D_, scale,
+                 scores.data(), ap + b * Hq_ * D_ + hq * D_);
         }
 #pragma omp barrier
         split(B, tid, nth, 1, lo, hi);
