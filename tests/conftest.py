@@ -35,9 +35,19 @@ def hf_smollm2(smollm2_path: str):
 
 @pytest.fixture(scope="session")
 def smollm2_llm():
-    """One float32 engine on the real default model, shared by read-only tests."""
+    """One engine on the real default model with the default settings (the GGUF's own
+    Q4_1/Q8_0 blocks, int8 activations, fused decode), shared by read-only tests: the
+    engine's invariants hold on the path users get."""
     from peregrine import LLM
     return LLM(kv_cache_memory=0.5)
+
+
+@pytest.fixture(scope="session")
+def smollm2_float_llm():
+    """One engine on the real default model computing in float32 (`quantization="none"`):
+    the reference path of the parity tests against transformers."""
+    from peregrine import LLM
+    return LLM(kv_cache_memory=0.5, quantization="none")
 
 
 def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch.nn.Module"]:
@@ -102,6 +112,19 @@ def quant_ops():
     ops = quant_ops()
     assert ops is not None, "the C++ kernels failed to build (see the logged warning)"
     return ops
+
+
+def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What q8_decode.cpp's int8-dot linears do to x [M, K]: int8 per run of 32 values,
+    d = absmax / 127, q = round(x * (1 / d)) (ties to even). Returns the dequantized x and
+    d [M, K/32] -- the reference for those kernels (formats.quantize_activations is the
+    int16 one of quant_linear.cpp)."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // 32, 32)
+    d = xb.abs().amax(-1) / 127.0
+    inv = torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
+    q = torch.round(xb * inv.unsqueeze(-1))
+    return (q * d.unsqueeze(-1)).reshape(m, k), d
 
 
 def assert_engine_drained(engine) -> None:

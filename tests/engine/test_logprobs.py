@@ -88,12 +88,13 @@ def test_n_samples_with_prompt_logprobs(tiny_model_dir):
     assert out.num_cached_tokens == 24  # the siblings hit the first sample's full blocks
 
 
-def test_greedy_logprobs_on_the_real_model_match_transformers(smollm2_llm, hf_smollm2):
+def test_greedy_logprobs_on_the_real_model_match_transformers(smollm2_float_llm,
+                                                              hf_smollm2):
     hf_model, _ = hf_smollm2
-    tok = smollm2_llm.get_tokenizer()
+    tok = smollm2_float_llm.get_tokenizer()
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of Italy?"}])
     sp = SamplingParams(temperature=0, max_tokens=8, logprobs=5, prompt_logprobs=5)
-    out = smollm2_llm.generate({"prompt_token_ids": prompt}, sp)[0]
+    out = smollm2_float_llm.generate({"prompt_token_ids": prompt}, sp)[0]
     gen = out.outputs[0]
     ids = prompt + gen.token_ids
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 from peregrine.layers import linear
 from peregrine.layers.linear import FP8Linear, Int4Linear, Int8Linear, NF4Linear
 from peregrine.quantization import formats
+from tests.conftest import q8_activations
 
 K = 576  # SmolLM2's hidden size: 4.5 groups of 128
 
@@ -37,9 +38,19 @@ def test_kernel_equals_reference(quant_ops, name, rows):
     mod = layers()[name]
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
     got = mod(x)
-    if mod.method in ("int8", "int4"):
-        # these kernels quantize x to int8 per 32 values (as llama.cpp does): compare with
-        # the reference run on the same quantized x ...
+    if mod.int8_dot:
+        # int4 runs on q8_decode.cpp's int8 dot products at every row count: x is quantized
+        # to int8 per 32 values (as llama.cpp's Q8 activations), so compare with the
+        # reference run on the same int8 x, and bound the difference to the float reference
+        # by that rounding (half an int8 step per value: ~0.5-1% relative, against ~0.003%
+        # for the int16 activations of the kernel below)
+        xq, d = q8_activations(x)
+        torch.testing.assert_close(got, mod.forward_reference(xq), rtol=1e-4, atol=1e-4)
+        bound = (mod.dequantize().abs() @ (formats.expand_groups(d, K, 32) / 2).t()).t()
+        assert ((got - mod.forward_reference(x)).abs() <= bound + 1e-4).all()
+    elif mod.method == "int8":
+        # int8 keeps quant_linear.cpp's kernel, which quantizes x to int16 per 32 values:
+        # compare with the reference run on the same quantized x ...
         xq, d = formats.quantize_activations(x)
         torch.testing.assert_close(got, mod.forward_reference(xq), rtol=1e-4, atol=1e-4)
         # ... and bound the difference to the float reference by that rounding
@@ -51,9 +62,12 @@ def test_kernel_equals_reference(quant_ops, name, rows):
 
 @pytest.mark.parametrize("name", sorted(layers()))
 def test_many_rows_take_dequantize_then_matmul(quant_ops, name):
+    """Above KERNEL_MAX_ROWS the weight-only formats dequantize and run one float GEMM;
+    int4 stays on its int8 dot products (faster than a float GEMM at every row count)."""
     mod = layers()[name]
     x = torch.randn(linear.KERNEL_MAX_ROWS + 7, K)
-    torch.testing.assert_close(mod(x), mod.forward_reference(x), rtol=1e-4, atol=1e-4)
+    want = mod.forward_reference(q8_activations(x)[0] if mod.int8_dot else x)
+    torch.testing.assert_close(mod(x), want, rtol=1e-4, atol=1e-4)
 
 
 def test_float64_and_3d_inputs_use_the_reference_path():

@@ -55,11 +55,11 @@ def test_config_of_checkpoint_is_read(tmp_path):
     assert cfg.attention_bias and cfg.sliding_window is None
 
 
-def test_greedy_matches_transformers_on_smollm2(smollm2_llm, hf_smollm2):
+def test_greedy_matches_transformers_on_smollm2(smollm2_float_llm, hf_smollm2):
     """Same GGUF weights, same prompt ids: the same 48 greedy tokens for 8 varied prompts."""
     from peregrine import SamplingParams
     hf_model, _ = hf_smollm2
-    tok = smollm2_llm.get_tokenizer()
+    tok = smollm2_float_llm.get_tokenizer()
     prompts = [
         "What is the capital of France?",
         "Write a haiku about autumn leaves.",
@@ -73,7 +73,8 @@ def test_greedy_matches_transformers_on_smollm2(smollm2_llm, hf_smollm2):
     chats = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts[:6]]
     raws = [tok.encode(p) for p in prompts[6:]]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
-    outs = smollm2_llm.generate([{"prompt_token_ids": ids} for ids in chats + raws], params)
+    outs = smollm2_float_llm.generate([{"prompt_token_ids": ids} for ids in chats + raws],
+                                      params)
     for ids, out in zip(chats + raws, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf_model, ids, 48)
 

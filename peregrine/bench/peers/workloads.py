@@ -191,7 +191,7 @@ def run_peregrine_workloads(workloads: list[Workload], config: Any, peak: Device
                 "quantization": config.quantization,
                 "device": str(config.torch_device), "threads": config.num_threads,
                 "load_format": loaded.source.format, "model": loaded.source.name}
-    label = "peregrine" + ("" if config.quantization == "none"
+    label = "peregrine" + ("" if config.quantization in ("none", "auto")  # the defaults
                            else f" ({config.quantization})")
     runs: list[dict[str, Any]] = []
     single = [w for w in workloads if w.kind != "batch"]

@@ -1,0 +1,149 @@
+"""q8_linear (q8_decode.cpp): int4/int8 weights against activations quantized to int8 per 32
+values equal the dequantized float reference on the same quantized activations, stay within
+the activation rounding of the float reference, give each row the same bits whatever else
+is in the batch, and refuse bad inputs with an exception."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peregrine.quantization import formats
+from tests.conftest import q8_activations
+
+
+@pytest.fixture(scope="module")
+def q8():
+    from peregrine.kernels.cpu import cpu_supports_kernels, q8_ops
+    if not cpu_supports_kernels():
+        pytest.skip("this CPU has no AVX2/FMA: the C++ kernels do not apply")
+    ops = q8_ops()
+    assert ops is not None, "q8_decode.cpp failed to build (see the logged warning)"
+    return ops
+
+
+def make_weight(kind: str, n: int, k: int, group: int | None, seed: int = 0):
+    """(kernel args, dequantized float weight [N, K]) of a random int4/int8 weight."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if kind == "int4":
+        q, scale, offset = formats.quantize_int4(w, group)
+        return (q, scale, offset), formats.dequantize_int4(q, scale, offset, group)
+    q, scale = formats.quantize_int8(w, group)
+    return (q, scale, None), formats.dequantize_int8(q, scale, group)
+
+
+def run(q8, x, args, bias=None, group=None):
+    q, scale, offset = args
+    return q8.q8_linear(x, q, scale, offset, bias, group or 0)
+
+
+KINDS = ["int4", "int8"]
+GROUPS = [32, 64, 128, None]  # None: one scale per output row
+KS = [96, 160, 576]  # 3 and 5 blocks (an odd block count leaves half a pair), SmolLM2's 576
+ROWS = [1, 2, 3, 4, 5, 17]
+N = 44  # not a multiple of the kernel's 4- and 8-row tiles
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", ROWS)
+def test_equals_the_dequantized_reference_on_quantized_activations(q8, kind, group, k, m):
+    args, w = make_weight(kind, N, k, group, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    got = run(q8, x, args, group=group)
+    assert got.shape == (m, N) and got.dtype == torch.float32
+    xq, d = q8_activations(x)
+    # the integer dot products are exact; what differs is float32 summation order
+    torch.testing.assert_close(got, xq @ w.t(), rtol=1e-4, atol=1e-4)
+    # against float x: at most half a quantization step of x per weight
+    bound = w.abs() @ (formats.expand_groups(d, k, 32) / 2).t()
+    assert ((got - x @ w.t()).abs() <= bound.t() + 1e-4).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_relative_error_to_float_is_about_one_percent(q8, kind, group):
+    """int8 activations cost well under 1% relative error on Gaussian data, which is what
+    llama.cpp's Q8 activations cost too."""
+    args, w = make_weight(kind, 256, 576, group)
+    x = torch.randn(8, 576, generator=torch.Generator().manual_seed(1))
+    got, want = run(q8, x, args, group=group), x @ w.t()
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 0.01, rel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bias_is_added(q8, kind):
+    args, w = make_weight(kind, N, 160, 32)
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(3, 160, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(run(q8, x, args, bias, 32), run(q8, x, args, None, 32) + bias,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("group", [32, None])
+@pytest.mark.parametrize("k", [96, 576])
+def test_a_row_has_the_same_bits_in_any_batch(q8, kind, group, k):
+    """Batch invariance of the kernel: row m of an M-row call equals the same row alone,
+    bit for bit, for every M (the engine's batch invariance rests on it)."""
+    args, _ = make_weight(kind, N, k, group)
+    x = torch.randn(17, k, generator=torch.Generator().manual_seed(5))
+    alone = torch.cat([run(q8, x[i:i + 1], args, group=group) for i in range(17)])
+    for m in ROWS:
+        assert torch.equal(run(q8, x[:m], args, group=group), alone[:m]), m
+    assert torch.equal(run(q8, x[3:11], args, group=group), alone[3:11])
+
+
+def test_zero_rows_and_zero_activations(q8):
+    args, w = make_weight("int4", N, 96, 32)
+    assert run(q8, torch.zeros(2, 96), args, group=32).abs().max() == 0
+    x = torch.randn(1, 96)
+    x[0, :32] = 0  # one all-zero block: d = 0 must not give NaN
+    got = run(q8, x, args, group=32)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, q8_activations(x)[0] @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_non_contiguous_x_is_accepted(q8):
+    args, w = make_weight("int8", N, 96, 32)
+    x = torch.randn(96, 4).t()  # [4, 96], strided
+    torch.testing.assert_close(run(q8, x, args, group=32), run(q8, x.contiguous(), args,
+                                                                 group=32), rtol=0, atol=0)
+
+
+BAD_INPUTS = {
+    "K not a multiple of 32": lambda x, q4, s4, o4, q8w, s8: (
+        torch.randn(2, 80), torch.zeros(8, 80, dtype=torch.int8), torch.ones(8, 3), None,
+        None, 32),
+    "x and the weight disagree on K": lambda x, q4, s4, o4, q8w, s8: (
+        torch.randn(2, 64), q8w, s8, None, None, 32),
+    "x not float32": lambda x, q4, s4, o4, q8w, s8: (x.double(), q8w, s8, None, None, 32),
+    "x not 2-D": lambda x, q4, s4, o4, q8w, s8: (x.view(1, 2, 96), q8w, s8, None, None, 32),
+    "int4 without an offset": lambda x, q4, s4, o4, q8w, s8: (x, q4, s4, None, None, 32),
+    "int4 with float32 scales": lambda x, q4, s4, o4, q8w, s8: (
+        x, q4, s4.float(), o4, None, 32),
+    "int8 with float16 scales": lambda x, q4, s4, o4, q8w, s8: (
+        x, q8w, s8.half(), None, None, 32),
+    "float weights": lambda x, q4, s4, o4, q8w, s8: (x, q8w.float(), s8, None, None, 32),
+    "group size not 32 * 2^k": lambda x, q4, s4, o4, q8w, s8: (x, q8w, s8, None, None, 48),
+    "group size disagrees with the scales": lambda x, q4, s4, o4, q8w, s8: (
+        x, q8w, s8, None, None, 64),
+    "bias of the wrong length": lambda x, q4, s4, o4, q8w, s8: (
+        x, q8w, s8, None, torch.zeros(7), 32),
+    "bias not float32": lambda x, q4, s4, o4, q8w, s8: (
+        x, q8w, s8, None, torch.zeros(8, dtype=torch.float64), 32),
+    "non-contiguous weights": lambda x, q4, s4, o4, q8w, s8: (
+        x, torch.zeros(96, 8, dtype=torch.int8).t(), s8, None, None, 32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_raise_an_exception(q8, case):
+    (q4, s4, o4), _ = make_weight("int4", 8, 96, 32)
+    (q8w, s8, _), _ = make_weight("int8", 8, 96, 32)
+    args = BAD_INPUTS[case](torch.randn(2, 96), q4, s4, o4, q8w, s8)
+    with pytest.raises(RuntimeError):
+        q8.q8_linear(*args)
