@@ -14,8 +14,7 @@ import tempfile
 import typing
 from typing import Any
 
-from peregrine.cli import add_engine_args
-from peregrine.config import EngineConfig
+from peregrine.config import EngineConfig, add_engine_args
 
 ENGINES = ("peregrine", "transformers", "llama.cpp")
 # Engine flags the bench commands own: --seed seeds the workload and the engine alike,

@@ -89,6 +89,8 @@ class LLMEngine:
                                           dtype, device, config.kv_cache_dtype)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
+        # Most tokens (prompt + output) one sequence can hold: the context, or the KV pool.
+        self.context_limit = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.proposer = build_proposer(config, self.loaded.model, self.kv_caches, num_blocks)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size,
