@@ -35,18 +35,6 @@ LAYERS: list[list[str]] = [
      "peregrine.cli", "peregrine"],
 ]
 
-# issue 13 item 4, being moved: the runtime weight formats and quantized linears are moving
-# below models/; until then layers/ and models/ import them from quantization/, and the
-# loader and gguf_native import each other (unpermute_rope_rows).
-BEING_MOVED = {"peregrine.quantization.formats", "peregrine.quantization.gguf_native"}
-
-
-def known_exception(src: str, dst: str) -> bool:
-    """issue 13 item 4, being moved."""
-    return ((dst in BEING_MOVED and src.startswith(("peregrine.layers.", "peregrine.models.")))
-            or (src, dst) == ("peregrine.quantization.gguf_native", "peregrine.models.loader"))
-
-
 def modules() -> dict[str, Path]:
     out = {}
     for path in ROOT.rglob("*.py"):
@@ -95,7 +83,7 @@ def layer_of(name: str) -> int:
 
 def graph() -> dict[str, set[str]]:
     known = modules()
-    return {name: {dst for dst in imports(name, path, known) if not known_exception(name, dst)}
+    return {name: imports(name, path, known)
             for name, path in known.items()}
 
 
