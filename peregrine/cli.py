@@ -7,33 +7,8 @@ import dataclasses
 import logging
 import sys
 import time
-import typing
-from typing import Any
 
-from peregrine.config import EngineConfig
-
-
-def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One --flag per EngineConfig field, except those in `exclude`."""
-    hints = typing.get_type_hints(EngineConfig)
-    docs = EngineConfig.field_docs()
-    group = parser.add_argument_group("engine")
-    for f in dataclasses.fields(EngineConfig):
-        if f.name == "extra" or f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name,
-                                  "help": docs.get(f.name, "").replace("%", "%%") or None}
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is typing.Literal:
-            kwargs["choices"] = list(args)
-        else:
-            base = next((a for a in (args or (hint,)) if a is not type(None)), str)
-            kwargs["type"] = base if base in (int, float, str) else str
-        group.add_argument(flag, **kwargs)
+from peregrine.config import EngineConfig, add_engine_args, field_docs
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:
@@ -45,13 +20,16 @@ def engine_config(ns: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**kwargs)
 
 
+# SamplingParams fields with flags, and their defaults here: greedy, longer answers.
+SAMPLING_FLAGS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "seed": None}
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None,
-                   help="sampling seed (also seeds the engine)")
+    from peregrine.sampling_params import SamplingParams
+    docs = field_docs(SamplingParams)
+    for name, default in SAMPLING_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), default=default, help=docs[name],
+                       type=float if isinstance(default, float) else int)
 
 
 def _structured_args(p: argparse.ArgumentParser) -> None:
@@ -89,8 +67,8 @@ def _structured(ns: argparse.Namespace):
 
 def _params(ns: argparse.Namespace):
     from peregrine.sampling_params import SamplingParams
-    return SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p,
-                          top_k=ns.top_k, seed=ns.seed, structured=_structured(ns))
+    return SamplingParams(**{name: getattr(ns, name) for name in SAMPLING_FLAGS},
+                          structured=_structured(ns))
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -286,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where GPTQ/AWQ checkpoints are written (default: a temp dir)")
     e.set_defaults(func=cmd_eval_quant_table)
 
-    from peregrine.bench.cli import add_bench_parser  # here: it imports this module
+    from peregrine.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -170,19 +172,41 @@ class EngineConfig:
         return 8192 if self.torch_device.type == "cuda" else 512
 
     @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Each field's docstring (the string literal under it in this class's source)."""
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-        body = tree.body[0].body
-        docs = {}
-        for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-        return docs
-
-    @classmethod
     def field_names(cls) -> list[str]:
         """Names of all fields (the keyword arguments `LLM(...)` accepts)."""
         return [f.name for f in dataclasses.fields(cls)]
+
+
+def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One --flag per EngineConfig field, except those in `exclude`."""
+    hints = typing.get_type_hints(EngineConfig)
+    docs = field_docs(EngineConfig)
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name == "extra" or f.name in exclude:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        kwargs: dict[str, Any] = {"default": f.default, "dest": f.name,
+                                  "help": docs.get(f.name, "").replace("%", "%%") or None}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = list(args)
+        else:
+            base = next((a for a in (args or (hint,)) if a is not type(None)), str)
+            kwargs["type"] = base if base in (int, float, str) else str
+        group.add_argument(flag, **kwargs)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the dataclass's source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs

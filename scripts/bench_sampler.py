@@ -69,7 +69,7 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
 def real_logits(batch: int, device: torch.device) -> torch.Tensor:
     """Next-token logits of SmolLM2-135M-Instruct (the embedded model) after `batch` varied
     chat prompts: the peaked distributions top-p meets in practice."""
-    from peregrine.layers.attention import AttentionMetadata
+    from peregrine.attention_backend import AttentionMetadata
     from peregrine.models.loader import load_model
     loaded = load_model(None, device=device)
     ids = chat_prompts(loaded.tokenizer, batch)

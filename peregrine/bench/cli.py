@@ -15,8 +15,7 @@ import typing
 from typing import Any
 
 from peregrine.bench.peers.workloads import DEFAULT_WORKLOADS
-from peregrine.cli import add_engine_args
-from peregrine.config import EngineConfig
+from peregrine.config import EngineConfig, add_engine_args
 
 # llama.cpp: its own binaries (llama-bench, llama-batched-bench; the fixed workloads of
 # `bench workloads` / `bench compare --workloads`); llama.cpp-python: the llama-cpp-python

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from peregrine.bench.roofline import DevicePeak, ModelCost, mbu, mfu
 
 if TYPE_CHECKING:
+    from peregrine.engine.batch import ScheduledBatch
     from peregrine.engine.llm_engine import LLMEngine
-    from peregrine.engine.scheduler import ScheduledBatch
     from peregrine.outputs import RequestOutput
 
 
@@ -57,7 +57,7 @@ class StepWork:
         work = cls()
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            if start >= seq.num_prompt_tokens and n == 1 + len(seq.spec_token_ids):
+            if start >= seq.num_prompt_tokens and n == 1 + len(batch.drafts[i]):
                 for j in range(n):  # the last token and any drafts verified with it
                     work.add_decode(cost, start + j)
             else:

@@ -139,7 +139,7 @@ def _compare(runs: list[dict[str, Any]]) -> None:
 
 def spec_table(result: dict[str, Any]) -> str:
     """One row per point."""
-    from peregrine.bench.report import table
+    from peregrine.bench.results import table
 
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"

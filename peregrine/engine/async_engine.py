@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import EngineStats, LLMEngine, PromptType, StepFailedError
+from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
 
@@ -174,6 +175,50 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
         if not self._thread.is_alive():
             self._fail_pending(EngineNotReadyError("the server is shutting down"))
+
+    # --- the loaded model: read-only once loaded, so safe from the event loop ------------------
+    def _loaded(self) -> LLMEngine:
+        if self.engine is None:
+            raise EngineNotReadyError("the model is still loading")
+        return self.engine
+
+    @property
+    def context_limit(self) -> int:
+        """Most tokens (prompt + output) one sequence can hold: the context, or the KV pool."""
+        return self._loaded().context_limit
+
+    @property
+    def model_path(self) -> str | None:
+        """Where the loaded model came from (None until it is loaded)."""
+        return None if self.engine is None else self.engine.loaded.source.path
+
+    @property
+    def load_time(self) -> float:
+        """Seconds the model took to load."""
+        return self._loaded().load_time
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, for cheap lookups (token texts); encode with `tokenize`."""
+        return self._loaded().tokenizer
+
+    async def tokenize(self, texts: list[str], add_special_tokens: bool = True
+                       ) -> list[list[int]]:
+        """The token ids of each text, encoded in a worker thread."""
+        tok = self.tokenizer
+        return await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens) for t in texts])
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, decoded in a worker thread."""
+        return await asyncio.to_thread(self.tokenizer.decode, token_ids)
+
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                          **template_kwargs: Any) -> tuple[str, list[int]]:
+        """The chat template applied to `messages`, and its token ids (worker threads)."""
+        tok = self.tokenizer
+        text = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt,
+                                       **template_kwargs)
+        return text, await asyncio.to_thread(tok.encode, text, False)
 
     # --- requests -----------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,

@@ -27,9 +27,9 @@ from peregrine.engine.kv_cache import KVCacheManager
 from peregrine.engine.logprobs import LogprobFormatter
 from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, Sequence
-from peregrine.layers.sampler import TokenLogprobs
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import CompletionOutput, Logprob
+from peregrine.sampling.sampler import TokenLogprobs
 
 
 @dataclass

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from peregrine.layers.attention import AttentionMetadata, LayerCache
+from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
 from peregrine.models.llama import LlamaForCausalLM
 
@@ -66,31 +66,19 @@ class FusedDecodeRunner:
                                    layer.post_attention_layernorm.weight.data, cache.k, cache.v)
         self.decoder.set_final_norm(model.norm.weight.data)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            kv_caches: list[LayerCache], num_fused: int) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm, as the model's forward gives: the
-        first `num_fused` entries through the C++ decoder, the others (if any) through the
-        modules."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+            ) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, as the model's forward gives."""
         qs = meta.query_start_loc
-        t = qs[num_fused]
-        if t == num_fused:  # one token per entry
-            token_seq = torch.arange(t)
+        if meta.num_tokens == meta.num_seqs:  # one token per entry
+            token_seq = torch.arange(meta.num_seqs)
         else:
-            lens = torch.tensor([qs[i + 1] - qs[i] for i in range(num_fused)])
-            token_seq = torch.repeat_interleave(torch.arange(num_fused), lens)
-        x = self.model.embed_tokens(input_ids[:t])
-        fused, = self.decoder.forward(x, positions[:t], self.model.rotary.cos_sin,
-                                      meta.slot_mapping[:t], meta.block_tables, token_seq, -1)
-        if num_fused == meta.num_seqs:
-            return fused
-        rest = AttentionMetadata(
-            query_start_loc=[q - t for q in qs[num_fused:]], seq_lens=meta.seq_lens[num_fused:],
-            num_decodes=0, slot_mapping=meta.slot_mapping[t:],
-            block_tables=meta.block_tables[num_fused:],
-            query_start_loc_t=meta.query_start_loc_t[num_fused:] - t,
-            seq_lens_t=meta.seq_lens_t[num_fused:])
-        eager = self.model(input_ids[t:], positions[t:], rest, kv_caches)
-        return torch.cat([fused, eager])
+            lens = torch.tensor([qs[i + 1] - qs[i] for i in range(meta.num_seqs)])
+            token_seq = torch.repeat_interleave(torch.arange(meta.num_seqs), lens)
+        x = self.model.embed_tokens(input_ids)
+        hidden, = self.decoder.forward(x, positions, self.model.rotary.cos_sin,
+                                       meta.slot_mapping, meta.block_tables, token_seq, -1)
+        return hidden
 
 
 def fused_decode_runner(model: LlamaForCausalLM, kv_caches: list[LayerCache]

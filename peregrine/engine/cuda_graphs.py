@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peregrine.layers.attention import AttentionMetadata, LayerCache
+from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.models.llama import LlamaForCausalLM
 
 
@@ -83,11 +83,10 @@ class DecodeBuffers:
         """Attention metadata over the first `size` rows. The host lengths say max_seq_len
         for every row: they only size launches (the split-K plan), the kernels read the
         real lengths from `seq_lens`."""
-        return AttentionMetadata(
-            query_start_loc=list(range(size + 1)), seq_lens=[max_seq_len] * size,
-            num_decodes=size, slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables[:size], query_start_loc_t=self.query_start_loc[:size + 1],
-            seq_lens_t=self.seq_lens[:size])
+        return AttentionMetadata.build(
+            list(range(size + 1)), [max_seq_len] * size, size, self.slot_mapping[:size],
+            self.block_tables[:size], self.seq_lens.device,
+            query_start_loc_t=self.query_start_loc[:size + 1], seq_lens_t=self.seq_lens[:size])
 
 
 class DecodeGraphRunner:

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
+from peregrine.attention_backend import LayerCache
 from peregrine.engine.sequence import Sequence
-from peregrine.layers.attention import LayerCache
 from peregrine.models.config import ModelConfig
 
 NULL_BLOCK = -1  # a block-table entry whose block was freed (out of the sliding window)
@@ -34,37 +34,11 @@ def kv_dtype_bytes(kv_cache_dtype: str, compute_dtype: torch.dtype,
     return torch.empty((), dtype=compute_dtype).element_size()
 
 
-def kv_storage_dtype(kv_cache_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
-    """The dtype K/V are stored in: int8, float8_e4m3fn, or the compute dtype (`auto`)."""
-    if kv_cache_dtype == "int8":
-        return torch.int8
-    if kv_cache_dtype == "fp8":
-        if not hasattr(torch, "float8_e4m3fn"):
-            raise ValueError("kv_cache_dtype fp8 needs a torch with float8_e4m3fn")
-        return torch.float8_e4m3fn
-    return compute_dtype
-
-
 def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: float,
                           memory_bytes: float) -> int:
     """How many blocks of `block_size` tokens fit in `memory_bytes` (K and V, all layers)."""
     per_block = cfg.kv_bytes_per_token(bytes_per_value) * block_size
     return max(1, int(memory_bytes // per_block))
-
-
-def allocate_kv_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                     device: torch.device, kv_cache_dtype: str = "auto") -> list[LayerCache]:
-    """One zeroed K and V tensor per layer: [num_blocks, block_size, kv_heads, head_dim];
-    int8/fp8 add float32 scales [num_blocks, block_size, kv_heads]."""
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    store = kv_storage_dtype(kv_cache_dtype, dtype)
-    quantized = kv_cache_dtype in ("int8", "fp8")
-
-    def scales() -> torch.Tensor | None:
-        return torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantized else None
-    return [LayerCache(torch.zeros(shape, dtype=store, device=device),
-                       torch.zeros(shape, dtype=store, device=device), scales(), scales())
-            for _ in range(cfg.num_layers)]
 
 
 class KVCacheManager:
@@ -262,12 +236,6 @@ class KVCacheManager:
             if seq.block_table[i] != NULL_BLOCK:
                 self._release(seq.block_table[i])
                 seq.block_table[i] = NULL_BLOCK
-
-    def evict_all(self) -> None:
-        """Forget every cached prefix (blocks stay free)."""
-        for h, block in self.cached.items():
-            self.block_hash[block] = None
-        self.cached.clear()
 
     # --- invariants -----------------------------------------------------------------------------
     def check_invariants(self, live: Iterable[Sequence]) -> None:

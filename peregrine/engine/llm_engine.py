@@ -11,24 +11,26 @@ from typing import Any
 
 import torch
 
+from peregrine.attention_backend import allocate_kv_pool
 from peregrine.config import EngineConfig
+from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.beam_search import BeamSearch, BeamSearchState
 from peregrine.engine.detokenizer import IncrementalDetokenizer
-from peregrine.engine.kv_cache import (KVCacheManager, allocate_kv_pool, kv_dtype_bytes,
-                                       num_blocks_for_memory)
+from peregrine.engine.kv_cache import KVCacheManager, kv_dtype_bytes, num_blocks_for_memory
 from peregrine.engine.logprobs import LogprobFormatter
 from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
-from peregrine.engine.scheduler import ScheduledBatch, Scheduler
+from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
-from peregrine.layers.sampler import SamplerOutput, TokenLogprobs
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from peregrine.sampling.sampler import SamplerOutput, TokenLogprobs
 from peregrine.sampling_params import SamplingParams
 from peregrine.spec_decode.metrics import SpecDecodeStats
 from peregrine.spec_decode.proposers import build_proposer
 from peregrine.structured.acceptance import accept_sampled
 from peregrine.structured.grammar import GrammarCache, StructuredOutputs
+from peregrine.structured.masking import grammar_prefix
 
 logger = logging.getLogger("peregrine")
 
@@ -87,9 +89,12 @@ class LLMEngine:
                                           dtype, device, config.kv_cache_dtype)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
+        # Most tokens (prompt + output) one sequence can hold: the context, or the KV pool.
+        self.context_limit = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
-        self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size)
-        self.runner.proposer = build_proposer(config, self.runner, num_blocks)
+        self.proposer = build_proposer(config, self.loaded.model, self.kv_caches, num_blocks)
+        self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size,
+                                  self.proposer)
         self.spec_stats = SpecDecodeStats()
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
@@ -218,11 +223,12 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the model once, process what it sampled."""
+        """One step: schedule, propose drafts, run the model once, process what it sampled."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
         try:
+            batch = self.propose(batch)
             sampled = self.runner.execute(batch)
             return self.postprocess(batch, sampled)
         except Exception as e:
@@ -231,6 +237,20 @@ class LLMEngine:
             for request_id in failed:
                 self.abort_request(request_id)
             raise StepFailedError(failed) from e
+
+    def propose(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """The batch with the proposer's drafts in the slots the scheduler reserved."""
+        entries = [i for i, k in enumerate(batch.spec_slots) if k]
+        if self.proposer is None or not entries:
+            return batch
+        seqs = [batch.seqs[i] for i in entries]
+        proposed = self.proposer.propose([s.token_ids for s in seqs],
+                                         [s.block_table for s in seqs],
+                                         [batch.spec_slots[i] for i in entries])
+        drafts = list(batch.drafts)
+        for i, seq, d in zip(entries, seqs, proposed):  # forbidden drafts are never accepted
+            drafts[i] = d if seq.matcher is None else d[:grammar_prefix(seq.matcher, d)]
+        return batch.with_drafts(drafts)
 
     def postprocess(self, batch: ScheduledBatch, sampled: SamplerOutput) -> list[RequestOutput]:
         """Advance computed counts, append sampled tokens, stop finished sequences, and
@@ -261,7 +281,7 @@ class LLMEngine:
                 self.beams.collect(seq, sampled.logprobs[row])
                 continue
             tokens = [sampled.token_ids[row]]
-            drafts = len(seq.spec_token_ids)
+            drafts = len(batch.drafts[i])
             if drafts:
                 tokens[:0] = sampled.accepted_drafts[row]
             lp = sampled.logprobs[row] if sampled.logprobs else None
@@ -270,7 +290,7 @@ class LLMEngine:
                 if self._check_stop(seq, token):
                     break
             if drafts:
-                self._roll_back_drafts(seq, len(tokens) - 1)
+                self._roll_back_drafts(seq, drafts, len(tokens) - 1)
         outputs = []
         for req in changed.values():
             if req.beam is not None:
@@ -281,12 +301,11 @@ class LLMEngine:
             outputs.append(self.make_output(req))
         return outputs
 
-    def _roll_back_drafts(self, seq: Sequence, num_accepted: int) -> None:
+    def _roll_back_drafts(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """Forget the rejected drafts: their K/V slots count as not computed, and blocks
         that held only them go back to the pool."""
-        self.spec_stats.record(len(seq.spec_token_ids), num_accepted)
-        seq.num_computed_tokens -= len(seq.spec_token_ids) - num_accepted
-        seq.spec_token_ids = []
+        self.spec_stats.record(num_drafts, num_accepted)
+        seq.num_computed_tokens -= num_drafts - num_accepted
         if not seq.is_finished:
             self.kv.trim(seq)
 
@@ -295,7 +314,8 @@ class LLMEngine:
         # Like EOS, stop strings count only once min_tokens are out (vLLM).
         past_min = seq.num_output_tokens > seq.params.min_tokens
         stop_str = seq.detokenizer.update([token], check_stop=past_min)
-        grammar_done = accept_sampled(seq, token)  # False for unconstrained sequences
+        # False for unconstrained sequences
+        grammar_done = accept_sampled(seq.matcher, token, seq.request.request_id)
         reason = self._finish_reason(seq, token, stop_str, grammar_done)
         if reason is None:
             return False
@@ -369,7 +389,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
             last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            spec_decode=self.spec_stats if self.runner.proposer is not None else None)
+            spec_decode=self.spec_stats if self.proposer is not None else None)
 
     def check_invariants(self) -> None:
         """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""

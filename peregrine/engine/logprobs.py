@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from peregrine.layers.sampler import TokenLogprobs
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import Logprob
+from peregrine.sampling.sampler import TokenLogprobs
 
 
 class LogprobFormatter:

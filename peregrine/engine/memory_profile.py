@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from peregrine.attention_backend import AttentionMetadata, get_attention_backend
 from peregrine.config import EngineConfig
-from peregrine.layers.attention import AttentionMetadata, get_attention_backend
 from peregrine.models.llama import LlamaForCausalLM
 
 

@@ -15,47 +15,21 @@ from __future__ import annotations
 
 import bisect
 import time
-from dataclasses import dataclass, field
 
 from peregrine.config import EngineConfig
+from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.kv_cache import KVCacheManager
 from peregrine.engine.sequence import Sequence, SequenceStatus
-from peregrine.spec_decode.proposers import can_speculate
 
 
-@dataclass
-class ScheduledBatch:
-    """This step's work: sequences (single-token ones first) and tokens to compute of each."""
-
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    num_decodes: int = 0  # leading entries with exactly one new token
-    preempted: list[Sequence] = field(default_factory=list)
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
-    spec_slots: list[int] = field(default_factory=list)  # KV slots reserved for draft tokens
-
-    def add_drafts(self) -> None:
-        """Count each entry's draft tokens (seq.spec_token_ids, proposed into its reserved
-        slots) among its new tokens, and put the single-token entries first again."""
-        entries = sorted(zip(self.seqs, self.num_new_tokens, self.spec_slots),
-                         key=lambda e: e[1] + len(e[0].spec_token_ids) != 1)
-        self.seqs = [s for s, _, _ in entries]
-        self.num_new_tokens = [n + len(s.spec_token_ids) for s, n, _ in entries]
-        self.spec_slots = [k for _, _, k in entries]
-        self.num_decodes = sum(1 for n in self.num_new_tokens if n == 1)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.seqs
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def samples(self, i: int) -> bool:
-        """Whether entry i reaches its last token this step (so a token is sampled for it)."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] >= seq.num_tokens
+def can_speculate(seq: Sequence) -> bool:
+    """Whether verification reproduces this sequence's own sampling exactly: it needs no
+    per-position state the verifier does not track (penalties over the tokens before each
+    draft, min_tokens still pending, per-token logprobs, beams)."""
+    p = seq.params
+    return not (p.use_beam_search or p.logprobs is not None or p.repetition_penalty != 1
+                or p.frequency_penalty or p.presence_penalty
+                or seq.num_output_tokens < p.min_tokens)
 
 
 class Scheduler:
@@ -94,10 +68,6 @@ class Scheduler:
             if seq in queue:
                 queue.remove(seq)
         self.kv.free(seq)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
 
     def live_sequences(self) -> list[Sequence]:
         return self.running + self.waiting
@@ -159,14 +129,11 @@ class Scheduler:
                     scheduled.append((seq, n, 0))
                     budget -= n
 
-        # Single-token entries first: the attention backend runs them as one batch.
-        scheduled.sort(key=lambda e: e[1] != 1)
         batch.seqs = [s for s, _, _ in scheduled]
         batch.num_new_tokens = [n for _, n, _ in scheduled]
         batch.spec_slots = [k for _, _, k in scheduled]
-        batch.num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         batch.block_copies = self.kv.take_pending_copies()
-        return batch
+        return batch.with_drafts([[] for _ in scheduled])  # puts decodes first
 
     def _draft_room(self, seq: Sequence, budget: int) -> int:
         """How many draft tokens a decoding sequence may verify this step: up to

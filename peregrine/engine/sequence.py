@@ -14,6 +14,8 @@ import torch
 from peregrine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
+
     from peregrine.engine.detokenizer import IncrementalDetokenizer
 
 
@@ -58,15 +60,13 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.output_text = ""
         self.detokenizer: IncrementalDetokenizer | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Any]] | None = [] if params.logprobs is not None else None
         self.num_preemptions = 0
         self.generator: random.Random | None = None  # seeded requests sample from their own
-        self.spec_token_ids: list[int] = []  # draft tokens verified in this step (speculation)
         self.spec_generator: torch.Generator | None = None  # seeded rejection sampling
-        self.matcher: Any = None  # xgrammar GrammarMatcher of a structured-output request
+        self.matcher: GrammarMatcher | None = None  # of a structured-output request
 
     # --- views ------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peregrine.layers.attention import AttentionMetadata, LayerCache
+from peregrine.attention_backend import AttentionMetadata, LayerCache
 
 
 def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.kernels.triton.decode_attention import DecodeTiles, paged_decode_attention
 from peregrine.kernels.triton.kv_write import kernels_interpreted, write_kv
 from peregrine.kernels.triton.prefill_attention import PrefillTiles, prefill_attention
-from peregrine.layers.attention import AttentionMetadata, LayerCache
 
 
 @dataclass(frozen=True)

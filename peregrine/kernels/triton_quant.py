@@ -1,6 +1,6 @@
 """Triton dequant-GEMM for the quantized linears on GPU: y = x W^T with W dequantized tile
 by tile in registers (int8, int4, nf4; same tensors as the CPU kernels, see
-peregrine/quantization/formats.py). Tested on CPU with TRITON_INTERPRET=1."""
+peregrine/layers/quant_formats.py). Tested on CPU with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 

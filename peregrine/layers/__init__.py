@@ -1,1 +1,1 @@
-"""Building blocks of the model: linear, attention, rotary, norm, activation, sampler."""
+"""Building blocks of the model: linear, attention, rotary, norm, activation."""

@@ -1,6 +1,6 @@
 """Linear layers. `Linear` is the dense float path; quantized methods replace it at load.
 
-A quantized linear keeps its weight packed (see peregrine/quantization/formats.py) and
+A quantized linear keeps its weight packed (see peregrine/layers/quant_formats.py) and
 picks one of four paths per call:
   - CPU, float32, int4 weights, any rows: int8 dot products against activations quantized
     per 32 values (q8_decode.cpp), faster than a float GEMM at every batch size;
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peregrine.quantization import formats
+from peregrine.layers import quant_formats as formats
 
 # Rows up to which the C++ kernel runs; above, dequantize + MKL GEMM (compute-bound there).
 # At 32 rows the kernel still wins on the 2-core EPYC (12288x1152 int4, one thread:

@@ -185,3 +185,10 @@ def dequantize_blocks(raw: torch.Tensor, qtype: "gguf.GGMLQuantizationType") -> 
     if m is not None:
         out += m[:, None]
     return out.reshape(-1)
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of Q/K (interleaved RoPE pairs -> rotate-half)."""
+    rows = w.shape[0]
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
+            .reshape(w.shape))

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from peregrine.attention_backend import (AttentionBackend, AttentionMetadata, LayerCache,
+                                         get_attention_backend)
 from peregrine.layers.activation import silu_and_mul
-from peregrine.layers.attention import (Attention, AttentionBackend, AttentionMetadata,
-                                        LayerCache, get_attention_backend)
+from peregrine.layers.attention import Attention
 from peregrine.layers.linear import Linear
 from peregrine.layers.norm import RMSNorm
 from peregrine.layers.rotary import RotaryEmbedding

@@ -14,7 +14,7 @@ import torch
 
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
-from peregrine.models.gguf_file import GGUFFile
+from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
 from peregrine.models.llama import LlamaForCausalLM
 from peregrine.models.registry import ModelSource, default_gguf_path, resolve_model
 from peregrine.models.tokenizer import Tokenizer
@@ -90,7 +90,7 @@ def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
     if quantization in ("none", "auto"):
         return
     if quantization == "gguf":
-        from peregrine.quantization.gguf_native import gguf_quantized_linears
+        from peregrine.models.gguf_native import gguf_quantized_linears
         replace_linears(net, gguf_quantized_linears(gguf_file, cfg))
         return
     if quantization == "int4" and group_size is None and gguf_file is not None:
@@ -171,13 +171,6 @@ def gguf_to_hf_name(name: str) -> str | None:
     if m and m.group(2) in _GGUF_LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
     return None
-
-
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's row permutation of Q/K (interleaved RoPE pairs -> rotate-half)."""
-    rows = w.shape[0]
-    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
-            .reshape(w.shape))
 
 
 def gguf_tensors(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, TensorSource]]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata
 from peregrine.layers.linear import Linear, QuantLinear
 from peregrine.models.llama import LlamaForCausalLM
 from peregrine.quantization.apply import QuantSpec

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from peregrine.layers.linear import Int4Linear, Int8Linear, NF4Linear, QuantLinear
-from peregrine.quantization import formats
+from peregrine.layers import quant_formats as formats
 from peregrine.quantization.apply import QuantSpec
 
 

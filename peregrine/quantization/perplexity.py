@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peregrine.engine.kv_cache import allocate_kv_pool
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.models.llama import LlamaForCausalLM
 
 
@@ -44,11 +43,7 @@ def window_nll(net: LlamaForCausalLM, ids: torch.Tensor, first_scored: int,
     for s in range(0, n - 1, chunk):
         e = min(s + chunk, n - 1)  # the last token is only a target
         positions = torch.arange(s, e, device=device)
-        meta = AttentionMetadata(
-            query_start_loc=[0, e - s], seq_lens=[e], num_decodes=0,
-            slot_mapping=positions, block_tables=table,
-            query_start_loc_t=torch.tensor([0, e - s], dtype=torch.int32, device=device),
-            seq_lens_t=torch.tensor([e], dtype=torch.int32, device=device))
+        meta = AttentionMetadata.build([0, e - s], [e], 0, positions, table, device)
         lo = max(first_scored - 1, s)  # predictions at positions lo..e-1 are scored
         if lo >= e:
             net(ids[s:e], positions, meta, caches)  # context only: fill the cache

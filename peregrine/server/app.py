@@ -183,26 +183,24 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     @api.get("/v1/models")
     async def models() -> ModelList:
-        engine_ = ctx.engine.engine
         return ModelList(data=[ModelCard(
-            id=ctx.model_name, root=engine_.loaded.source.path if engine_ else None,
-            max_model_len=ctx.context_limit() if ctx.engine.is_ready else None)])
+            id=ctx.model_name, root=engine.model_path,
+            max_model_len=engine.context_limit if engine.is_ready else None)])
 
     @api.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
         req = await parse_body(request, TokenizeRequest)
         ctx.check_model(req.model)
-        tok = ctx.tokenizer
+        tok = ctx.ready().tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(HTTPStatus.BAD_REQUEST, "give exactly one of prompt and messages",
                            param="prompt")
         if req.messages is not None:
-            ids = (await serving.render_chat(tok, req.messages,
+            ids = (await serving.render_chat(ctx, req.messages,
                                              req.add_generation_prompt)).token_ids
         else:
-            text = req.prompt or ""
-            ids = await asyncio.to_thread(tok.encode, text, req.add_special_tokens)
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.context_limit(),
+            ids = (await engine.tokenize([req.prompt or ""], req.add_special_tokens))[0]
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.ready().context_limit,
                                "tokens": ids}
         if req.return_token_strs:
             out["token_strs"] = [tok.id_to_token(i) for i in ids]
@@ -212,12 +210,12 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     async def detokenize(request: Request) -> dict[str, Any]:
         req = await parse_body(request, DetokenizeRequest)
         ctx.check_model(req.model)
-        tok = ctx.tokenizer
+        tok = ctx.ready().tokenizer
         bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
         if bad:
             raise APIError(HTTPStatus.BAD_REQUEST, f"token ids must be in [0, "
                            f"{tok.vocab_size}), got {bad[:5]}", param="tokens")
-        return {"prompt": await asyncio.to_thread(tok.decode, req.tokens)}
+        return {"prompt": await engine.detokenize(req.tokens)}
 
     app.include_router(api)
 
@@ -226,7 +224,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
         if engine.is_ready:
             return Response(status_code=HTTPStatus.OK)
         try:
-            ctx.ready_engine()
+            ctx.ready()
         except APIError as e:
             return e.response()
         return Response(status_code=HTTPStatus.OK)
@@ -349,9 +347,8 @@ def run_server(ns: argparse.Namespace, config: EngineConfig) -> int:
             failed.set()
             server.should_exit = True
             return
-        engine = state.engine.engine
-        assert engine is not None
-        print(f"peregrine: serving {state.ctx.model_name} (loaded in {engine.load_time:.1f}s)\n"
+        print(f"peregrine: serving {state.ctx.model_name} "
+              f"(loaded in {state.engine.load_time:.1f}s)\n"
               f"  playground:  {url}/\n"
               f"  OpenAI API:  {url}/v1   (metrics: {url}/metrics)", flush=True)
 

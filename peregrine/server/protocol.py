@@ -130,34 +130,15 @@ class SamplingRequest(_Request):
         """The engine's SamplingParams; ValueError names a field that is out of range."""
         extra: dict[str, Any] = {}
         if self.best_of is not None and self.best_of != self.n:
-            if "best_of" not in SamplingParams.__dataclass_fields__:
-                raise ValueError(f"best_of must equal n ({self.n}): this engine has no best_of")
             extra["best_of"] = self.best_of
         if self.use_beam_search:
             extra.update(use_beam_search=True, length_penalty=self.length_penalty,
                          beam_width=self.beam_width or max(self.n, self.best_of or 0, 4))
-        bias = None
-        if self.logit_bias:
-            bias = {}
-            for key, value in self.logit_bias.items():
-                try:
-                    bias[int(key)] = value
-                except ValueError:
-                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
-        return SamplingParams(
-            n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=bias, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos, stop=self.stop or [],
-            stop_token_ids=self.stop_token_ids or [],
-            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, structured=self.constraint()[0],
-            **extra)
+        # Fields SamplingParams declares too carry over; None keeps SamplingParams' default.
+        same = {name: getattr(self, name) for name in _SAME_AS_PARAMS
+                if getattr(self, name) is not None}
+        return SamplingParams(**same, max_tokens=max_tokens, logprobs=logprobs,
+                              stop=self.stop or [], structured=self.constraint()[0], **extra)
 
     @property
     def include_usage(self) -> bool:
@@ -166,6 +147,12 @@ class SamplingRequest(_Request):
     @property
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+# The request fields SamplingParams declares too (the others are mapped by hand).
+_SAME_AS_PARAMS = sorted(set(SamplingParams.__dataclass_fields__) & set(
+    SamplingRequest.model_fields) - {"max_tokens", "logprobs", "stop", "best_of",
+                                     "use_beam_search", "beam_width", "length_penalty"})
 
 
 class CompletionRequest(SamplingRequest):
@@ -291,29 +278,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    system_fingerprint: str | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
     system_fingerprint: str | None = None
 
 

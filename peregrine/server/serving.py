@@ -24,7 +24,6 @@ from starlette.types import Receive, Scope, Send
 
 from peregrine.engine.async_engine import (AsyncLLMEngine, EngineNotReadyError,
                                            RequestFailedError, RequestStream)
-from peregrine.engine.llm_engine import LLMEngine
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -73,9 +72,9 @@ class ServingContext:
                            f"server serves `{self.model_name}`.", param="model",
                            code="model_not_found")
 
-    def ready_engine(self) -> LLMEngine:
-        """The loaded engine, or a 503 while it loads (or after it failed or stopped)."""
-        if not self.engine.is_ready or self.engine.engine is None:
+    def ready(self) -> AsyncLLMEngine:
+        """The engine with its model loaded; else a 503 (loading, failed, or stopped)."""
+        if not self.engine.is_ready:
             if self.engine.load_error is not None:
                 message = f"the model failed to load: {self.engine.load_error}"
             elif self.engine.loaded.is_set():
@@ -84,11 +83,7 @@ class ServingContext:
                 message = "the model is still loading; retry in a few seconds"
             raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, message, code="model_not_ready",
                            headers={"Retry-After": "2"})
-        return self.engine.engine
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.ready_engine().tokenizer
+        return self.engine
 
     def check_queue(self) -> None:
         """429 with Retry-After when --max-queue-len requests already wait."""
@@ -99,11 +94,6 @@ class ServingContext:
                            f"requests are waiting (--max-queue-len {self.max_queue_len}); "
                            "retry later", code="queue_full", headers={"Retry-After": "1"})
 
-    def context_limit(self) -> int:
-        """Most tokens (prompt + output) one sequence can hold: the context, or the KV pool."""
-        engine = self.ready_engine()
-        return min(engine.max_model_len, engine.kv.num_blocks * engine.kv.block_size)
-
 
 # --- shared steps -------------------------------------------------------------------------------
 def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
@@ -113,10 +103,10 @@ def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
         return requested
     if default is not None:
         return default
-    room = ctx.context_limit() - prompt_len
+    room = ctx.ready().context_limit - prompt_len
     if room < 1:
         raise bad_request(f"the prompt ({prompt_len} tokens) leaves no room to generate: the "
-                          f"limit is {ctx.context_limit()} tokens", param)
+                          f"limit is {ctx.ready().context_limit} tokens", param)
     return room
 
 
@@ -369,9 +359,7 @@ async def _completion_prompts(ctx: ServingContext, req: CompletionRequest) -> li
     p = req.prompt
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
         texts = [p] if isinstance(p, str) else list(p)
-        tok = ctx.tokenizer
-        ids = await asyncio.to_thread(
-            lambda: [tok.encode(t, add_special_tokens=req.add_special_tokens) for t in texts])
+        ids = await ctx.ready().tokenize(texts, req.add_special_tokens)
         return [Prompt(t, i) for t, i in zip(texts, ids)]
     if isinstance(p, list) and p and isinstance(p[0], int):
         return [Prompt(None, list(p))]  # type: ignore[arg-type]
@@ -385,7 +373,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                             request: Request) -> Response:
     """POST /v1/completions."""
     ctx.check_model(req.model)
-    ctx.ready_engine()
+    ctx.ready()
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
     ctx.check_queue()
@@ -406,7 +394,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
         return EngineStreamingResponse(_stream_completion(ctx, req, base_id, prompts, streams),
                                        ctx, streams)
     outs = await _collect(ctx, request, streams)
-    tok = ctx.tokenizer
+    tok = ctx.ready().tokenizer
     choices = []
     for pi, (prompt, out) in enumerate(zip(prompts, outs)):
         prefix = _echo_text(tok, prompt) if req.echo else ""
@@ -441,30 +429,53 @@ def _with_prompt_logprobs(tok: Tokenizer, out: RequestOutput, num_top: int,
         top_logprobs=prompt.top_logprobs + generated.top_logprobs)
 
 
-async def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str,
+def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str,
                              prompts: list[Prompt], streams: list[RequestStream]
                              ) -> AsyncIterator[str]:
-    tok = ctx.tokenizer
-    created = int(time.time())
+    tok = ctx.ready().tokenizer
     states = {pi * req.n + i: _ChoiceState() for pi in range(len(prompts)) for i in range(req.n)}
-    latest: dict[int, RequestOutput] = {}
-
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        data = {"id": base_id, "object": "text_completion", "created": created,
-                "model": ctx.model_name, "choices": choices}
-        if req.continuous_usage and latest:
-            data["usage"] = _usage(list(latest.values())).model_dump()
-        return data
-
+    lead = []
     if req.echo:
         for pi, prompt in enumerate(prompts):
             text = _echo_text(tok, prompt)
             for i in range(req.n):
                 states[pi * req.n + i].text_offset = len(text)
-            yield _sse(chunk([{"index": pi * req.n + i, "text": text, "logprobs": None,
-                               "finish_reason": None} for i in range(req.n)]))
+            lead.append([{"index": pi * req.n + i, "text": text, "logprobs": None,
+                          "finish_reason": None} for i in range(req.n)])
+
+    def choice(index: int, o: CompletionOutput, state: _ChoiceState, text: str,
+               ids: list[int], lps: list[Any] | None) -> dict[str, Any]:
+        lp = None
+        if req.logprobs is not None and lps is not None and ids:
+            lp = completion_logprobs(tok, ids, lps, req.logprobs, state.text_offset).model_dump()
+            state.text_offset += sum(len(t) for t in lp["tokens"])
+        return {"index": index, "text": text, "logprobs": lp}
+
+    return _sse_stream(ctx, req, base_id, "text_completion", _merge(streams), states, lead,
+                       req.logprobs is not None, choice)
+
+
+async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, kind: str,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]],
+                      states: dict[int, _ChoiceState], lead: list[list[dict[str, Any]]],
+                      wants_logprobs: bool,
+                      choice: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
+    """A streamed response: the `lead` chunks, a chunk per choice with news (`choice` builds
+    its fields), the usage, then [DONE]; an error ends it with an error event."""
+    created = int(time.time())
+    latest: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        data = {"id": base_id, "object": kind, "created": created, "model": ctx.model_name,
+                "choices": choices}
+        if req.continuous_usage and latest:
+            data["usage"] = _usage(list(latest.values())).model_dump()
+        return data
+
+    for choices in lead:
+        yield _sse(chunk(choices))
     try:
-        async for pi, out in _merge(streams):
+        async for pi, out in outputs:
             latest[pi] = out
             for o in out.outputs:
                 index = pi * req.n + o.index
@@ -472,22 +483,17 @@ async def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_i
                 if state.done:
                     continue
                 text, ids, lps = _new_text(o, state)
-                if not text and not o.finished and not (req.logprobs is not None and ids):
+                if not text and not o.finished and not (wants_logprobs and ids):
                     continue
-                lp = None
-                if req.logprobs is not None and lps is not None and ids:
-                    lp = completion_logprobs(tok, ids, lps, req.logprobs,
-                                             state.text_offset).model_dump()
-                    state.text_offset += sum(len(t) for t in lp["tokens"])
+                fields = choice(index, o, state, text, ids, lps)
                 state.done = o.finished
-                yield _sse(chunk([{"index": index, "text": text, "logprobs": lp,
-                                   "finish_reason": o.finish_reason,
+                yield _sse(chunk([{**fields, "finish_reason": o.finish_reason,
                                    "stop_reason": o.stop_reason}]))
     except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
         yield _sse_error(e) + _DONE
         return
-    if req.include_usage:
-        yield _sse({"id": base_id, "object": "text_completion", "created": created,
+    if req.include_usage and latest:
+        yield _sse({"id": base_id, "object": kind, "created": created,
                     "model": ctx.model_name, "choices": [],
                     "usage": _usage(list(latest.values())).model_dump()})
     yield _DONE
@@ -520,16 +526,14 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-async def render_chat(tok: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
+                      add_generation_prompt: bool,
                       template_kwargs: dict[str, Any] | None = None) -> Prompt:
-    """The chat template applied and tokenized, in a worker thread."""
+    """The chat template applied and tokenized (off the event loop)."""
     msgs = chat_messages(messages)
-
-    def render() -> Prompt:
-        text = tok.apply_chat_template(msgs, add_generation_prompt, **(template_kwargs or {}))
-        return Prompt(text, tok.encode(text, add_special_tokens=False))
     try:
-        return await asyncio.to_thread(render)
+        return Prompt(*await ctx.ready().render_chat(msgs, add_generation_prompt,
+                                                    **(template_kwargs or {})))
     except ValueError as e:
         raise bad_request(e, "messages") from None
     except Exception as e:  # jinja2 errors: the template cannot render these messages
@@ -543,13 +547,13 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                                  request: Request) -> Response:
     """POST /v1/chat/completions."""
     ctx.check_model(req.model)
-    tok = ctx.tokenizer
+    tok = ctx.ready().tokenizer
     if req.tools:
         raise bad_request("tools are not supported", "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     ctx.check_queue()
-    prompt = await render_chat(tok, req.messages, req.add_generation_prompt,
+    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt,
                                req.chat_template_kwargs)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
@@ -578,45 +582,20 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse(body.model_dump())
 
 
-async def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
-                       stream: RequestStream, num_top: int | None) -> AsyncIterator[str]:
-    tok = ctx.tokenizer
-    created = int(time.time())
-    states = [_ChoiceState() for _ in range(req.n)]
-    latest: RequestOutput | None = None
+def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
+                 stream: RequestStream, num_top: int | None) -> AsyncIterator[str]:
+    tok = ctx.ready().tokenizer
+    lead = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+              "finish_reason": None} for i in range(req.n)]]
 
-    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-        data: dict[str, Any] = {"id": base_id, "object": "chat.completion.chunk",
-                                "created": created, "model": ctx.model_name, "choices": choices}
-        if req.continuous_usage and latest is not None:
-            data["usage"] = _usage([latest]).model_dump()
-        return data
+    def choice(index: int, o: CompletionOutput, state: _ChoiceState, text: str,
+               ids: list[int], lps: list[Any] | None) -> dict[str, Any]:
+        lp = None
+        if num_top is not None and lps is not None and ids:
+            lp = chat_logprobs(tok, ids, lps, num_top).model_dump()
+        return {"index": index, "delta": {"content": text} if text or not o.finished else {},
+                "logprobs": lp}
 
-    yield _sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                       "logprobs": None, "finish_reason": None} for i in range(req.n)]))
-    try:
-        async for out in stream:
-            latest = out
-            for o in out.outputs:
-                state = states[o.index]
-                if state.done:
-                    continue
-                text, ids, lps = _new_text(o, state)
-                if not text and not o.finished and not (num_top is not None and ids):
-                    continue
-                lp = None
-                if num_top is not None and lps is not None and ids:
-                    lp = chat_logprobs(tok, ids, lps, num_top).model_dump()
-                state.done = o.finished
-                delta = {"content": text} if text or not o.finished else {}
-                yield _sse(chunk([{"index": o.index, "delta": delta, "logprobs": lp,
-                                   "finish_reason": o.finish_reason,
-                                   "stop_reason": o.stop_reason}]))
-    except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
-        yield _sse_error(e) + _DONE
-        return
-    if req.include_usage and latest is not None:
-        yield _sse({"id": base_id, "object": "chat.completion.chunk", "created": created,
-                    "model": ctx.model_name, "choices": [],
-                    "usage": _usage([latest]).model_dump()})
-    yield _DONE
+    return _sse_stream(ctx, req, base_id, "chat.completion.chunk", _merge([stream]),
+                       {i: _ChoiceState() for i in range(req.n)}, lead, num_top is not None,
+                       choice)

@@ -1,1 +1,1 @@
-"""Speculative decoding: proposers (n-gram lookup, draft models) and the rejection sampler."""
+"""Speculative decoding: proposers (n-gram lookup, draft models) and their counters."""

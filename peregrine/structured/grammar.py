@@ -128,7 +128,3 @@ class GrammarCache:
     def allocate_bitmask(self, rows: int) -> Any:
         """An int32 bitmask tensor [rows, ceil(vocab/32)] (all tokens allowed)."""
         return self._xgr.allocate_token_bitmask(rows, self.vocab_size)
-
-    def apply_bitmask(self, logits: Any, bitmask: Any, rows: list[int]) -> None:
-        """Set to -inf, in place, the logits of tokens the masks of `rows` forbid."""
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

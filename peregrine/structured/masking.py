@@ -7,15 +7,13 @@ sequences allocates and fills nothing."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from peregrine.engine.sequence import Sequence
 
 # xgrammar's own kernel covers these; other dtypes (float64 test models) use the torch path.
 _XGR_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,11 +103,10 @@ class GrammarMasker:
         self._batch_matcher: Any = None
         self.times = MaskTimes()
 
-    def start(self, seqs: Seq[Sequence], num_drafts: Seq[int] | None = None
-              ) -> StepMasks | None:
-        """Fill the masks of `seqs`: one row each, plus one per draft token when speculating
-        (`num_drafts`, rows in order); None when none is constrained."""
-        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    def start(self, matchers: Seq[Any], drafts: Seq[Seq[int]]) -> StepMasks | None:
+        """Fill the masks of the sampled sequences' matchers (None: unconstrained): a row
+        each, plus one per draft token (rows in order); None when none is constrained."""
+        constrained = [i for i, m in enumerate(matchers) if m is not None]
         if not constrained:
             return None
         import xgrammar as xgr
@@ -117,20 +114,17 @@ class GrammarMasker:
             # One C++ call fills every row; a single thread: the forward pass owns the cores.
             self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
         t0 = time.perf_counter()
-        drafts = list(num_drafts) if num_drafts else [0] * len(seqs)
-        first = [0]
-        for d in drafts:
-            first.append(first[-1] + 1 + d)
+        first = list(itertools.accumulate((1 + len(d) for d in drafts), initial=0))
         bitmask = xgr.allocate_token_bitmask(first[-1], self.vocab_size)
         single = [i for i in constrained if not drafts[i]]
         if single:
             self._batch_matcher.batch_fill_next_token_bitmask(
-                [seqs[i].matcher for i in single], bitmask, [first[i] for i in single])
+                [matchers[i] for i in single], bitmask, [first[i] for i in single])
         rows = [first[i] for i in single]
         for i in constrained:
             if drafts[i]:  # the drafts were cut to what the grammar accepts
-                fill_bitmasks(bitmask, first[i], seqs[i].matcher, seqs[i].spec_token_ids)
-                rows += range(first[i], first[i] + 1 + drafts[i])
+                fill_bitmasks(bitmask, first[i], matchers[i], drafts[i])
+                rows += range(first[i], first[i] + 1 + len(drafts[i]))
         self.times.steps += 1
         self.times.fill_s += time.perf_counter() - t0
         return StepMasks(bitmask, sorted(rows), self.times)

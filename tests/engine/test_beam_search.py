@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peregrine import SamplingParams
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata
 from tests.conftest import assert_engine_drained, make_tiny_llm
 from tests.engine.test_batching_invariance import SETTINGS
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peregrine import SamplingParams
+from peregrine.attention_backend import AttentionMetadata
 from peregrine.engine.cuda_graphs import DecodeBuffers, capture_sizes, padded_size
-from peregrine.layers.attention import AttentionMetadata
 from tests.conftest import make_tiny_llm
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from peregrine.attention_backend import LayerCache
 from peregrine.engine.kv_cache import KVCacheManager, copy_kv_blocks
 from peregrine.engine.sequence import Request, Sequence
-from peregrine.layers.attention import LayerCache
 from peregrine.sampling_params import SamplingParams
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peregrine import SamplingParams
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata
 from tests.conftest import make_tiny_llm
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.engine.kv_cache import allocate_kv_pool, kv_dtype_bytes
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
+from peregrine.engine.kv_cache import kv_dtype_bytes
 from peregrine.kernels.torch_attention import TorchAttentionBackend, gather_kv, write_kv
-from peregrine.layers.attention import AttentionMetadata
 from peregrine.models.config import ModelConfig
 
 CFG = ModelConfig(architecture="llama", vocab_size=100, hidden_size=64, intermediate_size=128,

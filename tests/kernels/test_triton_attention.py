@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.kernels.torch_attention import TorchAttentionBackend
 from peregrine.kernels.triton.decode_attention import DecodeTiles, split_plan
 from peregrine.kernels.triton.kv_write import write_kv
 from peregrine.kernels.triton.prefill_attention import PrefillTiles
 from peregrine.kernels.triton_attention import TritonAttentionBackend, launch_plan
-from peregrine.layers.attention import AttentionMetadata, LayerCache
 
 QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # Small tiles and eager splitting, so short test sequences walk several key tiles, several

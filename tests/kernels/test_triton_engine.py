@@ -8,11 +8,11 @@ import random
 import torch
 
 from peregrine import SamplingParams
+from peregrine.attention_backend import LayerCache
 from peregrine.engine.cuda_graphs import DecodeGraphRunner
 from peregrine.kernels.triton.decode_attention import DecodeTiles
 from peregrine.kernels.triton.prefill_attention import PrefillTiles
 from peregrine.kernels.triton_attention import TritonAttentionBackend
-from peregrine.layers.attention import LayerCache
 from tests.conftest import make_tiny_llm
 
 

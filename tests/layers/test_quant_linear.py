@@ -9,7 +9,7 @@ import torch
 
 from peregrine.layers import linear
 from peregrine.layers.linear import FP8Linear, Int4Linear, Int8Linear, NF4Linear
-from peregrine.quantization import formats
+from peregrine.layers import quant_formats as formats
 from tests.conftest import q8_activations
 
 K = 576  # SmolLM2's hidden size: 4.5 groups of 128

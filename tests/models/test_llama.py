@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata
 from peregrine.layers.linear import Int4Linear, QuantLinear
 from peregrine.models.loader import load_model
 from peregrine.quantization.quantize import QuantizeOptions, quantize_to_dir

@@ -41,7 +41,7 @@ def test_gptq_result_is_on_the_format_grid():
     q = gptq_quantize(w, x.t() @ x, spec)
     deq = q.dequantize()
     # re-quantizing with the layer's own scales changes nothing
-    from peregrine.quantization import formats
+    from peregrine.layers import quant_formats as formats
     codes = formats.quantize_int4_with(deq, q.scale, q.offset, 64)
     assert torch.equal(formats.pack_int4(codes), q.qweight)
 

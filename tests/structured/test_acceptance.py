@@ -3,8 +3,6 @@ complete, or (defensively) when a token breaks it."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 pytest.importorskip("xgrammar")
@@ -20,23 +18,19 @@ def cache_tok(smollm2_path):
     return GrammarCache(tok, 49152), tok
 
 
-def seq_with(matcher) -> SimpleNamespace:
-    return SimpleNamespace(matcher=matcher, request=SimpleNamespace(request_id="r"))
-
-
 def test_done_only_after_the_stop_token(cache_tok):
     cache, tok = cache_tok
-    seq = seq_with(cache.matcher(StructuredOutputs(choice=["yes"])))
-    assert not any(accept_sampled(seq, t) for t in tok.encode("yes"))
-    assert accept_sampled(seq, tok.eos_token_ids[0])
+    matcher = cache.matcher(StructuredOutputs(choice=["yes"]))
+    assert not any(accept_sampled(matcher, t, "r") for t in tok.encode("yes"))
+    assert accept_sampled(matcher, tok.eos_token_ids[0], "r")
 
 
 def test_unconstrained_sequences_never_stop_here():
-    assert not accept_sampled(seq_with(None), 123)
+    assert not accept_sampled(None, 123, "r")
 
 
 def test_a_token_outside_the_constraint_stops_the_sequence(cache_tok, caplog):
     cache, tok = cache_tok
-    seq = seq_with(cache.matcher(StructuredOutputs(regex="[0-9]+")))
-    assert accept_sampled(seq, tok.encode("x")[0])
+    matcher = cache.matcher(StructuredOutputs(regex="[0-9]+"))
+    assert accept_sampled(matcher, tok.encode("x")[0], "r")
     assert "breaks its structured-output constraint" in caplog.text

@@ -339,7 +339,7 @@ def workload_ratios(runs: list[dict[str, Any]], baseline_engine: str = "llama.cp
 
 def workloads_table(result: dict[str, Any]) -> str:
     """One row per (workload, engine), with the ratio to the baseline engine."""
-    from peregrine.bench.report import table
+    from peregrine.bench.results import table
     ratios = result.get("ratios") or [{}] * len(result["runs"])
     rows = []
     for run, ratio in zip(result["runs"], ratios):

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from peregrine.attention_backend import LayerCache
 from peregrine.kernels.triton.paged import quant_mode
-from peregrine.layers.attention import LayerCache
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from peregrine.layers.sampler import (CDF_BLOCK, PenaltyTensors, Sampler, SamplingTensors,
+from peregrine.sampling.sampler import (CDF_BLOCK, PenaltyTensors, Sampler, SamplingTensors,
                                       apply_penalties_, head_keep, inverse_cdf,
                                       sample_filtered)
 

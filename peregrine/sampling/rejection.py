@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peregrine.layers.sampler import random_sample
+from peregrine.sampling.sampler import random_sample
 
 
 @dataclass

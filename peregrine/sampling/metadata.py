@@ -10,9 +10,9 @@ import random
 
 import torch
 
-from peregrine.engine.scheduler import ScheduledBatch
+from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.sequence import Sequence
-from peregrine.layers.sampler import PenaltyTensors, SamplingTensors
+from peregrine.sampling.sampler import PenaltyTensors, SamplingTensors
 
 
 def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, device: torch.device,
@@ -63,6 +63,15 @@ def seq_generator(seq: Sequence) -> random.Random | None:
     if seq.generator is None:
         seq.generator = random.Random(seed + seq.index)
     return seq.generator
+
+
+def spec_generator(seq: Sequence, device: torch.device) -> torch.Generator | None:
+    """A seeded request's own generator for accept/reject draws (sample i: seed + i)."""
+    if seq.params.seed is None:
+        return None
+    if seq.spec_generator is None:
+        seq.spec_generator = torch.Generator(device).manual_seed(seq.params.seed + seq.index)
+    return seq.spec_generator
 
 
 def _flat_index(rows: list[int], ids: list[torch.Tensor] | list[list[int]], V: int,

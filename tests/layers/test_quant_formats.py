@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.quantization import formats
+from peregrine.layers import quant_formats as formats
 
 
 def weights(n: int = 48, k: int = 576, seed: int = 0) -> torch.Tensor:

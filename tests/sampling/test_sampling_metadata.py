@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from peregrine.engine.sampling_metadata import build_sampling_tensors
 from peregrine.engine.sequence import Request, Sequence
-from peregrine.layers.sampler import apply_logits_processors
+from peregrine.sampling.metadata import build_sampling_tensors
+from peregrine.sampling.sampler import apply_logits_processors
 from peregrine.sampling_params import SamplingParams
 
 V = 97

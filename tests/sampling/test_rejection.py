@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from peregrine.spec_decode.rejection import rejection_sample
+from peregrine.sampling.rejection import rejection_sample
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:

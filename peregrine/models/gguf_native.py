@@ -15,9 +15,8 @@ import torch
 
 from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
 from peregrine.models.config import ModelConfig
-from peregrine.models.gguf_file import QT, GGUFFile, split_blocks
-from peregrine.models.loader import unpermute_rope_rows
-from peregrine.quantization.formats import pack_int4
+from peregrine.models.gguf_file import QT, GGUFFile, split_blocks, unpermute_rope_rows
+from peregrine.layers.quant_formats import pack_int4
 
 logger = logging.getLogger("peregrine")
 

@@ -1,0 +1,1 @@
+"""Sampling: per-row metadata, the sampler, draft verification and rejection sampling."""
