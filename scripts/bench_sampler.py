@@ -20,7 +20,7 @@ import torch
 
 from peregrine.engine.sampling_metadata import build_sampling_tensors
 from peregrine.engine.sequence import Request, Sequence
-from peregrine.layers.sampler import Sampler
+from peregrine.sampling.sampler import Sampler
 from peregrine.sampling_params import SamplingParams
 
 CASES: dict[str, dict] = {

@@ -29,8 +29,7 @@ import time
 import torch
 
 from peregrine.engine.cpu_decode import fused_decode_runner
-from peregrine.engine.kv_cache import allocate_kv_pool
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.models.loader import load_model
 from peregrine.quantization.corpus import eval_text
 from peregrine.quantization.perplexity import perplexity
@@ -89,7 +88,7 @@ def fused_decode(net, ids: torch.Tensor, block_size: int = 16
             slot_mapping=torch.tensor([t]), block_tables=table,
             query_start_loc_t=torch.tensor([0, 1], dtype=torch.int32),
             seq_lens_t=torch.tensor([t + 1], dtype=torch.int32))
-        hidden = runner.run(ids[t:t + 1], torch.tensor([t]), meta, pool, 1)
+        hidden = runner.run(ids[t:t + 1], torch.tensor([t]), meta)
         logits = net.compute_logits(hidden)
         top.append(logits.argmax(-1))
         nll += float(torch.nn.functional.cross_entropy(logits, ids[t + 1:t + 2],

@@ -14,8 +14,7 @@ import torch
 
 from peregrine import LLM, SamplingParams
 from peregrine.engine.cpu_decode import FusedDecodeRunner, fusable, fused_decode_runner
-from peregrine.engine.kv_cache import allocate_kv_pool
-from peregrine.layers.attention import AttentionMetadata
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.layers.linear import Int4Linear, Int8Linear
 from peregrine.models.loader import load_model
 from tests.conftest import tiny_config_dir
@@ -134,7 +133,7 @@ class Harness:
         positions, meta = self.meta(entries)
         with int8_dots(True):
             eager = self.net(ids, positions, meta, self.pools["eager"])
-            fused = self.runner.run(ids, positions, meta, self.pools["fused"], num_fused)
+            fused = self.runner.run(ids, positions, meta)
         with int8_dots(False):
             near_float = self.net(ids, positions, meta, self.pools["float"])
         assert_same_computation(fused, eager, near_float)
@@ -236,8 +235,7 @@ def test_the_check_catches_a_wrong_block(net):
     with torch.inference_mode():
         with int8_dots(True):
             eager = net(ids, positions, meta, h.pools["eager"])
-            fused = h.runner.run(ids, positions, dataclasses.replace(meta, block_tables=wrong),
-                                 h.pools["fused"], len(entries))
+            fused = h.runner.run(ids, positions, dataclasses.replace(meta, block_tables=wrong))
         with int8_dots(False):
             near_float = net(ids, positions, meta, h.pools["float"])
     with pytest.raises(AssertionError):
@@ -356,7 +354,7 @@ def forced_greedy(net, prompt: list[int], text: list[int], fused: bool) -> list[
     for i, tok in enumerate(text[:-1]):
         p = len(prompt) + i
         args = (torch.tensor([tok]), torch.tensor([p]), meta(p, 1))
-        hidden = runner.run(*args, pool, 1) if fused else net(*args, pool)
+        hidden = runner.run(*args) if fused else net(*args, pool)
         choices.append(int(net.compute_logits(hidden).argmax()))
     return choices
 

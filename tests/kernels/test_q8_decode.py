@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.quantization import formats
+from peregrine.layers import quant_formats as formats
 from tests.conftest import q8_activations
 
 
