@@ -150,7 +150,10 @@ def test_beam_width_one_is_greedy(tiny_model_dir, smollm2_llm):
     assert beam.outputs[0].text == greedy.outputs[0].text
 
 
-def test_wider_beams_find_more_likely_text_on_the_real_model(smollm2_llm):
+def test_wider_beams_find_more_likely_text_on_the_real_model(smollm2_float_llm):
+    # The search itself is under test, scored by the model's exact logprobs: the float path
+    # (on the default int8-activation path one of the 8 gains lands at exactly 0).
+    smollm2_llm = smollm2_float_llm
     tok = smollm2_llm.get_tokenizer()
     questions = ["Name a planet.", "What is 2+2?", "Say hello in French.",
                  "Write one sentence about cats.", "What color is the sky?",
