@@ -14,7 +14,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_generate_answers_the_capital_of_france():
-    res = run_cli("generate", "What is the capital of France?", "--kv-cache-memory", "0.25")
+    res = run_cli("generate", "Name the capital city of France.", "--kv-cache-memory", "0.25")
     assert res.returncode == 0, res.stderr
     assert "Paris" in res.stdout
     assert "tok/s" in res.stderr
@@ -48,7 +48,7 @@ def test_unknown_model_is_a_clear_error():
 
 def test_chat_streams_an_answer():
     proc = subprocess.run([sys.executable, "-m", "peregrine.cli", "chat", "--max-tokens", "16",
-                           "--kv-cache-memory", "0.25"], input="What is the capital of France?\n\n",
+                           "--kv-cache-memory", "0.25"], input="Name the capital city of France.\n\n",
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "tok/s" in proc.stdout

@@ -35,12 +35,11 @@ def test_gguf_quantization_keeps_greedy_sane(smollm2_path):
     llm = LLM(quantization="gguf", kv_cache_memory=0.05)
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
     assert "Paris" in out[0].outputs[0].text
-    # The chat answer's first token is a near-tie in the float model itself ("The" -1.88 vs
-    # "L" -1.96 logprob): int8 activation rounding may tip it either way, so the chat check
-    # runs on the eager modules, whose rounding keeps "The".
-    eager = LLM(quantization="gguf", kv_cache_memory=0.05, enforce_eager=True)
-    out = eager.chat([{"role": "user", "content": "What is the capital of France?"}],
-                     SamplingParams(temperature=0, max_tokens=16))[0]
+    # "What is the capital of France?" is a near-tie for this file's first answer token in
+    # the float model itself ("The" -1.88 vs "L" -1.96 logprob), and llama.cpp on the same
+    # file answers "L'Étoile..." too: a question with a clear answer checks the chat path.
+    out = llm.chat([{"role": "user", "content": "Name the capital city of France."}],
+                   SamplingParams(temperature=0, max_tokens=16))[0]
     assert "Paris" in out.outputs[0].text
 
 

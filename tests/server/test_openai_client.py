@@ -10,7 +10,7 @@ import pytest
 
 from peregrine.sampling_params import SamplingParams
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "Name the capital city of France."}]
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_chat_streams_an_answer_and_stats_update(server, browser, tmp_path):
     }""")
     assert page.text_content("#temperature-value") == "0.00"
     page.fill("#system", "You are a helpful assistant.")
-    page.fill("#prompt", "What is the capital of France?")
+    page.fill("#prompt", "Name the capital city of France.")
     page.press("#prompt", "Enter")
 
     answer = page.locator(".msg.assistant").last
@@ -77,7 +77,7 @@ def test_chat_streams_an_answer_and_stats_update(server, browser, tmp_path):
     text = answer.locator(".content").text_content()
     assert "Paris" in text
     assert page.locator(".msg.user .content").last.text_content() == \
-        "What is the capital of France?"
+        "Name the capital city of France."
     assert page.evaluate("window.contentUpdates") > 3  # token by token, not at the end
     ttft = float(answer.get_attribute("data-ttft-ms"))
     tps = float(answer.get_attribute("data-tps"))
