@@ -28,13 +28,23 @@ def load_for(config: EngineConfig) -> LoadedModel:
     """Load the model `config` names, once, for several engines to share."""
     return load_model(config.model, load_format=config.load_format, dtype=config.torch_dtype,
                       device=config.torch_device, tokenizer=config.tokenizer,
-                      max_model_len=config.max_model_len, seed=config.seed)
+                      max_model_len=config.max_model_len, seed=config.seed,
+                      quantization=config.quantization,
+                      quant_group_size=config.quantization_group_size,
+                      quant_symmetric=config.quantization_symmetric)
 
 
 def engine_cost(engine: LLMEngine) -> ModelCost:
     """The roofline cost model of an engine's loaded model, KV dtype included."""
     cfg = engine.model_config
-    bytes_per_param = state_dict_bytes(engine.loaded.model) / cfg.num_params()
+    model = engine.loaded.model
+    stored = state_dict_bytes(model)
+    if getattr(model.lm_head, "weight", None) is not model.embed_tokens.weight:
+        # an untied (or quantized) LM head: the float embedding table is looked up one row
+        # per token, never streamed, so it is no part of the bytes a forward reads
+        w = model.embed_tokens.weight
+        stored -= w.numel() * w.element_size()
+    bytes_per_param = stored / cfg.num_params()
     kv_bytes = kv_dtype_bytes(engine.config.kv_cache_dtype, engine.config.torch_dtype)
     return ModelCost.from_config(cfg, bytes_per_param, kv_bytes)
 
