@@ -115,16 +115,10 @@ def quant_ops():
 
 
 def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What q8_decode.cpp's int8-dot linears do to x [M, K]: int8 per run of 32 values,
-    d = absmax / 127, q = round(x * (1 / d)) (ties to even). Returns the dequantized x and
-    d [M, K/32] -- the reference for those kernels (formats.quantize_activations is the
-    int16 one of quant_linear.cpp)."""
-    m, k = x.shape
-    xb = x.float().reshape(m, k // 32, 32)
-    d = xb.abs().amax(-1) / 127.0
-    inv = torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
-    q = torch.round(xb * inv.unsqueeze(-1))
-    return (q * d.unsqueeze(-1)).reshape(m, k), d
+    """What q8_decode.cpp's int8-dot linears do to x [M, K] (int8 per run of 32 values):
+    the dequantized x and d [M, K/32]."""
+    from peregrine.layers.quant_formats import quantize_activations
+    return quantize_activations(x, 127.0)
 
 
 def assert_engine_drained(engine) -> None:

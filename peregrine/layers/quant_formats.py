@@ -185,13 +185,15 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the int8/int4 CPU kernels do to x [M, K]: int16 per run of 32 values,
-    d = absmax / 32767, xq = round(x / d) (as x * (1 / d), ties to even). Returns the
-    dequantized x (float32) and d [M, K/32] -- the reference for the kernels."""
+def quantize_activations(x: torch.Tensor, top: float = 32767.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the CPU kernels do to x [M, K]: integers per run of 32 values, d = absmax / top,
+    xq = round(x / d) (as x * (1 / d), ties to even); top 32767 (int16) for quant_linear.cpp,
+    127 (int8) for q8_decode.cpp. Returns the dequantized x (float32) and d [M, K/32] -- the
+    reference for the kernels."""
     m, k = x.shape
     xb = x.float().reshape(m, k // 32, 32)
-    d = xb.abs().amax(-1) / 32767.0
+    d = xb.abs().amax(-1) / top
     inv = torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
     xq = torch.round(xb * inv.unsqueeze(-1))
     return (xq * d.unsqueeze(-1)).reshape(m, k), d

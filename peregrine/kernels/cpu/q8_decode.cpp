@@ -642,12 +642,7 @@ class Decoder {
       for (int64_t l = 0; l < nl; ++l) {
         const Layer& L = layers_[l];
         // 1. residual += previous MLP output; h = norm(residual); quantize h
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) {
-          if (l > 0) add_row(res + b * H_, hp + b * H_, H_);
-          rmsnorm_row(res + b * H_, L.in_norm, hp + b * H_, H_, eps_);
-          quantize_row(hp + b * H_, qx_h, b);
-        }
+        add_norm_quantize(res, hp, L.in_norm, qx_h, B, l > 0, tid, nth);
 #pragma omp barrier
         // 2. qkv projection
         split(qkv_n, tid, nth, 8, lo, hi);
@@ -683,12 +678,7 @@ class Decoder {
         split(H_, tid, nth, 8, lo, hi);
         qgemm_rows(L.o, qx_a, B, lo, hi, hp, H_);
 #pragma omp barrier
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) {
-          add_row(res + b * H_, hp + b * H_, H_);
-          rmsnorm_row(res + b * H_, L.post_norm, hp + b * H_, H_, eps_);
-          quantize_row(hp + b * H_, qx_h, b);
-        }
+        add_norm_quantize(res, hp, L.post_norm, qx_h, B, true, tid, nth);
 #pragma omp barrier
         // 6. SwiGLU MLP: gate_up, silu(gate) * up, down into h
         split(2 * I_, tid, nth, 8, lo, hi);
@@ -719,6 +709,18 @@ class Decoder {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // This thread's rows of: residual += h (when `add`); h = norm(residual) * w; quantize h.
+  void add_norm_quantize(float* res, float* h, const float* w, QX& qx, int64_t B, bool add,
+                         int tid, int nth) const {
+    int64_t lo, hi;
+    split(B, tid, nth, 1, lo, hi);
+    for (int64_t b = lo; b < hi; ++b) {
+      if (add) add_row(res + b * H_, h + b * H_, H_);
+      rmsnorm_row(res + b * H_, w, h + b * H_, H_, eps_);
+      quantize_row(h + b * H_, qx, b);
+    }
+  }
 
   // The final norm's weight: forward then returns norm(h + residual) alone.
   void set_final_norm(torch::Tensor w) {
