@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from types import ModuleType
 
 import torch
@@ -37,6 +38,18 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _modules: dict[str, ModuleType | None] = {}
 
 
+def _clear_stale_lock(build: str, max_age_s: float = 600.0) -> None:
+    """Remove torch's build lock when it is older than any build takes: a build killed midway
+    leaves it behind, and every later process would wait on it forever."""
+    lock = os.path.join(build, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+            logger.warning("removed a stale kernel build lock: %s", lock)
+    except OSError:  # no lock (the usual case), or another process removed it first
+        pass
+
+
 def _build(name: str, source: str) -> ModuleType | None:
     """Compile (or load the cached build of) one extension; None when it cannot exist."""
     if name in _modules:
@@ -50,6 +63,7 @@ def _build(name: str, source: str) -> ModuleType | None:
                 from torch.utils.cpp_extension import load
                 build = os.path.join(cache_dir(), name)
                 os.makedirs(build, exist_ok=True)
+                _clear_stale_lock(build)
                 module = load(name=name, sources=[os.path.join(os.path.dirname(__file__), source)],
                               extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                               build_directory=build, verbose=False)
