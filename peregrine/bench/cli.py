@@ -69,6 +69,18 @@ def _common_args(p: argparse.ArgumentParser) -> None:
                    help="measure the CPU peak again instead of using the cached one")
 
 
+def _common_flags(ns: argparse.Namespace) -> list[str]:
+    """The roofline and warm-up flags of `ns` again, for a child bench command."""
+    flags = []
+    if ns.peak_flops:
+        flags += ["--peak-flops", str(ns.peak_flops)]
+    if ns.peak_bandwidth:
+        flags += ["--peak-bandwidth", str(ns.peak_bandwidth)]
+    if not ns.warmup:
+        flags.append("--no-warmup")
+    return flags
+
+
 def _csv(kind: type) -> typing.Callable[[str], list]:
     def parse(value: str) -> list:
         try:
@@ -552,12 +564,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         shared += ["--dataset-path", ns.dataset_path]
     if ns.tokenizer:
         shared += ["--tokenizer", ns.tokenizer]
-    if ns.peak_flops:
-        shared += ["--peak-flops", str(ns.peak_flops)]
-    if ns.peak_bandwidth:
-        shared += ["--peak-bandwidth", str(ns.peak_bandwidth)]
-    if not ns.warmup:
-        shared.append("--no-warmup")
+    shared += _common_flags(ns)
     shared += engine_flags(ns)
     runs, workload, peak = [], None, None
     for item, engine, batching in _engines(ns.engines or DEFAULT_COMPARE):
@@ -630,12 +637,7 @@ def compare_workloads(ns: argparse.Namespace) -> int:
     workloads = parse_workloads(ns.workloads)
     shared = ["--workloads", ",".join(w.name for w in workloads), "--repetitions",
               str(ns.repetitions), "--seed", str(ns.seed), "--threads", str(ns.threads)]
-    if ns.peak_flops:
-        shared += ["--peak-flops", str(ns.peak_flops)]
-    if ns.peak_bandwidth:
-        shared += ["--peak-bandwidth", str(ns.peak_bandwidth)]
-    if not ns.warmup:
-        shared.append("--no-warmup")
+    shared += _common_flags(ns)
     runs: list[dict[str, Any]] = []
     peak = None
     for item, engine, batching in _engines(ns.engines or DEFAULT_WORKLOAD_ENGINES):
