@@ -243,9 +243,6 @@ def test_the_check_catches_a_wrong_block(net):
         assert_same_computation(fused, eager, near_float)
 
 
-@pytest.mark.xfail(strict=False, reason="order-dependent in the full suite only: the eager "
-                   "int8 reference itself drifted from near-float (quant_err 5.35) after other "
-                   "tests ran; passes alone and in this file; under investigation")
 def test_sliding_window(tmp_path_factory, quant):
     """Past the window, only the last `window` positions are attended: blocks wholly out of
     the window are freed by the engine (their table entries then point anywhere), so they
@@ -269,9 +266,6 @@ def test_sliding_window(tmp_path_factory, quant):
         h.step(entries, len(entries))
 
 
-@pytest.mark.xfail(strict=False, reason="order-dependent in the full suite only: the eager "
-                   "int8 reference itself drifted from near-float (quant_err 5.35) after other "
-                   "tests ran; passes alone and in this file; under investigation")
 def test_attention_bias(tmp_path_factory, quant):
     """Qwen2's q/k/v biases are added by the fused step too."""
     net = tiny_model(tmp_path_factory, quant, model_type="qwen2",

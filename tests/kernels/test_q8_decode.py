@@ -97,6 +97,27 @@ def test_a_row_has_the_same_bits_in_any_batch(q8, kind, group, k):
     assert torch.equal(run(q8, x[3:11], args, group=group), alone[3:11])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [96, 160])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_memory_after_the_scales_is_never_read(q8, kind, k, m):
+    """Scales and offsets that end just before NaN bit patterns (what a freed page can
+    hold): 8-wide scale loads must not reach past the tensor, or NaN * 0 spoils a row."""
+    (q, scale, offset), w = make_weight(kind, N, k, 32)
+
+    def nan_after(t):
+        if t is None:
+            return None
+        room = torch.full((t.numel() + 64,), float("nan"), dtype=t.dtype)
+        room[:t.numel()] = t.flatten()
+        return room[:t.numel()].view(t.shape)
+
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    got = run(q8, x, (q, nan_after(scale), nan_after(offset)), group=32)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, q8_activations(x)[0] @ w.t(), rtol=1e-4, atol=1e-4)
+
+
 def test_zero_rows_and_zero_activations(q8):
     args, w = make_weight("int4", N, 96, 32)
     assert run(q8, torch.zeros(2, 96), args, group=32).abs().max() == 0

@@ -245,9 +245,10 @@ inline __m256 pair_scales(__m256 sv, int k) {
 }
 
 // Where a row's block scales (and int4 offsets) are read from, 8 blocks at a time: the
-// stored float16/float32 values directly (group size 32, not the tensor's last row, so an
-// 8-wide load past the row's end stays inside the tensor), else a float copy expanded per
-// block and zero-padded.
+// stored float16/float32 values directly (group size 32, and the row's last 8-wide load
+// stays inside the tensor: what it reads past the row's end meets zero x blocks, but
+// memory past the tensor may hold NaN bit patterns and NaN * 0 is NaN), else a float copy
+// expanded per block and zero-padded.
 struct RowScales {
   const uint16_t* s16 = nullptr;
   const uint16_t* o16 = nullptr;
@@ -266,7 +267,7 @@ struct RowScales {
 inline RowScales row_scales_of(const QW& w, int64_t n, float* buf, int64_t nb8) {
   RowScales r;
   const int64_t nb = w.K / 32;
-  const bool direct = w.gshift == 0 && (n + 1 < w.N || nb % 8 == 0);
+  const bool direct = w.gshift == 0 && (w.N - n) * w.S >= nb8;
   if (direct && w.kind == kInt4) {
     r.s16 = static_cast<const uint16_t*>(w.scale) + n * w.S;
     r.o16 = w.offset + n * w.S;
