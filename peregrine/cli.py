@@ -8,7 +8,8 @@ import logging
 import sys
 import time
 
-from peregrine.config import EngineConfig, add_engine_args, field_docs
+from peregrine.config import EngineConfig, add_dataclass_args, add_engine_args, field_docs
+from peregrine.server.args import ServerArgs
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:
@@ -201,17 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a playground")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require Authorization: Bearer <key> on the API routes")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model's name in the API (default: the model's own name)")
-    p.add_argument("--max-queue-len", type=int, default=256,
-                   help="waiting requests beyond this get 429")
-    p.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="seconds Ctrl-C/SIGTERM waits for in-flight requests before aborting")
+    add_dataclass_args(p, ServerArgs, "server")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

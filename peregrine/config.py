@@ -179,11 +179,17 @@ class EngineConfig:
 
 def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """One --flag per EngineConfig field, except those in `exclude`."""
-    hints = typing.get_type_hints(EngineConfig)
-    docs = field_docs(EngineConfig)
-    group = parser.add_argument_group("engine")
-    for f in dataclasses.fields(EngineConfig):
-        if f.name == "extra" or f.name in exclude:
+    add_dataclass_args(parser, EngineConfig, "engine", exclude=("extra", *exclude))
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str,
+                       exclude: tuple[str, ...] = ()) -> None:
+    """One --flag per field of the dataclass `cls` (its docstring is the help), in `group`."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    flags = parser.add_argument_group(group)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -197,7 +203,7 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
         else:
             base = next((a for a in (args or (hint,)) if a is not type(None)), str)
             kwargs["type"] = base if base in (int, float, str) else str
-        group.add_argument(flag, **kwargs)
+        flags.add_argument(flag, **kwargs)
 
 
 def field_docs(cls: type) -> dict[str, str]:

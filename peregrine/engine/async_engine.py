@@ -202,23 +202,32 @@ class AsyncLLMEngine:
         """The model's tokenizer, for cheap lookups (token texts); encode with `tokenize`."""
         return self._loaded().tokenizer
 
-    async def tokenize(self, texts: list[str], add_special_tokens: bool = True
-                       ) -> list[list[int]]:
-        """The token ids of each text, encoded in a worker thread."""
+    async def tokenize(self, texts: list[str], add_special_tokens: bool = True,
+                       limit: int | None = None) -> list[list[int]]:
+        """The token ids of each text, encoded in a worker thread; PromptTooLongError as soon
+        as one is sure to pass `limit` tokens."""
         tok = self.tokenizer
-        return await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens) for t in texts])
+        if limit is None:
+            return await asyncio.to_thread(
+                lambda: [tok.encode(t, add_special_tokens) for t in texts])
+        return await asyncio.to_thread(
+            lambda: [tok.encode_within(t, limit, add_special_tokens) for t in texts])
 
     async def detokenize(self, token_ids: list[int]) -> str:
         """The text of `token_ids`, decoded in a worker thread."""
         return await asyncio.to_thread(self.tokenizer.decode, token_ids)
 
     async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                          **template_kwargs: Any) -> tuple[str, list[int]]:
-        """The chat template applied to `messages`, and its token ids (worker threads)."""
+                          limit: int | None = None, **template_kwargs: Any
+                          ) -> tuple[str, list[int]]:
+        """The chat template applied to `messages`, and its token ids (worker threads);
+        PromptTooLongError as soon as they are sure to pass `limit` tokens."""
         tok = self.tokenizer
         text = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt,
                                        **template_kwargs)
-        return text, await asyncio.to_thread(tok.encode, text, False)
+        if limit is None:
+            return text, await asyncio.to_thread(tok.encode, text, False)
+        return text, await asyncio.to_thread(tok.encode_within, text, limit, False)
 
     # --- requests -----------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,

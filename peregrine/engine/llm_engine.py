@@ -147,6 +147,9 @@ class LLMEngine:
         bad_bias = [t for t in (params.logit_bias or {}) if t >= vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[0]}")
+        bad_stop = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stop[0]}")
         room = self.max_model_len - len(ids)
         if params.max_tokens is None:
             if room < 1:

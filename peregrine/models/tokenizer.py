@@ -16,7 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from peregrine.models.errors import ModelLoadError
+from peregrine.models.errors import ModelLoadError, PromptTooLongError
 
 # Pre-tokenizer split patterns of llama.cpp's `tokenizer.ggml.pre` names (byte-level BPE).
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -143,6 +143,27 @@ class Tokenizer:
         ids = [i for i in ids if 0 <= i < n]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True
+                      ) -> list[int]:
+        """encode(text), or PromptTooLongError as soon as it is sure to exceed `limit` tokens:
+        a text longer than 8 bytes per allowed token (twice English's) is first counted in
+        pieces cut at spaces, and counting stops once they pass the limit, so a huge text
+        costs about `limit` tokens of work, not its whole length."""
+        if len(text) > _PIECE_CHARS and len(text.encode("utf-8", "surrogatepass")) > 8 * limit:
+            counted, boundaries, start = 0, 0, 0
+            while start < len(text):
+                end = _piece_end(text, start)
+                counted += len(self.backend.encode(text[start:end],
+                                                   add_special_tokens=False).ids)
+                # a cut can split what would merge (or add a prefix token): allow for it
+                if counted - _CUT_SLACK * boundaries > limit:
+                    raise PromptTooLongError(counted - _CUT_SLACK * boundaries, limit)
+                start, boundaries = end, boundaries + 1
+        ids = self.encode(text, add_special_tokens)
+        if len(ids) > limit:
+            raise PromptTooLongError(len(ids), limit)
+        return ids
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry of `token_id` (its raw byte-level form)."""
         return self.backend.id_to_token(token_id)
@@ -179,6 +200,20 @@ class Tokenizer:
         """Token ids of the rendered chat (the template places any BOS itself)."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+_PIECE_CHARS = 16384  # the size of the pieces a long text is counted in
+_CUT_SLACK = 8  # tokens one cut may add beyond the whole text's tokenization
+
+
+def _piece_end(text: str, start: int) -> int:
+    """The end of the piece from `start`: about _PIECE_CHARS on, before a space if one is
+    near (tokenizers split there anyway)."""
+    end = start + _PIECE_CHARS
+    if end >= len(text):
+        return len(text)
+    space = text.rfind(" ", end - 1024, end)
+    return space if space > start else end
 
 
 def _raise_template_error(message: str) -> None:

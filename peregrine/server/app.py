@@ -33,7 +33,9 @@ from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
 from peregrine.models.registry import resolve_model
 from peregrine.server import serving
+from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError, error_response
+from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
 from peregrine.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                        DetokenizeRequest, ModelCard, ModelList, TokenizeRequest)
@@ -44,38 +46,16 @@ STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass
-class ServerArgs:
-    """The server's own options (the engine's are an EngineConfig)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and the
-    playground page stay open)."""
-    served_model_name: str | None = None
-    """The model's name in the API; default: the model's own name (e.g. smollm2-135m)."""
-    max_queue_len: int = 256
-    """Requests waiting beyond this get 429 with Retry-After."""
-    shutdown_timeout: float = 10.0
-    """Seconds Ctrl-C / SIGTERM waits for in-flight requests before aborting them."""
-
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
-        """Read the fields off parsed `peregrine serve` flags."""
-        defaults = cls()
-        return cls(**{k: getattr(ns, k, getattr(defaults, k))
-                      for k in cls.__dataclass_fields__})
-
-
 # --- request bodies -----------------------------------------------------------------------------
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """The JSON body as `model`; a 400 in OpenAI's shape for anything malformed."""
+    """The JSON body as `model`; a 400 in OpenAI's shape for anything malformed (the body's
+    size was checked by the BodySizeLimit middleware before any of it was read)."""
     body = await request.body()
+    max_depth = request.app.state.peregrine.args.max_json_depth
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -89,9 +69,13 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except ValueError as e:
         raise APIError(HTTPStatus.BAD_REQUEST, f"the request body is not valid JSON: {e}",
                        code="invalid_json") from None
+    except RecursionError:  # the parser recursed past Python's stack limit
+        raise APIError(HTTPStatus.BAD_REQUEST, f"the request JSON nests deeper than "
+                       f"{max_depth} levels", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(HTTPStatus.BAD_REQUEST, "the request body must be a JSON object",
                        code="invalid_json")
+    check_json(data, max_depth)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -106,7 +90,13 @@ def _validation_error(errors: Any) -> APIError:
         loc = [p for p in loc if not any(c in p for c in "[]()") and p not in
                ("str", "int", "float", "bool", "list", "dict", "function-after")]
         return ".".join(loc)
-    problems = [f"{where(e) or 'body'}: {e.get('msg')}" for e in errors]
+    def given(err: dict[str, Any]) -> str:
+        value = err.get("input")
+        if err.get("type") == "missing" or isinstance(value, (dict, list)):
+            return ""
+        text = repr(value)
+        return f" (got {text[:40]}{'...' if len(text) > 40 else ''})"
+    problems = [f"{where(e) or 'body'}: {e.get('msg')}{given(e)}" for e in errors]
     param = where(errors[0]) if errors else None
     return APIError(HTTPStatus.BAD_REQUEST, "invalid request: " + "; ".join(
         dict.fromkeys(problems)), param=param or None)
@@ -153,7 +143,7 @@ def create_app(args: ServerArgs, config: EngineConfig) -> FastAPI:
 def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               model_names: list[str]) -> FastAPI:
     """The FastAPI app around an (unstarted) async engine."""
-    ctx = serving.ServingContext(engine, metrics, model_names, args.max_queue_len)
+    ctx = serving.ServingContext(engine, metrics, model_names, args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,6 +158,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
                   summary="OpenAI-compatible LLM server")
     app.state.peregrine = ServerState(args, engine, metrics, ctx)
     _add_error_handlers(app, metrics)
+    app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
 
     api = APIRouter(dependencies=[Depends(_check_api_key)])
 
@@ -196,8 +187,9 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
             raise APIError(HTTPStatus.BAD_REQUEST, "give exactly one of prompt and messages",
                            param="prompt")
         if req.messages is not None:
-            ids = (await serving.render_chat(ctx, req.messages,
-                                             req.add_generation_prompt)).token_ids
+            # a count, not a generation: no cap on the prompt's length
+            ids = (await serving.render_chat(ctx, req.messages, req.add_generation_prompt,
+                                             capped=False)).token_ids
         else:
             ids = (await engine.tokenize([req.prompt or ""], req.add_special_tokens))[0]
         out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.ready().context_limit,

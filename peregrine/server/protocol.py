@@ -5,7 +5,8 @@ repetition_penalty, min_tokens, ignore_eos, stop_token_ids, skip_special_tokens,
 include_stop_str_in_output, priority) and structured outputs (response_format, or one of
 regex / choice / grammar, vLLM's guided_* fields or structured_outputs). Unknown fields
 are ignored, as OpenAI clients send some (`user`, `metadata`, ...) that change nothing
-here."""
+here. Types are strict, as OpenAI's are: "10" is not an integer and "yes" not a boolean;
+numbers have OpenAI's ranges (the engine checks the rest of each field's domain)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ from peregrine.sampling_params import SamplingParams
 from peregrine.structured.grammar import StructuredOutputs
 
 
+# The bounds of a 64-bit integer: seeds and priorities go to torch and to C.
+_INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -33,7 +38,7 @@ class ResponseFormat(BaseModel):
     """OpenAI's response_format: text, any JSON object, or a JSON schema
     ({"name", "schema", "strict"} under `json_schema`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["text", "json_object", "json_schema", "regex", "grammar", "structural_tag"]
     json_schema: dict[str, Any] | None = None
 
@@ -65,33 +70,33 @@ class SamplingRequest(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    max_tokens: int | None = None
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    seed: int | None = Field(None, **_INT64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    priority: int = 0
-    best_of: int | None = None
+    priority: int = Field(0, **_INT64)
+    best_of: int | None = Field(None, ge=1)
     use_beam_search: bool = False
-    beam_width: int | None = None
-    length_penalty: float = 1.0
+    beam_width: int | None = Field(None, ge=1)
+    length_penalty: float = Field(1.0, ge=-100, le=100)
     # structured outputs (besides response_format); at most one per request
     regex: str | None = None
     choice: list[str] | None = None
@@ -160,7 +165,7 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0)
     suffix: str | None = None
     add_special_tokens: bool = True
 
@@ -168,7 +173,7 @@ class CompletionRequest(SamplingRequest):
 class ContentPart(BaseModel):
     """Any content part; only `text` parts are understood (others get a 400)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
@@ -185,7 +190,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     # vLLM extras

@@ -24,9 +24,11 @@ from starlette.types import Receive, Scope, Send
 
 from peregrine.engine.async_engine import (AsyncLLMEngine, EngineNotReadyError,
                                            RequestFailedError, RequestStream)
+from peregrine.models.errors import PromptTooLongError
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
+from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server.metrics import ServerMetrics
 from peregrine.structured.grammar import InvalidConstraintError
@@ -59,7 +61,7 @@ class ServingContext:
     engine: AsyncLLMEngine
     metrics: ServerMetrics
     model_names: list[str]  # the first is the served name; the others are accepted aliases
-    max_queue_len: int
+    args: ServerArgs
 
     @property
     def model_name(self) -> str:
@@ -85,29 +87,61 @@ class ServingContext:
                            headers={"Retry-After": "2"})
         return self.engine
 
-    def check_queue(self) -> None:
-        """429 with Retry-After when --max-queue-len requests already wait."""
+    def check_queue(self, count: int = 1) -> None:
+        """429 with Retry-After when `count` more requests would pass --max-queue-len waiting
+        ones (400 when they could never fit)."""
+        limit = self.args.max_queue_len
+        if count > limit:
+            raise bad_request(f"prompt holds {count} prompts; at most {limit} "
+                              "(--max-queue-len) fit in one request", "prompt")
         waiting = self.engine.num_waiting
-        if waiting >= self.max_queue_len:
+        if waiting + count > limit:
             self.metrics.reject("queue_full")
             raise APIError(HTTPStatus.TOO_MANY_REQUESTS, f"the server is busy: {waiting} "
-                           f"requests are waiting (--max-queue-len {self.max_queue_len}); "
-                           "retry later", code="queue_full", headers={"Retry-After": "1"})
+                           f"requests are waiting (--max-queue-len {limit}); retry later",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    def check_limits(self, req: SamplingRequest) -> None:
+        """400 for a request past the server's limits: sequences per prompt (n, best_of,
+        beam_width) and stop strings."""
+        # A prompt's sequences run together, so they must fit the engine's batch at once.
+        cap = min(self.args.max_n, self.engine.config.max_num_seqs)
+        asked = {"n": req.n, "best_of": req.best_of or 0,
+                 "beam_width": (req.beam_width or 0) if req.use_beam_search else 0}
+        for name, value in asked.items():
+            if value > cap:
+                raise bad_request(f"{name} must be <= {cap} (--max-n {self.args.max_n}, "
+                                  f"--max-num-seqs {self.engine.config.max_num_seqs}), got "
+                                  f"{value}", name)
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > self.args.max_stop_sequences:
+            raise bad_request(f"stop may hold at most {self.args.max_stop_sequences} strings "
+                              f"(--max-stop-sequences), got {len(stops)}", "stop")
+
+    def prompt_limit(self) -> int:
+        """Most tokens one prompt may have: --max-prompt-tokens, within the context."""
+        limit = self.ready().context_limit
+        return min(limit, self.args.max_prompt_tokens or limit)
 
 
 # --- shared steps -------------------------------------------------------------------------------
 def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
                 prompt_len: int, param: str) -> int:
-    """The request's max_tokens; unset means `default`, or all the room left when None."""
+    """The request's max_tokens; unset means `default` (at most the room the context
+    leaves), or all that room when `default` is None."""
     if requested is not None:
         return requested
-    if default is not None:
-        return default
     room = ctx.ready().context_limit - prompt_len
     if room < 1:
         raise bad_request(f"the prompt ({prompt_len} tokens) leaves no room to generate: the "
                           f"limit is {ctx.ready().context_limit} tokens", param)
-    return room
+    return room if default is None else min(default, room)
+
+
+def _too_long(e: PromptTooLongError, ctx: ServingContext, param: str) -> APIError:
+    flag = " (--max-prompt-tokens)" if e.limit < ctx.ready().context_limit else ""
+    return bad_request(f"{param}: the prompt has {'at least ' if e.at_least > e.limit else ''}"
+                       f"{e.at_least} tokens; at most {e.limit}{flag} are allowed", param)
 
 
 def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -355,18 +389,34 @@ def _new_text(o: CompletionOutput, state: _ChoiceState) -> tuple[str, list[int],
 
 
 # --- /v1/completions ----------------------------------------------------------------------------
+def _prompt_count(req: CompletionRequest) -> int:
+    """How many prompts (engine requests per candidate) `prompt` holds."""
+    p = req.prompt
+    return 1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)
+
+
 async def _completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
     p = req.prompt
+    limit = ctx.prompt_limit()
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
         texts = [p] if isinstance(p, str) else list(p)
-        ids = await ctx.ready().tokenize(texts, req.add_special_tokens)
+        try:
+            ids = await ctx.ready().tokenize(texts, req.add_special_tokens, limit)
+        except PromptTooLongError as e:
+            raise _too_long(e, ctx, "prompt") from None
         return [Prompt(t, i) for t, i in zip(texts, ids)]
+    prompts = None
     if isinstance(p, list) and p and isinstance(p[0], int):
-        return [Prompt(None, list(p))]  # type: ignore[arg-type]
-    if isinstance(p, list) and p and all(isinstance(x, list) and x for x in p):
-        return [Prompt(None, list(x)) for x in p]  # type: ignore[arg-type]
-    raise bad_request("prompt must be a non-empty string, list of strings, list of token ids "
-                      "or list of token-id lists", "prompt")
+        prompts = [Prompt(None, list(p))]  # type: ignore[arg-type]
+    elif isinstance(p, list) and p and all(isinstance(x, list) and x for x in p):
+        prompts = [Prompt(None, list(x)) for x in p]  # type: ignore[arg-type]
+    if prompts is None:
+        raise bad_request("prompt must be a non-empty string, list of strings, list of token "
+                          "ids or list of token-id lists", "prompt")
+    for prompt in prompts:
+        if len(prompt.token_ids) > limit:
+            raise _too_long(PromptTooLongError(len(prompt.token_ids), limit), ctx, "prompt")
+    return prompts
 
 
 async def create_completion(ctx: ServingContext, req: CompletionRequest,
@@ -376,7 +426,8 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     ctx.ready()
     if req.suffix:
         raise bad_request("suffix is not supported", "suffix")
-    ctx.check_queue()
+    ctx.check_limits(req)
+    ctx.check_queue(_prompt_count(req))
     prompts = await _completion_prompts(ctx, req)
     params = []
     for prompt in prompts:
@@ -526,14 +577,31 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+# What the renderer passes the chat template itself; a request cannot override them.
+_TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "limit"}
+
+
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                       add_generation_prompt: bool,
-                      template_kwargs: dict[str, Any] | None = None) -> Prompt:
-    """The chat template applied and tokenized (off the event loop)."""
+                      template_kwargs: dict[str, Any] | None = None,
+                      capped: bool = True) -> Prompt:
+    """The chat template applied and tokenized (off the event loop), within the limits on
+    messages and (when `capped`) prompt tokens."""
+    if len(messages) > ctx.args.max_messages:
+        raise bad_request(f"messages holds {len(messages)} messages; at most "
+                          f"{ctx.args.max_messages} (--max-messages)", "messages")
     msgs = chat_messages(messages)
+    kwargs = dict(template_kwargs or {})
+    taken = sorted(set(kwargs) & _TEMPLATE_OWN_ARGS)
+    if taken:
+        raise bad_request(f"chat_template_kwargs must not set {', '.join(taken)} (the server "
+                          "sets them)", "chat_template_kwargs")
     try:
         return Prompt(*await ctx.ready().render_chat(msgs, add_generation_prompt,
-                                                    **(template_kwargs or {})))
+                                                    ctx.prompt_limit() if capped else None,
+                                                    **kwargs))
+    except PromptTooLongError as e:
+        raise _too_long(e, ctx, "messages") from None
     except ValueError as e:
         raise bad_request(e, "messages") from None
     except Exception as e:  # jinja2 errors: the template cannot render these messages
@@ -552,12 +620,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         raise bad_request("tools are not supported", "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    ctx.check_limits(req)
     ctx.check_queue()
     prompt = await render_chat(ctx, req.messages, req.add_generation_prompt,
                                req.chat_template_kwargs)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    max_tokens = _max_tokens(ctx, requested, None, len(prompt.token_ids),
+    max_tokens = _max_tokens(ctx, requested, ctx.args.max_tokens_default or None,
+                             len(prompt.token_ids),
                              "max_completion_tokens" if req.max_completion_tokens is not None
                              else "max_tokens")
     num_top = (req.top_logprobs or 0) if req.logprobs else None

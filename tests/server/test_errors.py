@@ -92,7 +92,7 @@ def test_top_logprobs_needs_logprobs(http):
     r = http.post(CHAT, json={"messages": HELLO, "top_logprobs": 2})
     assert_error(r, 400, "top_logprobs", "logprobs")
     r = http.post(CHAT, json={"messages": HELLO, "logprobs": True, "top_logprobs": 99})
-    assert_error(r, 400, "logprobs", "20")
+    assert_error(r, 400, "top_logprobs", "20")
 
 
 def test_unknown_model_is_404(http):

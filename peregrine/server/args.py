@@ -1,0 +1,51 @@
+"""The server's own options (the engine's are an EngineConfig): address, auth, queue, and
+the limits every request is held to."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+
+@dataclass
+class ServerArgs:
+    """`peregrine serve`'s flags besides the engine's; each field is a --flag."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer <key>` on the API routes (/health, /metrics and the
+    playground page stay open)."""
+    served_model_name: str | None = None
+    """The model's name in the API; default: the model's own name (e.g. smollm2-135m)."""
+    max_queue_len: int = 256
+    """Requests waiting beyond this get 429 with Retry-After (a completions request with
+    several prompts counts each)."""
+    shutdown_timeout: float = 10.0
+    """Seconds Ctrl-C / SIGTERM waits for in-flight requests before aborting them."""
+    max_request_bytes: int = 4 * 2**20
+    """Bodies larger than this get 413, from Content-Length before any byte is read, or as
+    soon as a chunked body passes it."""
+    max_json_depth: int = 64
+    """Request JSON nested deeper than this is a 400."""
+    max_n: int = 16
+    """Most sequences one prompt may ask for (n, best_of, beam_width); never more than the
+    engine's max_num_seqs, which must be able to run them together."""
+    max_stop_sequences: int = 4
+    """Most `stop` strings a request may give (OpenAI's limit)."""
+    max_messages: int = 1024
+    """Most chat messages one request may carry."""
+    max_prompt_tokens: int | None = None
+    """Most tokens one prompt may have; default: the model's context length. Text too long
+    to fit is refused before it is tokenized."""
+    max_tokens_default: int = 1024
+    """max_tokens of a chat request that gives none; 0: all the room the context leaves."""
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
+        """Read the fields off parsed `peregrine serve` flags."""
+        defaults = cls()
+        return cls(**{k: getattr(ns, k, getattr(defaults, k))
+                      for k in cls.__dataclass_fields__})
