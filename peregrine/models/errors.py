@@ -8,7 +8,9 @@ class ModelLoadError(ValueError):
 class PromptTooLongError(ValueError):
     """A text has more tokens than a limit; found before the whole text was tokenized."""
 
-    def __init__(self, at_least: int, limit: int) -> None:
-        super().__init__(f"the prompt has at least {at_least} tokens; the limit is {limit}")
-        self.at_least = at_least
+    def __init__(self, count: int, limit: int, exact: bool = True) -> None:
+        super().__init__(f"the prompt has {'' if exact else 'at least '}{count} tokens; the "
+                         f"limit is {limit}")
+        self.count = count
         self.limit = limit
+        self.exact = exact

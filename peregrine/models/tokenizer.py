@@ -157,7 +157,8 @@ class Tokenizer:
                                                    add_special_tokens=False).ids)
                 # a cut can split what would merge (or add a prefix token): allow for it
                 if counted - _CUT_SLACK * boundaries > limit:
-                    raise PromptTooLongError(counted - _CUT_SLACK * boundaries, limit)
+                    raise PromptTooLongError(counted - _CUT_SLACK * boundaries, limit,
+                                             exact=False)
                 start, boundaries = end, boundaries + 1
         ids = self.encode(text, add_special_tokens)
         if len(ids) > limit:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,8 +37,12 @@ from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
-from peregrine.server.protocol import (ChatCompletionRequest, CompletionRequest,
-                                       DetokenizeRequest, ModelCard, ModelList, TokenizeRequest)
+from peregrine.server.openapi import NO_BODY_ERRORS, install, json_body, responses
+from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
+                                       CompletionRequest, CompletionResponse,
+                                       DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                       ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                       VersionResponse)
 
 logger = logging.getLogger("peregrine.server")
 
@@ -162,24 +166,27 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     api = APIRouter(dependencies=[Depends(_check_api_key)])
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+              responses=responses(CompletionResponse, stream=True))
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
         return await serving.create_completion(ctx, req, request)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+              responses=responses(ChatCompletionResponse, stream=True))
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
         return await serving.create_chat_completion(ctx, req, request)
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(
             id=ctx.model_name, root=engine.model_path,
             max_model_len=engine.context_limit if engine.is_ready else None)])
 
-    @api.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
+    @api.post("/tokenize", openapi_extra=json_body(TokenizeRequest),
+              responses=responses(TokenizeResponse))
+    async def tokenize(request: Request) -> TokenizeResponse:
         req = await parse_body(request, TokenizeRequest)
         ctx.check_model(req.model)
         tok = ctx.ready().tokenizer
@@ -192,14 +199,13 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
                                              capped=False)).token_ids
         else:
             ids = (await engine.tokenize([req.prompt or ""], req.add_special_tokens))[0]
-        out: dict[str, Any] = {"count": len(ids), "max_model_len": ctx.ready().context_limit,
-                               "tokens": ids}
-        if req.return_token_strs:
-            out["token_strs"] = [tok.id_to_token(i) for i in ids]
-        return out
+        return TokenizeResponse(
+            count=len(ids), max_model_len=ctx.ready().context_limit, tokens=ids,
+            token_strs=[tok.id_to_token(i) for i in ids] if req.return_token_strs else None)
 
-    @api.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
+    @api.post("/detokenize", openapi_extra=json_body(DetokenizeRequest),
+              responses=responses(DetokenizeResponse))
+    async def detokenize(request: Request) -> DetokenizeResponse:
         req = await parse_body(request, DetokenizeRequest)
         ctx.check_model(req.model)
         tok = ctx.ready().tokenizer
@@ -207,33 +213,37 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
         if bad:
             raise APIError(HTTPStatus.BAD_REQUEST, f"token ids must be in [0, "
                            f"{tok.vocab_size}), got {bad[:5]}", param="tokens")
-        return {"prompt": await engine.detokenize(req.tokens)}
+        return DetokenizeResponse(prompt=await engine.detokenize(req.tokens))
 
     app.include_router(api)
 
-    @app.get("/health")
+    @app.get("/health", response_class=PlainTextResponse,
+             responses=responses(None, (HTTPStatus.SERVICE_UNAVAILABLE,),
+                                 media_type="text/plain"))
     async def health() -> Response:
-        if engine.is_ready:
-            return Response(status_code=HTTPStatus.OK)
-        try:
-            ctx.ready()
-        except APIError as e:
-            return e.response()
-        return Response(status_code=HTTPStatus.OK)
+        if not engine.is_ready:
+            try:
+                ctx.ready()
+            except APIError as e:
+                return e.response()
+        return PlainTextResponse("", status_code=HTTPStatus.OK)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=responses(None, (), media_type=CONTENT_TYPE))
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": peregrine.__version__}
+    @app.get("/version", responses=responses(VersionResponse, ()))
+    async def version() -> VersionResponse:
+        return VersionResponse(version=peregrine.__version__)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                  CompletionResponse, ChatCompletionResponse, ModelList, TokenizeResponse,
+                  DetokenizeResponse, VersionResponse, ErrorResponse])
     return app
 
 

@@ -217,6 +217,27 @@ class DetokenizeRequest(_Request):
 
 
 # --- responses ------------------------------------------------------------------------------
+class TokenizeResponse(BaseModel):
+    """POST /tokenize's answer."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str | None] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    """POST /detokenize's answer."""
+
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    """GET /version's answer."""
+
+    version: str
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

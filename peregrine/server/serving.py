@@ -140,8 +140,8 @@ def _max_tokens(ctx: ServingContext, requested: int | None, default: int | None,
 
 def _too_long(e: PromptTooLongError, ctx: ServingContext, param: str) -> APIError:
     flag = " (--max-prompt-tokens)" if e.limit < ctx.ready().context_limit else ""
-    return bad_request(f"{param}: the prompt has {'at least ' if e.at_least > e.limit else ''}"
-                       f"{e.at_least} tokens; at most {e.limit}{flag} are allowed", param)
+    return bad_request(f"{param}: the prompt has {'' if e.exact else 'at least '}{e.count} "
+                       f"tokens; at most {e.limit}{flag} fit", param)
 
 
 def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:

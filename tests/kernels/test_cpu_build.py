@@ -16,3 +16,15 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     _clear_stale_lock(str(tmp_path))
     assert not lock.exists()
     _clear_stale_lock(str(tmp_path))  # no lock at all: nothing to do
+
+
+def test_build_directory_follows_the_source_not_the_checkout(tmp_path):
+    """Two checkouts with the same source share one build; a changed source gets its own
+    (so processes from different checkouts never rebuild each other's)."""
+    from peregrine.kernels.cpu import build_dir
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int f() { return 1; }")
+    b.write_text("int f() { return 1; }")
+    assert build_dir("ext", str(a)) == build_dir("ext", str(b))
+    b.write_text("int f() { return 2; }")
+    assert build_dir("ext", str(a)) != build_dir("ext", str(b))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from pydantic import ValidationError
 
 from peregrine.outputs import Logprob
 from peregrine.server.metrics import length_buckets
@@ -52,9 +53,19 @@ def test_openai_defaults():
 
 
 def test_out_of_range_values_raise_naming_the_field():
-    req = CompletionRequest.model_validate({"prompt": "x", "temperature": -1})
-    with pytest.raises(ValueError, match="^temperature"):
+    with pytest.raises(ValidationError, match="temperature"):
+        CompletionRequest.model_validate({"prompt": "x", "temperature": -1})
+    # OpenAI's range lets top_p be 0; the engine's domain does not
+    req = CompletionRequest.model_validate({"prompt": "x", "top_p": 0})
+    with pytest.raises(ValueError, match="^top_p"):
         req.sampling_params(5, None)
+
+
+def test_types_are_not_coerced():
+    for field, value in [("max_tokens", "10"), ("max_tokens", True), ("stream", "yes"),
+                         ("echo", 1), ("n", 2.0)]:
+        with pytest.raises(ValidationError, match=field):
+            CompletionRequest.model_validate({"prompt": "x", field: value})
 
 
 def _lp(*pairs: tuple[int, float]) -> dict[int, Logprob]:

@@ -4,11 +4,13 @@
 linears and the fused decode step, q8_decode.cpp) return the compiled module, or None where
 it cannot exist (no AVX2/FMA, no compiler, a failed build); callers then take the torch
 reference path. The build lands in
-$PEREGRINE_CACHE (default ~/.cache/peregrine)/torch_extensions and is reused by every later
-process; torch rebuilds it only when the source changes."""
+$PEREGRINE_CACHE (default ~/.cache/peregrine)/torch_extensions/<name>-<hash of the source,
+flags and torch version> and is reused by every later process: checkouts with the same
+source share one build, and checkouts with different sources never rebuild each other's."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -50,6 +52,17 @@ def _clear_stale_lock(build: str, max_age_s: float = 600.0) -> None:
         pass
 
 
+def build_dir(name: str, source_path: str) -> str:
+    """The build directory of one extension: keyed by what the build depends on, because
+    torch's own check (the build file, which names the source's path) rebuilds whenever a
+    process from another checkout loads it."""
+    digest = hashlib.sha256()
+    with open(source_path, "rb") as f:
+        digest.update(f.read())
+    digest.update(" ".join(_FLAGS + [torch.__version__]).encode())
+    return os.path.join(cache_dir(), f"{name}-{digest.hexdigest()[:16]}")
+
+
 def _build(name: str, source: str) -> ModuleType | None:
     """Compile (or load the cached build of) one extension; None when it cannot exist."""
     if name in _modules:
@@ -61,10 +74,11 @@ def _build(name: str, source: str) -> ModuleType | None:
         if os.environ.get("PEREGRINE_NO_CPP_KERNELS") != "1" and cpu_supports_kernels():
             try:
                 from torch.utils.cpp_extension import load
-                build = os.path.join(cache_dir(), name)
+                path = os.path.join(os.path.dirname(__file__), source)
+                build = build_dir(name, path)
                 os.makedirs(build, exist_ok=True)
                 _clear_stale_lock(build)
-                module = load(name=name, sources=[os.path.join(os.path.dirname(__file__), source)],
+                module = load(name=name, sources=[path],
                               extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                               build_directory=build, verbose=False)
             except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
