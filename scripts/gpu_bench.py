@@ -659,26 +659,32 @@ def part_offline_hf(b: Bench) -> None:
 
 # --- summary --------------------------------------------------------------------------------------
 def read_statuses(path: str) -> dict[str, dict[str, Any]]:
-    """The shell script's status file: `part returncode seconds limit` per line; returncode
-    124 or 137 is a timeout, `skip` a part not started for lack of time."""
-    statuses: dict[str, dict[str, Any]] = {}
+    """The shell script's status file (see read_statuses_lines); {} if there is none."""
     if not os.path.exists(path):
-        return statuses
+        return {}
     with open(path) as f:
-        for line in f:
-            part, rc, seconds, limit = line.split()
-            if rc == "skip":
-                status = "skipped (no time left)"
-            else:
-                status = {"0": "ok", "124": "timeout", "137": "timeout"}.get(rc, f"failed (rc {rc})")
-            statuses[part] = {"status": status, "seconds": float(seconds), "limit_s": float(limit)}
+        return read_statuses_lines(f.read().splitlines())
+
+
+def read_statuses_lines(lines: list[str]) -> dict[str, dict[str, Any]]:
+    """Part statuses from lines `part returncode seconds limit`: returncode 124 or 137 is a
+    timeout (TERM, then KILL), `skip` a part not started for lack of time."""
+    statuses: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        part, rc, seconds, limit = line.split()
+        if rc == "skip":
+            status = "skipped (no time left)"
+        else:
+            status = {"0": "ok", "124": "timeout", "137": "timeout"}.get(rc, f"failed (rc {rc})")
+        statuses[part] = {"status": status, "seconds": float(seconds), "limit_s": float(limit)}
     return statuses
 
 
 def build_summary(parts: dict[str, dict[str, Any]], statuses: dict[str, dict[str, Any]],
-                  device: str, dry_run: bool, date: str) -> dict[str, Any]:
+                  env: dict[str, Any]) -> dict[str, Any]:
     """summary.json from the parts' results (a missing part gives None fields, never
-    numbers from anywhere else) and the statuses of the runs that made them."""
+    numbers from anywhere else), the statuses of the runs that made them, and `env`
+    (dry_run, device, date, versions)."""
     def part(name: str) -> dict[str, Any]:
         return parts.get(name) or {}
 
@@ -704,10 +710,10 @@ def build_summary(parts: dict[str, dict[str, Any]], statuses: dict[str, dict[str
                    "met": None if values[key] is None else values[key] >= target}
              for key, text, target in GOALS}
     return {
-        "dry_run": dry_run, "device": device, "date": date,
-        "torch": torch.__version__, "triton": triton_version(),
+        **env,
         "kernel_tests": ({"passed": kt["passed"], "failed": kt["failed"] + kt["errors"],
-                          "skipped": kt["skipped"], "failures": kt["failures"]} if kt else
+                          "skipped": kt["skipped"], "timed_out": kt["timed_out"],
+                          "failures": kt["failures"]} if kt else
                          {"passed": None, "failed": None}),
         "parity": parity or {"triton_vs_torch_identical": None},
         "decode": decode, "prefill": prefill, "offline": offline,
@@ -734,7 +740,7 @@ def fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of rows sharing their keys."""
+    """A markdown table with a column for every key of any row, in first-seen order."""
     if not rows:
         return "(no rows)\n"
     keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -776,8 +782,10 @@ def write_summary(work: str, out: str, dry_run: bool, name: str = "summary") -> 
             with open(path) as f:
                 parts[p] = json.load(f)
     device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
-    summary = build_summary(parts, read_statuses(os.path.join(work, "status.tsv")),
-                            device_name(device), dry_run, time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    env = {"dry_run": dry_run, "device": device_name(device),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__,
+           "triton": triton_version()}
+    summary = build_summary(parts, read_statuses(os.path.join(work, "status.tsv")), env)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=1)

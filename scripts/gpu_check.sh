@@ -40,11 +40,11 @@ if [ -z "$OUT_DIR" ]; then
   if [ $DRY = 1 ]; then OUT_DIR=$(mktemp -d /tmp/gpu_check_dry.XXXXXX)
   else OUT_DIR=${OUT:-$RESULTS}; fi
 fi
-mkdir -p "$OUT_DIR"
-if [ $DRY = 1 ] && [ -d $RESULTS ] && [ "$(cd "$OUT_DIR" && pwd -P)" = "$(cd $RESULTS && pwd -P)" ]; then
+if [ $DRY = 1 ] && [ "$(realpath -m "$OUT_DIR")" = "$(realpath -m $RESULTS)" ]; then
   echo "gpu_check.sh: a dry run never writes to $RESULTS (real GPU results live there)" >&2
   exit 2
 fi
+mkdir -p "$OUT_DIR"
 NAME=summary
 [ -n "$ONLY" ] && NAME=summary-rerun
 LOG=$OUT_DIR/gpu_check${NAME#summary}.log
