@@ -33,8 +33,8 @@ ENV = {"dry_run": False, "device": "NVIDIA H200", "date": "2026-01-01", "torch":
        "triton": "3.6"}
 
 
-def run_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable}
+def run_check(*args: str, timeout: float = 400, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env_vars}
     env.pop("TRITON_INTERPRET", None)  # the script must set it itself
     return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -74,6 +74,18 @@ def test_dry_run_writes_every_summary_field_and_leaves_the_results_alone(tmp_pat
     assert all(r["max_rel_error"] < 1e-3 for r in s["gemm"])
     assert set(s["goals"]) == {g[0] for g in gb.GOALS}
     assert "DRY RUN" in (out / "summary.md").read_text()
+
+
+def test_a_part_out_of_time_is_recorded_and_the_next_part_still_runs(tmp_path):
+    """decode needs several seconds even as a dry run (15 s on 2 cores); 2 s stop it."""
+    res = run_check("--dry-run", "--out", str(tmp_path), timeout=120,
+                    GPU_CHECK_PARTS="decode:2 gemm:60")
+    assert res.returncode == 1
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["parts"]["decode"]["status"] == "timeout"
+    assert s["parts"]["gemm"]["status"] == "ok" and s["gemm"]
+    assert s["parts"]["offline"]["status"] == "not run"
+    assert s["offline"]["output_tok_s"] is None
 
 
 def test_dry_run_refuses_to_write_where_gpu_results_live():
