@@ -57,14 +57,18 @@ GOALS = [("decode_mbu_batch1", "decode MBU at batch 1, CUDA graphs, Llama-3-8B b
          ("offline_roofline_frac", "offline output tok/s over the workload's roofline", 0.6),
          ("offline_vs_transformers", "offline output tok/s over transformers generate", 5.0)]
 
-# What the kernel_tests part runs: the Triton kernels' tests (bf16 included on a GPU), CUDA
-# graph replay and the profiled pool size. test_q8_decode.py tests C++ CPU kernels (it would
-# spend the GPU's minutes building them) and is left out.
-KERNEL_TESTS = ["tests/kernels", "--ignore=tests/kernels/test_q8_decode.py",
-                "tests/engine/test_cuda_graphs.py", "tests/engine/test_memory_profile.py"]
+# What the kernel_tests part runs: the Triton kernels' tests (bf16 included on a GPU) and
+# CUDA graph replay, split across processes (compiling the kernels' many variants is most of
+# their time, and it is single-threaded per process), then the profiled pool size alone (it
+# measures the device's memory, other processes included). test_q8_decode.py tests C++ CPU
+# kernels (building them would spend the GPU's minutes) and is left out.
+KERNEL_TESTS = ("tests/kernels", "--ignore=tests/kernels/test_q8_decode.py",
+                "tests/engine/test_cuda_graphs.py")
+KERNEL_TESTS_ALONE = ("tests/engine/test_memory_profile.py",)
 # Under the interpreter the dry run checks the plumbing on a few quick tests only.
-DRY_KERNEL_TESTS = ["tests/kernels/test_triton_attention.py", "tests/engine/test_cuda_graphs.py",
-                    "-k", "split_plan or quantized_write or ladder"]
+DRY_KERNEL_TESTS = ("tests/kernels/test_triton_attention.py", "tests/engine/test_cuda_graphs.py",
+                    "-k", "split_plan or quantized_write or ladder")
+DRY_KERNEL_TESTS_ALONE = ("tests/engine/test_memory_profile.py", "-k", "budget")
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,9 @@ class Sizes:
     big_model: str  # decode, prefill, offline
     small_model: str  # parity
     dtype: str
-    kernel_tests: tuple[str, ...]
+    kernel_tests: tuple[str, ...]  # pytest arguments, the tests split into kernel_shards
+    kernel_tests_alone: tuple[str, ...]  # run afterwards in one process
+    kernel_shards: int
     parity_prompts: int
     parity_stem: int  # tokens shared by every parity prompt (prefix-cache hits)
     parity_suffix: tuple[int, int]  # lengths of the prompts' own tails
@@ -107,7 +113,8 @@ class Sizes:
 
 FULL = Sizes(
     big_model="llama-3-8b", small_model="llama-3.2-1b", dtype="bfloat16",
-    kernel_tests=tuple(KERNEL_TESTS), parity_prompts=4, parity_stem=48,
+    kernel_tests=KERNEL_TESTS, kernel_tests_alone=KERNEL_TESTS_ALONE, kernel_shards=6,
+    parity_prompts=4, parity_stem=48,
     parity_suffix=(20, 400), parity_tokens=32, parity_budget=256,
     decode_batches=(1, 8, 64, 256), decode_prompt=512, decode_steps=64,
     prefill_tokens=(512, 2048, 8192), offline_requests=256, offline_lens=(100, 1024),
@@ -118,7 +125,8 @@ FULL = Sizes(
 
 DRY = Sizes(
     big_model="llama-3-8b", small_model="llama-3.2-1b", dtype="float32",
-    kernel_tests=tuple(DRY_KERNEL_TESTS), parity_prompts=3, parity_stem=16,
+    kernel_tests=DRY_KERNEL_TESTS, kernel_tests_alone=DRY_KERNEL_TESTS_ALONE, kernel_shards=2,
+    parity_prompts=3, parity_stem=16,
     parity_suffix=(2, 14), parity_tokens=4, parity_budget=12,
     decode_batches=(1, 2), decode_prompt=8, decode_steps=3,
     prefill_tokens=(8, 24), offline_requests=3, offline_lens=(4, 12),
@@ -253,24 +261,67 @@ def count_outcomes(pytest_verbose_output: str) -> dict[str, Any]:
     return {**counts, "failures": failures}
 
 
+# The kernel tests use none of these plugins; loading them costs seconds per process.
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+          "-p", "no:schemathesis", "-p", "no:anyio"]
+
+
+def collect_tests(args: tuple[str, ...]) -> list[str]:
+    """The node ids pytest selects with `args`."""
+    proc = subprocess.run([*PYTEST, "--collect-only", "-q", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    if proc.returncode != 0 or not ids:
+        raise SystemExit(f"collecting the kernel tests failed:\n{proc.stdout[-3000:]}"
+                         f"{proc.stderr[-3000:]}")
+    return ids
+
+
+def run_pytest_processes(arg_lists: list[list[str]], log_prefix: str, deadline: float
+                         ) -> tuple[str, list[int | None]]:
+    """Run one `pytest -v` per argument list, all at once; their output (complete, or up to
+    where the deadline killed them) and return codes (None for killed)."""
+    procs = []
+    for i, args in enumerate(arg_lists):
+        log = open(f"{log_prefix}.{i}.log", "w+")
+        procs.append((subprocess.Popen([*PYTEST, "-v", *args], cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT, text=True), log))
+    output, codes = "", []
+    for proc, log in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append(None)
+        log.seek(0)
+        output += log.read()
+        log.close()
+    return output, codes
+
+
 def part_kernel_tests(b: Bench, time_limit: float) -> None:
-    """pytest of the kernel tests on this device; counts what passed and failed."""
-    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *b.sizes.kernel_tests]
-    print(" ".join(cmd), flush=True)
+    """pytest of the kernel tests on this device, in kernel_shards processes at once, then
+    the tests that must run alone; counts what passed and failed."""
+    s = b.sizes
     t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              timeout=max(10.0, time_limit - 15))
-        output, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
-    except subprocess.TimeoutExpired as e:
-        output = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc, timed_out = None, True
-    print(output[-6000:], flush=True)
+    deadline = STARTED + time_limit - 10
+    ids = collect_tests(s.kernel_tests)
+    shards = [ids[i::s.kernel_shards] for i in range(s.kernel_shards) if ids[i::s.kernel_shards]]
+    prefix = os.path.join(b.work, "kernel_tests")
+    output, codes = run_pytest_processes(shards, prefix, deadline)
+    alone, alone_codes = run_pytest_processes([list(s.kernel_tests_alone)], prefix + "_alone",
+                                              deadline)
+    output += alone
+    codes += alone_codes
+    print(output[-8000:], flush=True)
     counts = count_outcomes(output)
-    b.save(kernel_tests={**counts, "returncode": rc, "timed_out": timed_out,
-                         "seconds": time.perf_counter() - t, "command": cmd[3:]})
-    if timed_out or rc != 0:
-        raise SystemExit(f"kernel tests: returncode {rc}, timed out: {timed_out}")
+    timed_out = None in codes
+    b.save(kernel_tests={**counts, "returncodes": codes, "timed_out": timed_out,
+                         "collected": len(ids), "seconds": time.perf_counter() - t,
+                         "tests": [*s.kernel_tests, "then", *s.kernel_tests_alone]})
+    if timed_out or any(codes):
+        raise SystemExit(f"kernel tests: return codes {codes}")
 
 
 # --- parity ---------------------------------------------------------------------------------------
