@@ -159,3 +159,24 @@ def test_workload_roofline_is_the_longer_of_all_flops_and_all_bytes_at_peak():
     cost = ModelCost(layer_params=10**6, head_params=0, attn_flops_per_pair=0, weight_bytes=0,
                      kv_bytes_per_token=0)
     assert gb.workload_roofline_seconds(cost, [2, 1], [3, 1], 2, peak) == pytest.approx(1e7)
+
+
+def test_full_sizes_are_the_issues_workloads_on_shipped_configs():
+    from peregrine.models.registry import shipped_configs
+    full = gb.FULL
+    assert {full.big_model, full.small_model} <= set(shipped_configs())
+    assert (full.big_model, full.small_model, full.dtype) == ("llama-3-8b", "llama-3.2-1b",
+                                                              "bfloat16")
+    assert full.decode_batches == (1, 8, 64, 256)
+    assert full.prefill_tokens == (512, 2048, 8192)
+    assert (full.offline_requests, full.offline_lens) == (256, (100, 1024))
+    assert full.parity_stem + full.parity_suffix[1] > full.parity_budget  # chunked prefill
+
+
+def test_part_limits_fit_in_eight_minutes():
+    text = open(SCRIPT).read()
+    parts = text.split('PARTS=${GPU_CHECK_PARTS:-"')[1].split('"')[0].split()
+    limits = {p.split(":")[0]: int(p.split(":")[1]) for p in parts}
+    assert list(limits) == gb.PARTS
+    total = int(text.split("\nTOTAL_S=")[1].split()[0])
+    assert sum(limits.values()) <= total <= 8 * 60 - 10  # 10 s for the summary
