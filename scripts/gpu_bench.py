@@ -823,7 +823,8 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 def summary_markdown(s: dict[str, Any]) -> str:
     """The summary as markdown: goals, part statuses, then every table."""
-    kt, off = s["kernel_tests"], s["offline"]
+    kt, off, parity = s["kernel_tests"], s["offline"], s["parity"]
+    wider, hf = parity.get("wider_dtype"), off["transformers"]
     head = "DRY RUN (CPU, tiny sizes; not a measurement) — " if s["dry_run"] else ""
     out = [f"# GPU check — {head}{s['device']} ({s['date']})", "",
            f"torch {s['torch']}, triton {s['triton']}", "", "## Goals", "",
@@ -831,11 +832,15 @@ def summary_markdown(s: dict[str, Any]) -> str:
                    "met": g["met"]} for g in s["goals"].values()]),
            "## Parts", "",
            table([{"part": k, **v} for k, v in s["parts"].items()]),
-           f"kernel tests: {kt['passed']} passed, {kt['failed']} failed; parity (Triton vs "
-           f"torch greedy tokens identical): {s['parity']['triton_vs_torch_identical']}", "",
+           f"kernel tests: {kt['passed']} passed, {kt['failed']} failed", "",
+           f"parity (Triton vs torch greedy tokens identical): "
+           f"{parity['triton_vs_torch_identical']}" + (
+               f" in {parity['dtype']}; in {wider['dtype']}: "
+               f"{wider['triton_vs_torch_identical']}" if wider else ""), "",
            f"offline: {fmt(off['output_tok_s'])} output tok/s, {fmt(off['roofline_frac'])} of "
-           f"roofline; transformers {fmt(off['transformers_output_tok_s'])} tok/s "
-           f"(ratio {fmt(off['vs_transformers'])})", ""]
+           f"roofline; transformers {fmt(off['transformers_output_tok_s'])} tok/s" + (
+               f" on {hf['requests']} of {hf['of_requests']} requests, batch {hf['batch']}"
+               if hf else "") + f" (ratio {fmt(off['vs_transformers'])})", ""]
     for name in ("decode", "prefill", "attention", "gemm"):
         out += [f"## {name}", "", table(s[name])]
     return "\n".join(out)

@@ -110,6 +110,7 @@ def test_summary_of_missing_failed_and_timed_out_parts_holds_no_numbers():
         "kernel_tests": "failed (rc 1)", "attention": "not run", "gemm": "not run",
         "parity": "not run", "decode": "timeout", "offline": "timeout",
         "offline_hf": "skipped (no time left)"}
+    assert "| decode | timeout |" in gb.summary_markdown(s)
 
 
 def test_summary_takes_goals_from_the_graph_row_at_batch_1_and_prefill_at_2048():
