@@ -314,9 +314,10 @@ def part_kernel_tests(b: Bench, time_limit: float) -> None:
                                               deadline)
     output += alone
     codes += alone_codes
-    print(output[-8000:], flush=True)
     counts = count_outcomes(output)
     timed_out = None in codes
+    # All of it when something failed: the log is all that comes back from the GPU machine.
+    print(output if timed_out or any(codes) else output[-3000:], flush=True)
     b.save(kernel_tests={**counts, "returncodes": codes, "timed_out": timed_out,
                          "collected": len(ids), "seconds": time.perf_counter() - t,
                          "tests": [*s.kernel_tests, "then", *s.kernel_tests_alone]})

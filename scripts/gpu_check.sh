@@ -49,7 +49,8 @@ mkdir -p "$OUT_DIR"
 NAME=summary
 [ -n "$ONLY" ] && NAME=summary-rerun
 LOG=$OUT_DIR/gpu_check${NAME#summary}.log
-WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)
+WORK=$(mktemp -d /tmp/gpu_check_work.XXXXXX)  # the parts' files; all of it is in the summary
+trap 'rm -rf "$WORK"' EXIT
 PY=${PYTHON:-python3}
 DRYFLAG=""
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
@@ -62,7 +63,7 @@ fi
 main() {
   local t0 spec name limit left start rc failed=0
   t0=$(date +%s)
-  echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), dry run: $DRY, out: $OUT_DIR, work: $WORK"
+  echo "gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), dry run: $DRY, out: $OUT_DIR"
   if ls .whl/*.whl >/dev/null 2>&1; then
     # The pure-Python dependencies carried to the GPU machine (/work/shared/device.md). A
     # dry run installs them into its work folder only: on this machine they would shadow
@@ -79,6 +80,8 @@ main() {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
     --format=csv,noheader
   "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+  "$PY" -c 'import peregrine.engine.llm_engine' || echo "gpu_check: peregrine does not import" \
+    "(were the wheels carried? see /work/shared/device.md); the engine parts will fail"
   for spec in $PARTS; do
     name=${spec%%:*} limit=${spec##*:}
     if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then continue; fi
