@@ -49,6 +49,9 @@ sys.path.insert(0, ROOT)
 
 from peregrine.bench.roofline import DevicePeak, ModelCost, cpu_name, device_peak  # noqa: E402
 
+# Exit status of a part that stopped itself at its time limit, keeping what it measured.
+PARTIAL = 3
+
 PARTS = ["kernel_tests", "attention", "gemm", "parity", "decode", "offline", "offline_hf"]
 
 # The goals of issue 22: (summary key, what it is, target).
@@ -321,8 +324,11 @@ def part_kernel_tests(b: Bench, time_limit: float) -> None:
     b.save(kernel_tests={**counts, "returncodes": codes, "timed_out": timed_out,
                          "collected": len(ids), "seconds": time.perf_counter() - t,
                          "tests": [*s.kernel_tests, "then", *s.kernel_tests_alone]})
-    if timed_out or any(codes):
+    if any(codes):
         raise SystemExit(f"kernel tests: return codes {codes}")
+    if timed_out:
+        print("kernel tests: stopped at the time limit", flush=True)
+        sys.exit(PARTIAL)
 
 
 # --- parity ---------------------------------------------------------------------------------------
@@ -671,7 +677,8 @@ def part_offline(b: Bench) -> None:
     b.save(offline=result)
     print(json.dumps({k: v for k, v in result.items() if k != "phases"}, indent=1), flush=True)
     if not completed:
-        raise SystemExit("offline: stopped at the time limit before the workload finished")
+        print("offline: stopped at the time limit before the workload finished", flush=True)
+        sys.exit(PARTIAL)
 
 
 def part_offline_hf(b: Bench) -> None:
@@ -718,12 +725,15 @@ def part_offline_hf(b: Bench) -> None:
         useful += generate(idx, max(outs[i] for i in idx), max_time=left)
     b.sync()
     wall = time.perf_counter() - t
+    completed = useful == sum(outs)
     b.save(offline_hf={"transformers": transformers.__version__, "requests": len(prompts),
                        "of_requests": s.offline_requests, "batch": s.hf_batch,
-                       "completed": useful == sum(outs), "output_tokens": useful,
+                       "completed": completed, "output_tokens": useful,
                        "requested_output_tokens": sum(outs), "wall_s": wall,
                        "output_tok_s": useful / wall})
     print(json.dumps(b.result["offline_hf"], indent=1), flush=True)
+    if not completed:
+        sys.exit(PARTIAL)
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -737,14 +747,17 @@ def read_statuses(path: str) -> dict[str, dict[str, Any]]:
 
 def read_statuses_lines(lines: list[str]) -> dict[str, dict[str, Any]]:
     """Part statuses from lines `part returncode seconds limit`: returncode 124 or 137 is a
-    timeout (TERM, then KILL), `skip` a part not started for lack of time."""
+    timeout (TERM, then KILL), PARTIAL a part that stopped itself at its limit, `skip` a
+    part not started for lack of time."""
     statuses: dict[str, dict[str, Any]] = {}
     for line in lines:
         part, rc, seconds, limit = line.split()
         if rc == "skip":
             status = "skipped (no time left)"
         else:
-            status = {"0": "ok", "124": "timeout", "137": "timeout"}.get(rc, f"failed (rc {rc})")
+            status = {"0": "ok", "124": "timeout", "137": "timeout",
+                      str(PARTIAL): "partial (stopped at its time limit)"
+                      }.get(rc, f"failed (rc {rc})")
         statuses[part] = {"status": status, "seconds": float(seconds), "limit_s": float(limit)}
     return statuses
 

@@ -98,7 +98,8 @@ def test_dry_run_refuses_to_write_where_gpu_results_live():
 
 def test_summary_of_missing_failed_and_timed_out_parts_holds_no_numbers():
     statuses = gb.read_statuses_lines(["kernel_tests 1 80.2 80", "decode 124 105.0 105",
-                                       "offline 137 100.1 100", "offline_hf skip 0 0"])
+                                       "offline 137 100.1 100", "offline_hf skip 0 0",
+                                       f"gemm {gb.PARTIAL} 29.0 30"])
     s = gb.build_summary({}, statuses, ENV)
     assert s["kernel_tests"] == {"passed": None, "failed": None}
     assert s["parity"] == {"triton_vs_torch_identical": None}
@@ -107,7 +108,8 @@ def test_summary_of_missing_failed_and_timed_out_parts_holds_no_numbers():
     assert s["offline"]["transformers_output_tok_s"] is None
     assert all(g["value"] is None and g["met"] is None for g in s["goals"].values())
     assert {p: v["status"] for p, v in s["parts"].items()} == {
-        "kernel_tests": "failed (rc 1)", "attention": "not run", "gemm": "not run",
+        "kernel_tests": "failed (rc 1)", "attention": "not run",
+        "gemm": "partial (stopped at its time limit)",
         "parity": "not run", "decode": "timeout", "offline": "timeout",
         "offline_hf": "skipped (no time left)"}
     assert "| decode | timeout |" in gb.summary_markdown(s)
@@ -181,3 +183,16 @@ def test_part_limits_fit_in_eight_minutes():
     assert list(limits) == gb.PARTS
     total = int(text.split("\nTOTAL_S=")[1].split()[0])
     assert sum(limits.values()) <= total <= 8 * 60 - 10  # 10 s for the summary
+
+
+def test_offline_stops_at_its_time_limit_and_keeps_what_it_has(tmp_path):
+    """With a limit shorter than the engine's start, no step runs before the deadline."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gpu_bench.py"),
+                          "offline", "--work", str(tmp_path), "--dry-run", "--time-limit", "16"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == gb.PARTIAL, res.stderr[-3000:]
+    off = json.loads((tmp_path / "offline.json").read_text())["offline"]
+    assert off["completed"] is False
+    assert off["output_tokens"] < off["requested_output_tokens"]
+    assert off["roofline_frac"] is None  # the workload's bound needs the whole workload
