@@ -36,6 +36,12 @@ done
 PARTS=${GPU_CHECK_PARTS:-"kernel_tests:80 attention:30 gemm:30 parity:60 decode:105 offline:100 offline_hf:55"}
 TOTAL_S=470
 RESULTS=docs/bench-results/gpu
+for name in ${ONLY//,/ }; do
+  if [[ " $PARTS" != *" $name:"* ]]; then
+    echo "gpu_check.sh: no part named $name (parts: $PARTS)" >&2
+    exit 2
+  fi
+done
 
 if [ -z "$OUT_DIR" ]; then
   if [ $DRY = 1 ]; then OUT_DIR=$(mktemp -d /tmp/gpu_check_dry.XXXXXX)

@@ -88,6 +88,12 @@ def test_a_part_out_of_time_is_recorded_and_the_next_part_still_runs(tmp_path):
     assert s["offline"]["output_tok_s"] is None
 
 
+def test_only_names_existing_parts(tmp_path):
+    res = run_check("--dry-run", "--only", "gemm,decod", "--out", str(tmp_path), timeout=30)
+    assert res.returncode == 2 and "no part named decod" in res.stderr
+    assert not os.listdir(tmp_path)
+
+
 def test_dry_run_refuses_to_write_where_gpu_results_live():
     before = results_state()
     res = run_check("--dry-run", "--out", RESULTS, timeout=30)
