@@ -42,6 +42,9 @@ class ServerArgs:
     to fit is refused before it is tokenized."""
     max_tokens_default: int = 1024
     """max_tokens of a chat request that gives none; 0: all the room the context leaves."""
+    tool_call_parser: str | None = None
+    """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
+    template has no tools), mistral, llama3_json or json; default: read off the template."""
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":

@@ -30,13 +30,17 @@ from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError, bad_request
+from peregrine.server import tools as tool_calls
 from peregrine.server.metrics import ServerMetrics
+from peregrine.server.tools import template_knows_tools
 from peregrine.structured.grammar import InvalidConstraintError
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatChoice,
-                                       ChatLogprobs, ChatMessage, ChatResponseMessage,
+                                       ChatLogprobs, ChatMessage, ChatResponseMessage, ChatTool,
                                        CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                       CompletionResponse, SamplingRequest, TokenLogprob,
-                                       TopLogprob, UsageInfo)
+                                       CompletionResponse, FunctionCall, NamedToolChoice,
+                                       SamplingRequest, TokenLogprob, ToolCall, TopLogprob,
+                                       UsageInfo)
+from peregrine.structured.grammar import StructuredOutputs
 
 T = TypeVar("T")
 logger = logging.getLogger("peregrine.server")
@@ -510,7 +514,7 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
                       outputs: AsyncIterator[tuple[int, RequestOutput]],
                       states: dict[int, _ChoiceState], lead: list[list[dict[str, Any]]],
                       wants_logprobs: bool,
-                      choice: Callable[..., dict[str, Any]]) -> AsyncIterator[str]:
+                      choice: Callable[..., dict[str, Any] | None]) -> AsyncIterator[str]:
     """A streamed response: the `lead` chunks, a chunk per choice with news (`choice` builds
     its fields), the usage, then [DONE]; an error ends it with an error event."""
     created = int(time.time())
@@ -538,8 +542,10 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
                     continue
                 fields = choice(index, o, state, text, ids, lps)
                 state.done = o.finished
-                yield _sse(chunk([{**fields, "finish_reason": o.finish_reason,
-                                   "stop_reason": o.stop_reason}]))
+                if fields is None:  # the choice holds this text back for now
+                    continue
+                yield _sse(chunk([{"finish_reason": o.finish_reason,
+                                   "stop_reason": o.stop_reason, **fields}]))
     except Exception as e:  # noqa: BLE001 - reported in the stream, which then ends
         yield _sse_error(e) + _DONE
         return
@@ -566,36 +572,44 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                                       f"got a {part.type!r} part", f"messages.{i}.content")
                 texts.append(part.text)
             content = "\n".join(texts)
-        if content is None and m.role != "assistant":
+        if content is None and m.role != "assistant":  # an assistant may only call tools
             raise bad_request(f"messages[{i}].content is required for role {m.role!r}",
                               f"messages.{i}.content")
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                "content": content or ""}
         if m.name:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
 
 
 # What the renderer passes the chat template itself; a request cannot override them.
-_TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "limit"}
+_TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "bos_token", "eos_token", "limit",
+                      "tools"}
 
 
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                       add_generation_prompt: bool,
                       template_kwargs: dict[str, Any] | None = None,
-                      capped: bool = True) -> Prompt:
+                      capped: bool = True, tools: list[ChatTool] | None = None) -> Prompt:
     """The chat template applied and tokenized (off the event loop), within the limits on
-    messages and (when `capped`) prompt tokens."""
+    messages and (when `capped`) prompt tokens; `tools` go in as the template wants them."""
     if len(messages) > ctx.args.max_messages:
         raise bad_request(f"messages holds {len(messages)} messages; at most "
                           f"{ctx.args.max_messages} (--max-messages)", "messages")
-    msgs = chat_messages(messages)
+    knows_tools = template_knows_tools(ctx.ready().tokenizer.chat_template)
+    msgs = tool_calls.prepare_messages(chat_messages(messages), tools, knows_tools)
     kwargs = dict(template_kwargs or {})
     taken = sorted(set(kwargs) & _TEMPLATE_OWN_ARGS)
     if taken:
         raise bad_request(f"chat_template_kwargs must not set {', '.join(taken)} (the server "
                           "sets them)", "chat_template_kwargs")
+    if tools and knows_tools:
+        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
     try:
         return Prompt(*await ctx.ready().render_chat(msgs, add_generation_prompt,
                                                     ctx.prompt_limit() if capped else None,
@@ -611,19 +625,82 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
         raise
 
 
+@dataclass
+class _ToolUse:
+    """How a chat request uses tools: the ones shown to the model, the choice, the parser."""
+
+    tools: list[ChatTool] | None  # None: the model sees no tools (none given, or "none")
+    choice: str | NamedToolChoice
+    parser: str
+
+    @property
+    def forced(self) -> str | NamedToolChoice | None:
+        """The choice when it forces a call (required or named), else None."""
+        return self.choice if self.tools and self.choice != "auto" else None
+
+    @property
+    def names(self) -> set[str]:
+        return {t.function.name for t in self.tools or []}
+
+    def stream_parser(self) -> tool_calls.StreamParser | None:
+        if not self.tools:
+            return None
+        return tool_calls.StreamParser(self.parser, self.names, self.forced)
+
+    def message(self, text: str) -> tuple[ChatResponseMessage, bool]:
+        """The assistant message of a whole output, and whether it calls tools."""
+        if not self.tools:
+            return ChatResponseMessage(content=text), False
+        content: str | None = None
+        try:
+            if self.forced is not None:
+                calls = tool_calls.forced_calls(text, self.forced)
+            else:
+                content, calls = tool_calls.parse_calls(text, self.parser, self.names)
+        except (ValueError, KeyError, TypeError):  # a forced output cut short by max_tokens
+            content, calls = text, []
+        return ChatResponseMessage(content=content, tool_calls=[
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in calls] or None), bool(calls)
+
+
+def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolUse:
+    """Check the request's tools against its tool_choice and constraints (400s)."""
+    choice = req.tool_choice or ("auto" if req.tools else "none")
+    try:
+        parser = tool_calls.choose_parser(ctx.ready().tokenizer.chat_template,
+                                          ctx.args.tool_call_parser)
+    except ValueError as e:
+        raise bad_request(e, "tool_call_parser") from None
+    if choice != "none" and not req.tools:
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in req.tools or []}:
+        raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in "
+                          "tools", "tool_choice")
+    names = [t.function.name for t in req.tools or []]
+    if len(set(names)) != len(names):
+        raise bad_request("tools must have distinct function names", "tools")
+    use = _ToolUse(req.tools if choice != "none" else None, choice, parser)
+    if use.forced is not None and req.constraint()[0] is not None:
+        what = choice if isinstance(choice, str) else "naming a function"
+        raise bad_request(f"tool_choice {what} cannot be combined with "
+                          f"{req.constraint()[1]}", "tool_choice")
+    return use
+
+
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
                                  request: Request) -> Response:
     """POST /v1/chat/completions."""
     ctx.check_model(req.model)
     tok = ctx.ready().tokenizer
-    if req.tools:
-        raise bad_request("tools are not supported", "tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     ctx.check_limits(req)
+    use = _tool_use(ctx, req)
     ctx.check_queue()
     prompt = await render_chat(ctx, req.messages, req.add_generation_prompt,
-                               req.chat_template_kwargs)
+                               req.chat_template_kwargs, tools=use.tools)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
     max_tokens = _max_tokens(ctx, requested, ctx.args.max_tokens_default or None,
@@ -632,39 +709,65 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                              else "max_tokens")
     num_top = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, max_tokens, num_top)
+    constraint_field = req.constraint()[1]
+    if use.forced is not None:  # the grammar makes the call: arguments always validate
+        schema = tool_calls.forced_schema(use.tools or [], use.forced, req.parallel_tool_calls)
+        params = dataclasses.replace(params, structured=StructuredOutputs(json=schema))
+        constraint_field = "tools"
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
-    streams = await _submit(ctx, base_id, [prompt], [params], req.priority,
-                            req.constraint()[1])
+    streams = await _submit(ctx, base_id, [prompt], [params], req.priority, constraint_field)
     if req.stream:
-        return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top),
-                                       ctx, streams)
+        return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top,
+                                                    use), ctx, streams)
     out = (await _collect(ctx, request, streams))[0]
     choices = []
     for o in out.outputs:
         lp = None
         if num_top is not None and o.logprobs is not None:
             lp = chat_logprobs(tok, o.token_ids, o.logprobs, num_top)
-        choices.append(ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                                  logprobs=lp, finish_reason=o.finish_reason,
-                                  stop_reason=o.stop_reason))
+        message, called = use.message(o.text)
+        finish = "tool_calls" if called and o.finish_reason == "stop" else o.finish_reason
+        choices.append(ChatChoice(index=o.index, message=message, logprobs=lp,
+                                  finish_reason=finish, stop_reason=o.stop_reason))
     body = ChatCompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
                                   usage=_usage([out]))
-    return JSONResponse(body.model_dump())
+    data = body.model_dump()
+    for c in data["choices"]:  # OpenAI sends tool_calls only when there are some
+        if c["message"]["tool_calls"] is None:
+            del c["message"]["tool_calls"]
+    return JSONResponse(data)
 
 
 def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
-                 stream: RequestStream, num_top: int | None) -> AsyncIterator[str]:
+                 stream: RequestStream, num_top: int | None, use: _ToolUse
+                 ) -> AsyncIterator[str]:
     tok = ctx.ready().tokenizer
     lead = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
               "finish_reason": None} for i in range(req.n)]]
+    parsers = {i: use.stream_parser() for i in range(req.n)}
 
     def choice(index: int, o: CompletionOutput, state: _ChoiceState, text: str,
-               ids: list[int], lps: list[Any] | None) -> dict[str, Any]:
+               ids: list[int], lps: list[Any] | None) -> dict[str, Any] | None:
         lp = None
         if num_top is not None and lps is not None and ids:
             lp = chat_logprobs(tok, ids, lps, num_top).model_dump()
-        return {"index": index, "delta": {"content": text} if text or not o.finished else {},
-                "logprobs": lp}
+        parser = parsers[index]
+        if parser is None:
+            return {"index": index, "delta": {"content": text} if text or not o.finished
+                    else {}, "logprobs": lp}
+        # Tool markup never reaches the client as content: it becomes delta.tool_calls.
+        d = parser.feed(text, o.finished)
+        delta: dict[str, Any] = {}
+        if d.content:
+            delta["content"] = d.content
+        if d.tool_calls:
+            delta["tool_calls"] = d.tool_calls
+        if not delta and not o.finished and lp is None:
+            return None  # held back (may be the start of a call): nothing to send yet
+        fields: dict[str, Any] = {"index": index, "delta": delta, "logprobs": lp}
+        if o.finished and parser.called and o.finish_reason == "stop":
+            fields["finish_reason"] = "tool_calls"
+        return fields
 
     return _sse_stream(ctx, req, base_id, "chat.completion.chunk", _merge([stream]),
                        {i: _ChoiceState() for i in range(req.n)}, lead, num_top is not None,

@@ -28,3 +28,13 @@ def test_build_directory_follows_the_source_not_the_checkout(tmp_path):
     assert build_dir("ext", str(a)) == build_dir("ext", str(b))
     b.write_text("int f() { return 2; }")
     assert build_dir("ext", str(a)) != build_dir("ext", str(b))
+
+
+def test_the_compiled_source_is_a_copy_in_the_build_directory(tmp_path):
+    from peregrine.kernels.cpu import _stable_copy
+    src = tmp_path / "k.cpp"
+    src.write_text("int f();")
+    build = tmp_path / "build"
+    copy = _stable_copy(str(src), str(build))
+    assert copy.startswith(str(build)) and open(copy).read() == "int f();"
+    assert _stable_copy(str(src), str(build)) == copy  # the same path from any checkout

@@ -166,8 +166,9 @@ def test_unsupported_options(http):
     assert_error(r, 400, "stream", "beam")
     assert_error(http.post(COMPLETIONS, json={"prompt": "a", "n": 3, "best_of": 2}), 400,
                  "best_of", "best_of")
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    assert_error(http.post(CHAT, json={"messages": HELLO, "tools": tools}), 400, "tools")
+    tools = [{"type": "function", "function": {"name": "f g"}}]  # not a function name
+    assert_error(http.post(CHAT, json={"messages": HELLO, "tools": tools}), 400,
+                 "tools.0.function.name")
 
 
 def test_unknown_route_and_method(http):

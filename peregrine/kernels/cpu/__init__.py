@@ -5,14 +5,16 @@ linears and the fused decode step, q8_decode.cpp) return the compiled module, or
 it cannot exist (no AVX2/FMA, no compiler, a failed build); callers then take the torch
 reference path. The build lands in
 $PEREGRINE_CACHE (default ~/.cache/peregrine)/torch_extensions/<name>-<hash of the source,
-flags and torch version> and is reused by every later process: checkouts with the same
-source share one build, and checkouts with different sources never rebuild each other's."""
+flags and torch version> (compiled from a copy of the source kept there) and is reused by
+every later process: checkouts with the same source share one build, and checkouts with
+different sources never rebuild each other's."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from types import ModuleType
@@ -63,6 +65,19 @@ def build_dir(name: str, source_path: str) -> str:
     return os.path.join(cache_dir(), f"{name}-{digest.hexdigest()[:16]}")
 
 
+def _stable_copy(path: str, build: str) -> str:
+    """The source as compiled: a copy inside its build directory, so that the build file
+    torch writes (which names the source's path) is the same from every checkout and ninja
+    never rebuilds because another checkout loaded it."""
+    copy = os.path.join(build, "src", os.path.basename(path))
+    if not os.path.exists(copy):
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        tmp = f"{copy}.{os.getpid()}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, copy)  # atomic: a concurrent process sees all of it or none
+    return copy
+
+
 def _build(name: str, source: str) -> ModuleType | None:
     """Compile (or load the cached build of) one extension; None when it cannot exist."""
     if name in _modules:
@@ -78,7 +93,7 @@ def _build(name: str, source: str) -> ModuleType | None:
                 build = build_dir(name, path)
                 os.makedirs(build, exist_ok=True)
                 _clear_stale_lock(build)
-                module = load(name=name, sources=[path],
+                module = load(name=name, sources=[_stable_copy(path, build)],
                               extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
                               build_directory=build, verbose=False)
             except Exception as e:  # no compiler, no ninja, a build error: fall back, say why
