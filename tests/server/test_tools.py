@@ -33,7 +33,7 @@ def client(server):
 
 def ask(client, **kw):
     return client.chat.completions.create(model="smollm2-135m", messages=ASK, tools=TOOLS,
-                                          max_tokens=64, temperature=0, **kw)
+                                          max_tokens=160, temperature=0, **kw)
 
 
 def assemble(chunks) -> tuple[str, list[tuple[str, dict]], str | None]:
