@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peregrine.memory_model import default_group_size
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
@@ -93,10 +94,7 @@ def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
         from peregrine.models.gguf_native import gguf_quantized_linears
         replace_linears(net, gguf_quantized_linears(gguf_file, cfg))
         return
-    if quantization == "int4" and group_size is None and gguf_file is not None:
-        # requantizing a GGUF Q4 file's grid to group 128 costs ~+29% perplexity on SmolLM2;
-        # its own block size costs ~+0.2%
-        group_size = 32
+    group_size = default_group_size(quantization, group_size, gguf_file is not None)
     quantize_model(net, QuantSpec(quantization, group_size, symmetric))
 
 
