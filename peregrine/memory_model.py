@@ -180,6 +180,17 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
     raise ValueError(f"unknown weight format {fmt.method!r}")
 
 
+def resolve_quantization(quantization: str, gguf_source: bool, device_type: str) -> str:
+    """What `--quantization auto` means: a GGUF file's own blocks on a CPU (the fastest
+    lossless path there), float otherwise; ValueError for `gguf` without a GGUF file."""
+    if quantization == "gguf" and not gguf_source:
+        raise ValueError("--quantization gguf keeps a GGUF file's blocks; the model is not "
+                         "a GGUF file")
+    if quantization == "auto":
+        return "gguf" if gguf_source and device_type == "cpu" else "none"
+    return quantization
+
+
 def quantization_plan(cfg: ModelConfig, quantization: str, group_size: int | None = None,
                       gguf_types: dict[str, list[QT]] | None = None) -> dict[str, LinearFormat]:
     """The format of every linear (by module name) after loading with `quantization`

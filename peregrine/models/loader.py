@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peregrine.memory_model import default_group_size
+from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
@@ -59,11 +59,10 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     if prequantized and quantization not in ("none", "auto"):
         raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
                              f"{quantization}")
-    if quantization == "gguf" and source.format != "gguf":
-        raise ModelLoadError("--quantization gguf keeps a GGUF file's blocks; the model "
-                             f"{source.name!r} is not a GGUF file")
-    if quantization == "auto":  # a GGUF file's own blocks are the fastest lossless CPU path
-        quantization = "gguf" if source.format == "gguf" and device.type == "cpu" else "none"
+    try:
+        quantization = resolve_quantization(quantization, source.format == "gguf", device.type)
+    except ValueError as e:
+        raise ModelLoadError(f"{e} ({source.name!r})") from None
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     if not tok.eos_token_ids:
