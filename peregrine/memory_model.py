@@ -262,17 +262,22 @@ def weight_bytes(cfg: ModelConfig, plan: dict[str, LinearFormat], compute_dtype:
 # --- activations -------------------------------------------------------------------------
 
 def activation_bytes(cfg: ModelConfig, num_tokens: int, logit_rows: int,
-                     compute_dtype: torch.dtype) -> int:
+                     compute_dtype: torch.dtype, attention_context: int = 0) -> int:
     """Peak bytes of the temporaries of the largest step: a forward over `num_tokens`
     tokens (the larger of a decoder layer's attention and MLP live tensors, plus the hidden
-    state), then the float32 logits, softmax and sort of `logit_rows` rows (the sampler)."""
+    state), then the float32 logits, softmax and sort of `logit_rows` rows (the sampler).
+    `attention_context` > 0: attention materializes its scores against that many keys (the
+    CPU's eager path, scaled_dot_product_attention with a mask: float32 scores and
+    probabilities and a boolean mask); the fused CPU step and the GPU kernels do not."""
     b = dtype_bytes(compute_dtype)
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     # MLP: residual, normed x, gate_up [2I], silu(gate) * up [I]
     mlp = 2 * h + 3 * i
     # attention: residual, normed x, qkv, rotated q and k, attention output, o_proj output
     attn = 2 * h + (q + 2 * kv) + (q + kv) + q + h
-    layer = num_tokens * max(mlp, attn) * b + num_tokens * (8 + 8 + 2 * cfg.head_dim * 4)
+    scores = num_tokens * cfg.num_heads * attention_context * (4 + 4 + 1)
+    layer = (max(num_tokens * mlp * b, num_tokens * attn * b + scores)
+             + num_tokens * (8 + 8 + 2 * cfg.head_dim * 4))
     # logits in the compute dtype, as float32, their softmax, sorted values and int64 indices
     logits = logit_rows * cfg.vocab_size * (b + 4 + 4 + 4 + 8)
     return max(layer, logits + num_tokens * h * b)

@@ -12,7 +12,7 @@ from peregrine.estimate.core import EstimateOptions, estimate
 # Engine flags that change nothing estimate computes.
 IGNORED_ENGINE_FLAGS = ("tokenizer", "load_format", "seed", "num_kv_blocks", "kv_cache_memory",
                         "enable_prefix_caching", "batching", "batch_wait_ms",
-                        "attention_backend", "enforce_eager", "max_logprobs", "speculative",
+                        "attention_backend", "max_logprobs", "speculative",
                         "num_speculative_tokens", "ngram_min", "ngram_max",
                         "quantization_symmetric")
 

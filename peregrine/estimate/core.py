@@ -44,6 +44,7 @@ from peregrine.models.gguf_file import QT, GGUFFile
 from peregrine.models.registry import resolve_model
 
 TP_SIZES = (1, 2, 4, 8)
+FUSED_CPU_METHODS = ("int4", "int8", "gguf")  # engine/cpu_decode.py runs these fused
 
 
 @dataclass
@@ -133,6 +134,18 @@ class MemoryEstimate:
     activation_bytes: int
     load_peak_bytes: int  # float model + quantized copies + file pages + scratch at load
     step_tokens: int
+    file_bytes: int = 0  # a GGUF file's pages, mapped for the engine's life (CPU only)
+
+    @property
+    def serving_bytes(self) -> int:
+        """Weights, KV pool, activations and mapped file pages while serving."""
+        return (self.weights.total + self.kv_cache_bytes + self.activation_bytes
+                + self.file_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of loading and serving (runtime overhead excluded)."""
+        return max(self.load_peak_bytes, self.serving_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         w = self.weights
@@ -148,7 +161,8 @@ class MemoryEstimate:
                 "kv_blocks": self.kv_blocks, "kv_cache_bytes": self.kv_cache_bytes,
                 "activation_bytes": self.activation_bytes,
                 "activation_step_tokens": self.step_tokens,
-                "load_peak_bytes": self.load_peak_bytes}
+                "mapped_file_bytes": self.file_bytes,
+                "load_peak_bytes": self.load_peak_bytes, "peak_bytes": self.peak_bytes}
 
 
 def engine_config_for(config: EngineConfig, kind: str) -> EngineConfig:
@@ -168,14 +182,17 @@ def memory_estimate(spec: ModelSpec, config: EngineConfig, kind: str) -> MemoryE
     per_seq = blocks_per_sequence(max_len, cfg.block_size, m.sliding_window)
     blocks = cfg.max_num_seqs * per_seq
     tokens = cfg.token_budget if cfg.enable_chunked_prefill else max(cfg.token_budget, max_len)
-    act = activation_bytes(m, tokens, min(cfg.max_num_seqs, tokens), dtype)
+    # the fused CPU step (int4/int8 linears) attends without materializing scores
+    eager = kind == "cpu" and (cfg.enforce_eager or quant not in FUSED_CPU_METHODS)
+    act = activation_bytes(m, tokens, min(cfg.max_num_seqs, tokens), dtype,
+                           max_len if eager else 0)
     load = load_peak_bytes(spec, plan, weights, weight_bytes(m, {k: FLOAT for k in plan},
                                                              dtype, max_len), quant, kind)
     return MemoryEstimate(kind, quant, str(dtype).removeprefix("torch."), cfg.kv_cache_dtype,
                           weights, kv_bytes_per_token(m, cfg.kv_cache_dtype, dtype), per_seq,
                           blocks, kv_pool_bytes(m, blocks, cfg.block_size, cfg.kv_cache_dtype,
                                                 dtype),
-                          act, load, tokens)
+                          act, load, tokens, spec.gguf_file_bytes if kind == "cpu" else 0)
 
 
 def load_peak_bytes(spec: ModelSpec, plan: dict[str, LinearFormat], weights: WeightBytes,
@@ -216,12 +233,14 @@ def decode_tok_s(cost: ModelCost, batch: int, context: int, bandwidth: float, fl
 
 
 def prefill_tok_s(cost: ModelCost, prompt_len: int, step_tokens: int, bandwidth: float,
-                  flops: float) -> float:
-    """Tokens/s of prefilling one `prompt_len` prompt in chunks of `step_tokens`."""
-    steps = -(-prompt_len // step_tokens)
-    total_bytes = steps * cost.weight_bytes + cost.chunk_kv_bytes(0, prompt_len)
-    total_flops = cost.chunk_flops(0, prompt_len)
-    return prompt_len / max(total_bytes / bandwidth, total_flops / flops)
+                  flops: float, num_prompts: int = 1) -> float:
+    """Tokens/s of prefilling `num_prompts` prompts of `prompt_len` tokens, packed into
+    steps of `step_tokens` tokens."""
+    tokens = num_prompts * prompt_len
+    steps = -(-tokens // step_tokens)
+    total_bytes = steps * cost.weight_bytes + num_prompts * cost.chunk_kv_bytes(0, prompt_len)
+    total_flops = num_prompts * cost.chunk_flops(0, prompt_len)
+    return tokens / max(total_bytes / bandwidth, total_flops / flops)
 
 
 def workload_shape(name: str) -> tuple[str, int]:
@@ -268,6 +287,7 @@ def cpu_device(config: EngineConfig, method: str, data: dict[str, Any] | None = 
                   memory_bytes=ram, bandwidth=cal.peak_bandwidth, flops=cal.peak_flops,
                   decode_efficiency=dec, prefill_efficiency=pre,
                   runtime_overhead_bytes=cal.runtime_overhead_bytes,
+                  load_overhead_bytes=cal.load_overhead_bytes,
                   source=f"RAM of this machine; roof {cal.peak_source}",
                   efficiency_source=(f"measured: `{cal.command}` ({cal.model}, "
                                      f"{cal.quantization}, {cal.threads} threads, "
@@ -345,8 +365,8 @@ def fit_device(spec: ModelSpec, config: EngineConfig, mem: MemoryEstimate, devic
         load_ok = mem.load_peak_bytes / n + overhead <= (config.gpu_memory_utilization
                                                          * device.memory_bytes)
     else:
-        budget = device.memory_bytes - overhead - weights - act
-        load_ok = mem.load_peak_bytes + overhead <= device.memory_bytes
+        budget = device.memory_bytes - overhead - weights - act - mem.file_bytes
+        load_ok = mem.load_peak_bytes + device.load_overhead <= device.memory_bytes
     block_bytes = kv_pool_bytes(m, 1, config.block_size, mem.kv_cache_dtype,
                                 getattr(torch, mem.dtype)) * share
     blocks = max(int(budget // block_bytes), 0)
@@ -453,16 +473,20 @@ def estimate(config: EngineConfig, opts: EstimateOptions | None = None,
             if best.fits_serving:
                 break
         devices.append(best)
-    w = main.weights
-    runtime = data["gpu_runtime_overhead_bytes"] if main.device_kind == "cuda" else \
-        next((d.device.runtime_overhead_bytes for d in devices if d.device.kind == "cpu"), 0)
+    if main.device_kind == "cuda":
+        runtime = load_overhead = data["gpu_runtime_overhead_bytes"]
+    else:
+        cpu = cpu_device(config, main.quantization, data)
+        runtime, load_overhead = cpu.runtime_overhead_bytes, cpu.load_overhead
     out = {"model": spec.name, "architecture": m.architecture,
            "params": m.num_params(), "max_model_len": max_len,
            "max_num_seqs": config.max_num_seqs, "block_size": config.block_size,
            "sliding_window": m.sliding_window,
            **main.to_dict(),
            "runtime_overhead_bytes": runtime,
-           "total_bytes": w.total + main.kv_cache_bytes + main.activation_bytes + runtime,
+           "total_bytes": main.serving_bytes + runtime,
+           "peak_total_bytes": max(main.load_peak_bytes + load_overhead,
+                                   main.serving_bytes + runtime),
            "devices": [d.to_dict() for d in devices],
            "breakdowns": {k: v.to_dict() for k, v in kinds.items()},
            "notes": ["GPU efficiencies are an assumption until a GPU run exists: "

@@ -23,10 +23,16 @@ class Device:
     flops: float  # FLOP/s in the compute dtype
     decode_efficiency: float  # fraction of `bandwidth` a decode step reaches
     prefill_efficiency: float  # fraction of `flops` a prefill reaches
-    runtime_overhead_bytes: float
+    runtime_overhead_bytes: float  # while serving
     source: str  # where the memory and roof come from
     efficiency_source: str  # where the efficiencies come from (measured or assumed)
     max_count: int = 8  # most devices of this kind one tensor-parallel group may use
+    load_overhead_bytes: float | None = None  # while loading; None: runtime_overhead_bytes
+
+    @property
+    def load_overhead(self) -> float:
+        return (self.runtime_overhead_bytes if self.load_overhead_bytes is None
+                else self.load_overhead_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -67,7 +73,8 @@ class CpuCalibration:
     peak_flops: float
     peak_bandwidth: float
     peak_source: str
-    runtime_overhead_bytes: float  # RSS of a process with torch, peregrine and its kernels
+    runtime_overhead_bytes: float  # RSS of a process that ran the engine on a tiny model
+    load_overhead_bytes: float  # RSS of a process that imported peregrine and its kernels
     command: str
     date: str
 
