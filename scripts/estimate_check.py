@@ -27,9 +27,9 @@ CASES = [  # (label, model, quantization, max_num_seqs, max_model_len)
     ("SmolLM2-135M", None, "int8", 4, 2048),
     ("SmolLM2-135M", None, "int4", 4, 2048),
     ("SmolLM2-135M", None, "gguf", 4, 2048),
-    ("qwen2.5-0.5b (dummy)", "qwen2.5-0.5b", "none", 4, 2048),
-    ("qwen2.5-0.5b (dummy)", "qwen2.5-0.5b", "int4", 4, 2048),
-    ("llama-3.2-1b (dummy)", "llama-3.2-1b", "int8", 2, 1024),
+    ("qwen2.5-0.5b (dummy)", "qwen2.5-0.5b", "none", 2, 512),
+    ("qwen2.5-0.5b (dummy)", "qwen2.5-0.5b", "int4", 2, 512),
+    ("llama-3.2-1b (dummy)", "llama-3.2-1b", "int8", 2, 512),
 ]
 
 
@@ -67,14 +67,23 @@ def predict(model: str | None, quantization: str, seqs: int, max_len: int) -> di
                     EstimateOptions(devices=["CPU"]))
 
 
-def memory_rows() -> list[dict[str, Any]]:
+def memory_rows(measured: list[dict[str, Any]] | None = None,
+                only: set[int] | None = None) -> list[dict[str, Any]]:
+    """Each case predicted, and measured in a fresh process (or taken from `measured`, the
+    rows of an earlier run: to predict again after a calibration changes)."""
     rows = []
-    for label, model, quant, seqs, max_len in CASES:
+    for i, (label, model, quant, seqs, max_len) in enumerate(CASES):
+        if only is not None and i not in only:
+            continue
         p = predict(model, quant, seqs, max_len)
-        out = subprocess.run([sys.executable, __file__, "--child", model or "", quant, str(seqs),
-                              str(max_len), str(p["kv_blocks"])], capture_output=True,
-                             text=True, check=True, env={**os.environ})
-        real = json.loads(out.stdout.strip().splitlines()[-1])
+        if measured:
+            real = {k: measured[i][k]["measured"]
+                    for k in ("weights_bytes", "kv_cache_bytes", "peak_rss")}
+        else:
+            out = subprocess.run([sys.executable, __file__, "--child", model or "", quant,
+                                  str(seqs), str(max_len), str(p["kv_blocks"])],
+                                 capture_output=True, text=True, check=True)
+            real = json.loads(out.stdout.strip().splitlines()[-1])
         row = {"case": label, "quantization": quant, "seqs_x_len": f"{seqs} x {max_len}"}
         for key, pred in (("weights_bytes", p["weights_bytes"]),
                           ("kv_cache_bytes", p["kv_cache_bytes"]),
@@ -181,10 +190,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--speed", nargs="*", default=[], help="bench workloads JSON files")
     p.add_argument("--no-memory", action="store_true", help="skip the memory cases")
+    p.add_argument("--cases", default=None, help="comma-separated indices of CASES to run")
+    p.add_argument("--measured", default=None,
+                   help="an earlier estimate_check.json: reuse its measured memory, predict again")
     p.add_argument("--out", default=None, help="directory for estimate_check.json/.md")
     ns = p.parse_args()
     from peregrine.bench.env import environment
-    mem = [] if ns.no_memory else memory_rows()
+    measured = None
+    if ns.measured:
+        with open(ns.measured) as f:
+            measured = json.load(f)["memory"]
+    only = {int(x) for x in ns.cases.split(",")} if ns.cases else None
+    mem = [] if ns.no_memory else memory_rows(measured, only)
     speed = speed_rows(ns.speed) if ns.speed else []
     result = {"env": environment(2, argv=["(scripts/estimate_check.py)", *sys.argv[1:]]),
               "memory": mem, "speed": speed}

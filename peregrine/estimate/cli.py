@@ -70,8 +70,10 @@ def render(r: dict[str, Any]) -> str:
         f"  activations  {_gib(r['activation_bytes'])}  (largest step: "
         f"{r['activation_step_tokens']} tokens)",
         f"  runtime      {_gib(r['runtime_overhead_bytes'])}",
-        f"  total        {_gib(r['total_bytes'])}   (load peak "
-        f"{_gib(r['load_peak_bytes'])}: float model before quantizing)",
+        f"  total        {_gib(r['total_bytes'])}   (serving)",
+        f"  peak         {_gib(r['peak_total_bytes'])}   (the larger of serving and loading: "
+        f"the loader's peak is {_gib(r['load_peak_bytes'])} + overhead, float model before "
+        "quantizing)",
         "",
         f"{'device':<34} {'count':>5} {'fits':>5} {'max batch':>9} {'max ctx':>8} "
         f"{'decode tok/s':>13} {'prefill tok/s':>14}",

@@ -283,6 +283,10 @@ def cpu_device(config: EngineConfig, method: str, data: dict[str, Any] | None = 
     dec, pre = calibrated_efficiency(cal, config)
     same = cal.cpu == cpu_name()
     note = "" if same else f" (measured on {cal.cpu}, not this CPU: {cpu_name()})"
+    if cal.quantization != method:
+        note += f" (measured with {cal.quantization} weights: none stored for {method})"
+    if cal.threads != threads:
+        note += f" (measured with {cal.threads} threads, not {threads})"
     return Device(name=f"CPU ({cpu_name()}, {threads} threads)", kind="cpu",
                   memory_bytes=ram, bandwidth=cal.peak_bandwidth, flops=cal.peak_flops,
                   decode_efficiency=dec, prefill_efficiency=pre,
