@@ -6,7 +6,8 @@
 
 Per quantization found in the files: the median tok/s of pp512 (prefill) and tg128
 (decode), the roof the runs used, the command, date and ISA, and the RSS of a process that
-has run the engine on a tiny random model in that quantization (the runtime overhead)."""
+loaded a tiny random model in that quantization (load overhead), and of one that built
+an engine on it and generated (runtime overhead)."""
 
 from __future__ import annotations
 
@@ -28,35 +29,25 @@ cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=51
            num_key_value_heads=2, max_position_embeddings=256)
 path = tempfile.mkdtemp()
 json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
-llm = LLM(path, load_format="dummy", quantization=sys.argv[1], num_kv_blocks=16, num_threads=%d)
-llm.generate([[5] * 40] * 2, SamplingParams(max_tokens=8, ignore_eos=True))
+if sys.argv[2] == "run":
+    llm = LLM(path, load_format="dummy", quantization=sys.argv[1], num_kv_blocks=16,
+              num_threads=%d)
+    llm.generate([[5] * 40] * 2, SamplingParams(max_tokens=8, ignore_eos=True))
+else:  # the loader's peak comes before the engine exists
+    from peregrine.models.loader import load_model
+    load_model(path, load_format="dummy", quantization=sys.argv[1])
 with open("/proc/self/status") as f:
     print(next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS")))
 """
 
 
-IMPORT_CHILD = """
-import peregrine, peregrine.llm
-from peregrine.kernels.cpu import q8_ops, quant_ops
-q8_ops(); quant_ops()
-with open("/proc/self/status") as f:
-    print(next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS")))
-"""
-
-
-def import_rss() -> int:
-    """RSS of a process that imported peregrine and loaded the C++ kernels (median of 3)."""
-    runs = [int(subprocess.run([sys.executable, "-c", IMPORT_CHILD], capture_output=True,
-                               text=True, check=True).stdout.split()[-1]) for _ in range(3)]
-    return int(statistics.median(runs))
-
-
-def runtime_rss(quantization: str, threads: int) -> int:
-    """RSS of a process that ran the engine on a tiny random model (weights and KV of a few
-    hundred KiB): the interpreter, torch and its libraries' pages the model's code paths
-    touch, the C++ kernels, the tokenizer, the engine. Median of 3 fresh processes."""
+def overhead_rss(quantization: str, threads: int, phase: str) -> int:
+    """RSS of a process that loaded a tiny random model (weights of a few hundred KiB), or
+    with phase `run` built an engine on it and generated: the interpreter, torch and the
+    library pages its load-time (or also compute) paths touch, the tokenizer, the C++
+    kernels and the engine. Median of 3 fresh processes."""
     quant = "int4" if quantization == "gguf" else quantization  # same kernels, no file
-    runs = [int(subprocess.run([sys.executable, "-c", RSS_CHILD % threads, quant],
+    runs = [int(subprocess.run([sys.executable, "-c", RSS_CHILD % threads, quant, phase],
                                capture_output=True, text=True, check=True).stdout.split()[-1])
             for _ in range(3)]
     return int(statistics.median(runs))
@@ -85,8 +76,8 @@ def main() -> int:
                                      if r["workload"] == workload)
         first = suites[0]
         env, peak, settings = first["env"], first["peak"], first["runs"][0]["settings"]
-        overhead = runtime_rss(quant, env["threads"])
-        load_overhead = import_rss()
+        overhead = overhead_rss(quant, env["threads"], "run")
+        load_overhead = overhead_rss(quant, env["threads"], "load")
         entry = {"cpu": env["cpu"], "isa": _isa(), "threads": env["threads"],
                  "model": settings["model"], "quantization": quant,
                  "prefill_workload": ns.prefill, "prefill_tok_s": round(tok_s(ns.prefill), 2),

@@ -187,7 +187,8 @@ def memory_estimate(spec: ModelSpec, config: EngineConfig, kind: str) -> MemoryE
     act = activation_bytes(m, tokens, min(cfg.max_num_seqs, tokens), dtype,
                            max_len if eager else 0)
     load = load_peak_bytes(spec, plan, weights, weight_bytes(m, {k: FLOAT for k in plan},
-                                                             dtype, max_len), quant, kind)
+                                                             dtype, max_len), quant, kind,
+                           dtype)
     return MemoryEstimate(kind, quant, str(dtype).removeprefix("torch."), cfg.kv_cache_dtype,
                           weights, kv_bytes_per_token(m, cfg.kv_cache_dtype, dtype), per_seq,
                           blocks, kv_pool_bytes(m, blocks, cfg.block_size, cfg.kv_cache_dtype,
@@ -195,21 +196,40 @@ def memory_estimate(spec: ModelSpec, config: EngineConfig, kind: str) -> MemoryE
                           act, load, tokens, spec.gguf_file_bytes if kind == "cpu" else 0)
 
 
+# float32 temporaries per weight of quantizing one linear round-to-nearest
+# (layers/quant_formats.py): int8/fp8: w / scale and its rounding; int4: expanded scale
+# and offset, w - offset, the zero guard and the quotient; nf4: expanded scale, guard,
+# quotient and int64 bucket indices
+QUANTIZE_SCRATCH_PER_WEIGHT = {"int8": 8, "fp8": 8, "int4": 20, "nf4": 20}
+
+
 def load_peak_bytes(spec: ModelSpec, plan: dict[str, LinearFormat], weights: WeightBytes,
-                    float_model: WeightBytes, quantization: str, kind: str) -> int:
-    """Peak bytes while loading (models/loader.py): the float model is materialized in the
-    compute dtype first; GGUF blocks kept as they are are all built before they replace
-    the float linears, a load-time quantization replaces them one at a time. On a CPU the
-    GGUF file's mapped pages and the dequantization scratch of its largest tensor add."""
-    peak = float_model.total
+                    float_model: WeightBytes, quantization: str, kind: str,
+                    compute_dtype: torch.dtype) -> int:
+    """Peak bytes while loading (models/loader.py), the larger of two phases. Reading a
+    GGUF file dequantizes tensor by tensor (its largest tensor's scratch, before the model's
+    pages are all written). Then the whole float model is resident while the linears are
+    swapped: GGUF blocks are all built first (plus the repacking scratch of the largest,
+    about 6 bytes per weight), a load-time quantization replaces one linear at a time (the
+    largest quantized linear plus its float32 temporaries; freed float memory is counted
+    as still resident: the allocator keeps most of it). On a CPU the GGUF file's pages
+    stay mapped. Quantizing runs on the CPU, so a GPU sees only the quantized results."""
+    shapes = linear_shapes(spec.config)
+    after = float_model.total
     if quantization == "gguf":
-        peak += weights.linears + weights.lm_head
+        biggest = max(math.prod(shapes[k]) for k in shapes if plan[k].method != "float")
+        after += weights.linears + weights.lm_head + (6 * biggest if kind == "cpu" else 0)
     elif quantization != "none":
-        shapes = linear_shapes(spec.config)
-        peak += max(linear_weight_bytes(*shapes[k], plan[k], 4) for k in shapes)
-    if kind == "cpu":
-        peak += spec.gguf_file_bytes + spec.gguf_scratch_bytes
-    return peak
+        copy = 0 if compute_dtype == torch.float32 else 4  # w.float() copies
+        def step(k: str) -> int:
+            n, kk = shapes[k]
+            q = linear_weight_bytes(n, kk, plan[k], 4)
+            scratch = n * kk * (QUANTIZE_SCRATCH_PER_WEIGHT[plan[k].method] + copy)
+            return q + (scratch if kind == "cpu" else 0)
+        after += max(step(k) for k in shapes)
+    if kind != "cpu":
+        return after
+    return spec.gguf_file_bytes + max(spec.gguf_scratch_bytes, after)
 
 
 # --- speed ------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class CpuCalibration:
     peak_bandwidth: float
     peak_source: str
     runtime_overhead_bytes: float  # RSS of a process that ran the engine on a tiny model
-    load_overhead_bytes: float  # RSS of a process that imported peregrine and its kernels
+    load_overhead_bytes: float  # RSS of a process that loaded a tiny model
     command: str
     date: str
 
