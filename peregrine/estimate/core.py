@@ -36,7 +36,7 @@ from peregrine.engine.memory_profile import kv_budget_bytes
 from peregrine.estimate.devices import (CpuCalibration, Device, cpu_calibrations, gpu_devices,
                                         load_data, pick_calibration)
 from peregrine.memory_model import (FLOAT, LinearFormat, WeightBytes, activation_bytes,
-                                    blocks_per_sequence, dtype_bytes, kv_bytes_per_token,
+                                    blocks_per_sequence, kv_bytes_per_token,
                                     kv_pool_bytes, linear_shapes, linear_weight_bytes,
                                     quantization_plan, resolve_quantization, weight_bytes)
 from peregrine.models.config import ModelConfig
@@ -348,8 +348,9 @@ class DeviceEstimate:
     def to_dict(self) -> dict[str, Any]:
         d = self.device
         return {"name": d.name, "kind": d.kind, "count": self.count, "fits": self.fits,
-                "fits_serving": self.fits_serving, "fits_load": self.fits_load, "max_batch": self.max_batch,
-                "max_context": self.max_context, "decode_tok_s": round(self.decode_tok_s, 2),
+                "fits_serving": self.fits_serving, "fits_load": self.fits_load,
+                "max_batch": self.max_batch, "max_context": self.max_context,
+                "decode_tok_s": round(self.decode_tok_s, 2),
                 "prefill_tok_s": round(self.prefill_tok_s, 2),
                 "decode_batch": self.decode_batch, "decode_context": self.decode_context,
                 "per_device_bytes": round(self.per_device_bytes),
@@ -386,8 +387,8 @@ def fit_device(spec: ModelSpec, config: EngineConfig, mem: MemoryEstimate, devic
     if device.kind == "cuda":
         budget = kv_budget_bytes(device.memory_bytes, weights + act, overhead,
                                  config.gpu_memory_utilization)
-        load_ok = mem.load_peak_bytes / n + overhead <= (config.gpu_memory_utilization
-                                                         * device.memory_bytes)
+        # gpu_memory_utilization caps the KV budget, not what loading may touch
+        load_ok = mem.load_peak_bytes / n + overhead <= device.memory_bytes
     else:
         budget = device.memory_bytes - overhead - weights - act - mem.file_bytes
         load_ok = mem.load_peak_bytes + device.load_overhead <= device.memory_bytes
