@@ -59,8 +59,6 @@ class EstimateOptions:
     """Traffic profile: output tokens per request. None: max_model_len - prompt_len."""
     request_rate: float | None = None
     """Traffic profile: requests/s. None: max_num_seqs sequences always in flight."""
-    threads: int | None = None
-    """CPU threads the CPU entry assumes. None: all cores."""
     devices: list[str] | None = None
     """Device names to report (case-insensitive). None: every GPU of the table and the CPU."""
 
