@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
+from peregrine.memory_model import KV_QUANTIZED, kv_block_shape, kv_store_dtype
 from peregrine.models.config import ModelConfig
 
 
@@ -35,12 +36,9 @@ def allocate_kv_pool(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: 
                      device: torch.device, kv_cache_dtype: str = "auto") -> list[LayerCache]:
     """One zeroed K and V tensor per layer: [num_blocks, block_size, kv_heads, head_dim];
     int8/fp8 store one byte per value and add float32 scales [num_blocks, block_size, kv_heads]."""
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    quantized = kv_cache_dtype in ("int8", "fp8")
-    store = {"int8": torch.int8, "fp8": getattr(torch, "float8_e4m3fn", None)}.get(
-        kv_cache_dtype, dtype)
-    if store is None:
-        raise ValueError("kv_cache_dtype fp8 needs a torch with float8_e4m3fn")
+    shape = kv_block_shape(cfg, num_blocks, block_size)
+    quantized = kv_cache_dtype in KV_QUANTIZED
+    store = kv_store_dtype(kv_cache_dtype, dtype)
 
     def scales() -> torch.Tensor | None:
         return torch.zeros(shape[:-1], dtype=torch.float32, device=device) if quantized else None

@@ -1,4 +1,4 @@
-"""The `peregrine` command: serve | generate | chat | bench | quantize | eval."""
+"""The `peregrine` command: serve | generate | chat | bench | quantize | eval | estimate."""
 
 from __future__ import annotations
 
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from peregrine.bench.cli import add_bench_parser
     add_bench_parser(sub)
+    from peregrine.estimate.cli import add_estimate_parser
+    add_estimate_parser(sub)
     return parser
 
 

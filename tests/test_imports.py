@@ -14,7 +14,7 @@ LAYERS: list[list[str]] = [
     # foundations: settings, outputs, model files and configs, the tokenizer
     ["peregrine.config", "peregrine.outputs", "peregrine.models.errors",
      "peregrine.models.config", "peregrine.models.registry", "peregrine.models.gguf_file",
-     "peregrine.models.tokenizer"],
+     "peregrine.models.tokenizer", "peregrine.memory_model"],
     # what a request asks for: grammar constraints and sampling parameters
     ["peregrine.structured", "peregrine.sampling_params"],
     # the attention contract: KV layout, attention metadata, the backend interface
@@ -30,9 +30,10 @@ LAYERS: list[list[str]] = [
      "peregrine.engine.batch"],
     ["peregrine.sampling"],
     ["peregrine.engine"],
-    # entry points: offline API, server, offline quantization tools, benchmarks, CLI
+    # entry points: offline API, server, offline quantization tools, benchmarks, estimates,
+    # CLI
     ["peregrine.llm", "peregrine.server", "peregrine.quantization", "peregrine.bench",
-     "peregrine.cli", "peregrine"],
+     "peregrine.estimate", "peregrine.cli", "peregrine"],
 ]
 
 def modules() -> dict[str, Path]:

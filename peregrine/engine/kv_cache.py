@@ -20,25 +20,11 @@ import torch
 
 from peregrine.attention_backend import LayerCache
 from peregrine.engine.sequence import Sequence
+# the engine's KV sizing lives in the shared memory model (re-exported for callers here)
+from peregrine.memory_model import first_live_block, kv_dtype_bytes, num_blocks_for_memory
 from peregrine.models.config import ModelConfig
 
 NULL_BLOCK = -1  # a block-table entry whose block was freed (out of the sliding window)
-
-
-def kv_dtype_bytes(kv_cache_dtype: str, compute_dtype: torch.dtype,
-                   head_dim: int | None = None) -> float:
-    """Bytes per stored K or V value; a quantized cache adds its float32 scale (one per
-    token and KV head) spread over the `head_dim` values it scales."""
-    if kv_cache_dtype in ("int8", "fp8"):
-        return 1 + (4 / head_dim if head_dim else 0)
-    return torch.empty((), dtype=compute_dtype).element_size()
-
-
-def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: float,
-                          memory_bytes: float) -> int:
-    """How many blocks of `block_size` tokens fit in `memory_bytes` (K and V, all layers)."""
-    per_block = cfg.kv_bytes_per_token(bytes_per_value) * block_size
-    return max(1, int(memory_bytes // per_block))
 
 
 class KVCacheManager:
@@ -231,8 +217,8 @@ class KVCacheManager:
         """Free blocks no future query of a sliding-window sequence can attend to."""
         if self.sliding_window is None:
             return
-        first_visible = seq.num_computed_tokens - self.sliding_window + 1
-        for i in range(max(first_visible, 0) // self.block_size):
+        for i in range(first_live_block(seq.num_computed_tokens, self.sliding_window,
+                                        self.block_size)):
             if seq.block_table[i] != NULL_BLOCK:
                 self._release(seq.block_table[i])
                 seq.block_table[i] = NULL_BLOCK

@@ -16,12 +16,13 @@ from peregrine.config import EngineConfig
 from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.beam_search import BeamSearch, BeamSearchState
 from peregrine.engine.detokenizer import IncrementalDetokenizer
-from peregrine.engine.kv_cache import KVCacheManager, kv_dtype_bytes, num_blocks_for_memory
+from peregrine.engine.kv_cache import KVCacheManager
 from peregrine.engine.logprobs import LogprobFormatter
 from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
+from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling.sampler import SamplerOutput, TokenLogprobs

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 
 from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
+from peregrine.memory_model import gguf_native_format
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import QT, GGUFFile, split_blocks, unpermute_rope_rows
 from peregrine.layers.quant_formats import pack_int4
 
 logger = logging.getLogger("peregrine")
 
-QUANTIZED = (QT.Q8_0, QT.Q4_0, QT.Q4_1)
 # our fused module -> the GGUF tensors that make it, in order along the output dimension
 _FUSED = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
           "self_attn.o_proj": ("attn_output",),
@@ -48,13 +48,11 @@ def _blocks(f: GGUFFile, name: str, cfg: ModelConfig
 def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | None:
     """One quantized linear from GGUF tensors fused along rows; None when they are not all
     of one kind (int8 vs int4) of quantized type."""
-    types = [f.tensors[n].qtype for n in names]
-    if any(t not in QUANTIZED for t in types):
-        return None
-    if len({t == QT.Q8_0 for t in types}) > 1:
+    fmt = gguf_native_format([f.tensors[n].qtype for n in names])
+    if fmt.method == "float":
         return None
     parts = [_blocks(f, n, cfg) for n in names]
-    if types[0] == QT.Q8_0:
+    if fmt.method == "int8":
         q = torch.cat([p[1] for p in parts]).to(torch.int8)
         d = torch.cat([p[2] for p in parts])
         return Int8Linear(q, d)
@@ -70,20 +68,28 @@ def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | No
     return Int4Linear(pack_int4(q), torch.cat(scales).half(), torch.cat(offsets).half())
 
 
+def gguf_module_tensors(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Our module name -> the GGUF tensors fused into it, in order along the output dim."""
+    out = {f"layers.{i}.{module}": [f"blk.{i}.{p}.weight" for p in parts]
+           for i in range(cfg.num_layers) for module, parts in _FUSED.items()}
+    out["lm_head"] = ["token_embd.weight" if cfg.tie_word_embeddings else "output.weight"]
+    return out
+
+
+def gguf_module_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, list[QT]]:
+    """Our module name -> the GGUF types of its tensors (what the memory model needs)."""
+    return {module: [f.tensors[n].qtype for n in names]
+            for module, names in gguf_module_tensors(cfg).items()}
+
+
 def gguf_quantized_linears(f: GGUFFile, cfg: ModelConfig) -> dict[str, QuantLinear]:
     """Our module name -> quantized linear for every linear of the file that is stored in
     Q8_0 / Q4_0 / Q4_1 (others stay float and are left out)."""
     out: dict[str, QuantLinear] = {}
-    for i in range(cfg.num_layers):
-        for module, parts in _FUSED.items():
-            names = [f"blk.{i}.{p}.weight" for p in parts]
-            lin = _linear(f, names, cfg)
-            if lin is None:
-                logger.info("layer %d %s: not in one quantized GGUF type, kept float", i, module)
-            else:
-                out[f"layers.{i}.{module}"] = lin
-    head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
-    lin = _linear(f, [head], cfg)
-    if lin is not None:
-        out["lm_head"] = lin
+    for module, names in gguf_module_tensors(cfg).items():
+        lin = _linear(f, names, cfg)
+        if lin is None:
+            logger.info("%s: not in one quantized GGUF type, kept float", module)
+        else:
+            out[module] = lin
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
@@ -58,11 +59,10 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     if prequantized and quantization not in ("none", "auto"):
         raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
                              f"{quantization}")
-    if quantization == "gguf" and source.format != "gguf":
-        raise ModelLoadError("--quantization gguf keeps a GGUF file's blocks; the model "
-                             f"{source.name!r} is not a GGUF file")
-    if quantization == "auto":  # a GGUF file's own blocks are the fastest lossless CPU path
-        quantization = "gguf" if source.format == "gguf" and device.type == "cpu" else "none"
+    try:
+        quantization = resolve_quantization(quantization, source.format == "gguf", device.type)
+    except ValueError as e:
+        raise ModelLoadError(f"{e} ({source.name!r})") from None
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     if not tok.eos_token_ids:
@@ -93,10 +93,7 @@ def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
         from peregrine.models.gguf_native import gguf_quantized_linears
         replace_linears(net, gguf_quantized_linears(gguf_file, cfg))
         return
-    if quantization == "int4" and group_size is None and gguf_file is not None:
-        # requantizing a GGUF Q4 file's grid to group 128 costs ~+29% perplexity on SmolLM2;
-        # its own block size costs ~+0.2%
-        group_size = 32
+    group_size = default_group_size(quantization, group_size, gguf_file is not None)
     quantize_model(net, QuantSpec(quantization, group_size, symmetric))
 
 

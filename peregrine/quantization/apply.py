@@ -14,11 +14,11 @@ from torch import nn
 
 from peregrine.layers.linear import (FP8Linear, Int4Linear, Int8Linear, Linear, NF4Linear,
                                      QuantLinear)
+from peregrine.memory_model import DEFAULT_GROUP_SIZE, LinearFormat, lm_head_format
 
 # `--quantization` values that quantize weights at load (gguf repacks the file's blocks).
 WEIGHT_METHODS = ("int8", "int4", "nf4", "fp8")
 METHODS = ("none", *WEIGHT_METHODS, "gguf")
-DEFAULT_GROUP_SIZE = {"int8": None, "int4": 128, "nf4": 64, "fp8": None}
 
 
 @dataclass
@@ -41,10 +41,10 @@ class QuantSpec:
             raise ValueError(f"quantization_group_size must be 32 times a power of two, got {g}")
 
     def for_lm_head(self) -> "QuantSpec":
-        """The spec of the LM head: int8 per channel under a 4-bit format. The head is the
-        widest matrix and the most sensitive one (llama.cpp's mixes keep it at 6-8 bits
-        too; SmolLM2's GGUF stores it as Q8_0); 8-bit it costs 0.5 byte/weight more."""
-        return QuantSpec("int8") if self.method in ("int4", "nf4") else self
+        """The spec of the LM head (memory_model.lm_head_format: int8 per channel under a
+        4-bit format)."""
+        head = lm_head_format(LinearFormat(self.method, self.group_size))
+        return self if head.method == self.method else QuantSpec(head.method, head.group_size)
 
     def quantize(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> QuantLinear:
         """A quantized linear layer holding the round-to-nearest quantization of `w`."""
