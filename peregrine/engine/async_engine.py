@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import torch
+
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import EngineStats, LLMEngine, PromptType, StepFailedError
+from peregrine.layers.pooling import PoolingType
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -282,6 +285,15 @@ class AsyncLLMEngine:
 
         self._send(_Call(fn, done))
         return await future
+
+    async def embed(self, token_ids: list[list[int]],
+                    pooling: PoolingType | list[PoolingType] = "last") -> torch.Tensor:
+        """Normalized pooled hidden states [N, hidden] of token-id sequences (LLMEngine.embed),
+        computed on the engine thread between two steps."""
+        if not self.is_ready:
+            raise EngineNotReadyError("the model is still loading" if self._accepting
+                                      else "the server is shutting down")
+        return await self.call(lambda engine: engine.embed(token_ids, pooling))
 
     def _send(self, command: Command) -> None:
         self._commands.put(command)
