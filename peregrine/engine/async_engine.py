@@ -191,6 +191,11 @@ class AsyncLLMEngine:
         return self._loaded().context_limit
 
     @property
+    def hidden_size(self) -> int:
+        """The width of the model's hidden states (its pooled embeddings' size)."""
+        return self._loaded().model_config.hidden_size
+
+    @property
     def model_path(self) -> str | None:
         """Where the loaded model came from (None until it is loaded)."""
         return None if self.engine is None else self.engine.loaded.source.path
