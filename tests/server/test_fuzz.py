@@ -43,8 +43,8 @@ def api_schema(fuzz_server: RunningServer):
     return schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
 
 
-ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize",
-          "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
+ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings",
+          "POST /tokenize", "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
 # Requests the schema allows (positive) and requests it forbids (negative); a GET without
 # parameters has no forbidden form.
 CASES = [(route, mode) for route in ROUTES for mode in (GenerationMode.POSITIVE,
