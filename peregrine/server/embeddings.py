@@ -120,7 +120,9 @@ class EmbeddingService:
                 spec = self.ctx.args.embedding_model
                 assert spec is not None
                 try:
-                    self.encoder = await asyncio.to_thread(load_sentence_encoder, spec)
+                    encoder = await asyncio.to_thread(load_sentence_encoder, spec)
+                    encoder.max_batch_tokens = self.ctx.args.embedding_batch_tokens
+                    self.encoder = encoder
                     logger.info("loaded the embedding model %s", self.model_name)
                 except (ModelLoadError, OSError) as e:
                     logger.error("the embedding model %s failed to load: %s", spec, e)
