@@ -3,10 +3,10 @@
     .venv/bin/python scripts/bench_embeddings.py [--batches 1 32] [--repeats 5] [--reference]
 
 Sentences are cut from the Britannica text shipped in peregrine/data (12-40 words each; the
-script prints their token counts). Each timing embeds `--sentences` of them (tokenizing included) in batches of
-the given size; the median and the best of --repeats runs are printed (on a shared machine
-the best is the better estimate of the cost itself). --reference times sentence-transformers
-on the same sentences and batch sizes."""
+script prints their token counts). Each timing embeds `--sentences` of them (tokenizing
+included) in batches of the given size; the median and the best of --repeats runs are
+printed (on a shared machine the best is the better estimate of the cost itself).
+--reference times sentence-transformers on the same sentences and batch sizes."""
 
 from __future__ import annotations
 

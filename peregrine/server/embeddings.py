@@ -284,6 +284,8 @@ async def create_embedding(ctx: ServingContext, service: EmbeddingService,
     except EngineNotReadyError as e:
         raise APIError(HTTPStatus.SERVICE_UNAVAILABLE, str(e), code="model_not_ready",
                        headers={"Retry-After": "2"}) from None
+    except ValueError as e:  # the engine's own checks of the ids (checked here first)
+        raise bad_request(e, "input") from None
     count = sum(len(x) for x in ids)
     body = EmbeddingResponse(
         data=[EmbeddingData(index=i, embedding=_encode(row, req.encoding_format))
