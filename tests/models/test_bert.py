@@ -60,7 +60,7 @@ def test_embeddings_equal_sentence_transformers(encoder, reference):
 
 def test_a_sentence_alone_equals_it_in_a_padded_batch(encoder):
     ids = [e.token_ids for e in encoder.tokenize(SENTENCES)]
-    batch = encoder.embed(ids)
+    batch = encoder._embed_batch(ids)  # one batch, every row padded to the longest (122)
     for i in (2, 4, 10):  # the shortest, a middle one, the longest
         alone = encoder.embed([ids[i]])[0]
         assert torch.allclose(alone, batch[i], atol=1e-5), (i, (alone - batch[i]).abs().max())
@@ -75,6 +75,23 @@ def test_small_batches_and_one_batch_agree(encoder):
     finally:
         encoder.max_batch_tokens = saved
     assert torch.allclose(one, split, atol=1e-5)
+
+
+def test_batches_group_similar_lengths_with_little_padding(encoder, monkeypatch):
+    ids = [e.token_ids for e in encoder.tokenize(SENTENCES)]
+    seen: list[list[int]] = []
+    real = encoder._embed_batch
+
+    def spy(batch: list[list[int]]) -> torch.Tensor:
+        seen.append([len(x) for x in batch])
+        return real(batch)
+
+    monkeypatch.setattr(encoder, "_embed_batch", spy)
+    encoder.embed(ids)
+    assert sorted(n for lens in seen for n in lens) == sorted(len(x) for x in ids)
+    assert len(seen) < len(ids)  # short sentences went together
+    for lens in seen:
+        assert len(lens) == 1 or len(lens) * max(lens) <= 1.25 * sum(lens), lens
 
 
 def test_tokenize_adds_cls_sep_and_refuses_or_truncates_long_text(encoder):
