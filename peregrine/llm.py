@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
+import torch
+
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import LLMEngine, PromptType
+from peregrine.layers.pooling import PoolingType
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -60,6 +63,17 @@ class LLM:
         prompts = [{"prompt": tok.apply_chat_template(c, add_generation_prompt),
                     "prompt_token_ids": tok.encode_chat(c, add_generation_prompt)} for c in convs]
         return self.generate(prompts, sampling_params)
+
+    def embed(self, prompts: str | list[int] | Seq[str | list[int]],
+              pooling: PoolingType = "last", normalize: bool = True) -> torch.Tensor:
+        """Pooled embeddings [N, hidden] of the model's final hidden states: each prompt's
+        last token ("last") or the mean of its tokens ("mean"), normalized unless told not."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                         and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        tok = self.engine.tokenizer
+        ids = [tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self.engine.embed(ids, pooling, normalize)
 
     # --- driving the loop by hand ---------------------------------------------------------------
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,

@@ -18,8 +18,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import torch
+
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import EngineStats, LLMEngine, PromptType, StepFailedError
+from peregrine.layers.pooling import PoolingType
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -188,6 +191,11 @@ class AsyncLLMEngine:
         return self._loaded().context_limit
 
     @property
+    def hidden_size(self) -> int:
+        """The width of the model's hidden states (its pooled embeddings' size)."""
+        return self._loaded().model_config.hidden_size
+
+    @property
     def model_path(self) -> str | None:
         """Where the loaded model came from (None until it is loaded)."""
         return None if self.engine is None else self.engine.loaded.source.path
@@ -282,6 +290,15 @@ class AsyncLLMEngine:
 
         self._send(_Call(fn, done))
         return await future
+
+    async def embed(self, token_ids: list[list[int]],
+                    pooling: PoolingType | list[PoolingType] = "last") -> torch.Tensor:
+        """Normalized pooled hidden states [N, hidden] of token-id sequences (LLMEngine.embed),
+        computed on the engine thread between two steps."""
+        if not self.is_ready:
+            raise EngineNotReadyError("the model is still loading" if self._accepting
+                                      else "the server is shutting down")
+        return await self.call(lambda engine: engine.embed(token_ids, pooling))
 
     def _send(self, command: Command) -> None:
         self._commands.put(command)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from peregrine.attention_backend import allocate_kv_pool
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.config import EngineConfig
 from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.beam_search import BeamSearch, BeamSearchState
@@ -22,6 +22,7 @@ from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
+from peregrine.layers.pooling import PoolingType, normalize as normalize_rows, pool_flat
 from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -241,6 +242,45 @@ class LLMEngine:
             for request_id in failed:
                 self.abort_request(request_id)
             raise StepFailedError(failed) from e
+
+    @torch.inference_mode()
+    def embed(self, token_ids: list[list[int]],
+              pooling: PoolingType | list[PoolingType] = "last",
+              normalize: bool = True) -> torch.Tensor:
+        """Pooled final hidden states [N, hidden] (float32, on the CPU) of each token-id
+        sequence: its last token's or the mean of its tokens' (vLLM's pooling runner). The
+        sequences run as flat prefill batches of about the step's token budget, without
+        the KV cache, so generation's blocks are untouched."""
+        if not token_ids or any(not ids for ids in token_ids):
+            raise ValueError("embed needs at least one sequence, none of them empty")
+        methods = [pooling] * len(token_ids) if isinstance(pooling, str) else list(pooling)
+        too_long = [len(ids) for ids in token_ids if len(ids) > self.max_model_len]
+        if too_long:
+            raise ValueError(f"a sequence has {too_long[0]} tokens; the model takes at most "
+                             f"{self.max_model_len}")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for ids in token_ids for t in ids):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        budget = self.config.token_budget
+        out: list[torch.Tensor] = []
+        start = 0
+        while start < len(token_ids):
+            end, tokens = start, 0
+            while end < len(token_ids) and (end == start or
+                                            tokens + len(token_ids[end]) <= budget):
+                tokens += len(token_ids[end])
+                end += 1
+            chunk = token_ids[start:end]
+            lens = [len(ids) for ids in chunk]
+            flat = torch.tensor([t for ids in chunk for t in ids])
+            positions = torch.cat([torch.arange(n) for n in lens])
+            meta = AttentionMetadata.prefill_only(lens, self.config.torch_device)
+            hidden = self.runner.model(self.runner.to_device(flat),
+                                       self.runner.to_device(positions), meta)
+            out.append(pool_flat(hidden, lens, methods[start:end]).cpu())
+            start = end
+        pooled = torch.cat(out)
+        return normalize_rows(pooled) if normalize else pooled
 
     def propose(self, batch: ScheduledBatch) -> ScheduledBatch:
         """The batch with the proposer's drafts in the slots the scheduler reserved."""

@@ -34,13 +34,15 @@ from peregrine.engine.async_engine import AsyncLLMEngine
 from peregrine.models.registry import resolve_model
 from peregrine.server import serving
 from peregrine.server.args import ServerArgs
+from peregrine.server.embeddings import EmbeddingService, create_embedding
 from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
 from peregrine.server.openapi import NO_BODY_ERRORS, install, json_body, responses
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse,
-                                       DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                       DetokenizeRequest, DetokenizeResponse,
+                                       EmbeddingRequest, EmbeddingResponse, ErrorResponse,
                                        ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
                                        VersionResponse)
 
@@ -115,6 +117,7 @@ class ServerState:
     engine: AsyncLLMEngine
     metrics: ServerMetrics
     ctx: serving.ServingContext
+    embeddings: EmbeddingService
 
 
 def _check_api_key(request: Request) -> None:
@@ -148,6 +151,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               model_names: list[str]) -> FastAPI:
     """The FastAPI app around an (unstarted) async engine."""
     ctx = serving.ServingContext(engine, metrics, model_names, args)
+    embeddings = EmbeddingService(ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,7 +164,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
                   summary="OpenAI-compatible LLM server")
-    app.state.peregrine = ServerState(args, engine, metrics, ctx)
+    app.state.peregrine = ServerState(args, engine, metrics, ctx, embeddings)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
 
@@ -178,11 +182,21 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
         req = await parse_body(request, ChatCompletionRequest)
         return await serving.create_chat_completion(ctx, req, request)
 
+    @api.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest),
+              responses=responses(EmbeddingResponse))
+    async def create_embeddings(request: Request) -> Response:
+        req = await parse_body(request, EmbeddingRequest)
+        return await create_embedding(ctx, embeddings, req, request)
+
     @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(
-            id=ctx.model_name, root=engine.model_path,
-            max_model_len=engine.context_limit if engine.is_ready else None)])
+        cards = [ModelCard(id=ctx.model_name, root=engine.model_path,
+                           max_model_len=engine.context_limit if engine.is_ready else None)]
+        if embeddings.model_name is not None:
+            encoder = embeddings.encoder
+            cards.append(ModelCard(id=embeddings.model_name, root=args.embedding_model,
+                                   max_model_len=encoder.max_seq_length if encoder else None))
+        return ModelList(data=cards)
 
     @api.post("/tokenize", openapi_extra=json_body(TokenizeRequest),
               responses=responses(TokenizeResponse))
@@ -242,8 +256,9 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
-                  CompletionResponse, ChatCompletionResponse, ModelList, TokenizeResponse,
-                  DetokenizeResponse, VersionResponse, ErrorResponse])
+                  EmbeddingRequest, CompletionResponse, ChatCompletionResponse,
+                  EmbeddingResponse, ModelList, TokenizeResponse, DetokenizeResponse,
+                  VersionResponse, ErrorResponse])
     return app
 
 

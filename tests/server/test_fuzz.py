@@ -43,8 +43,8 @@ def api_schema(fuzz_server: RunningServer):
     return schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
 
 
-ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize",
-          "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
+ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings",
+          "POST /tokenize", "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
 # Requests the schema allows (positive) and requests it forbids (negative); a GET without
 # parameters has no forbidden form.
 CASES = [(route, mode) for route in ROUTES for mode in (GenerationMode.POSITIVE,
@@ -104,11 +104,13 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "n", "best_of", "temperat
           "top_p", "top_k", "stop", "stream", "logprobs", "top_logprobs", "logit_bias",
           "seed", "response_format", "echo", "stop_token_ids", "priority", "use_beam_search",
           "beam_width", "stream_options", "structured_outputs", "guided_json",
-          "chat_template_kwargs", "max_completion_tokens", "min_tokens"]
+          "chat_template_kwargs", "max_completion_tokens", "min_tokens", "input",
+          "encoding_format", "dimensions", "truncate_prompt_tokens", "pooling"]
 bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8)
 
 
-@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions",
+                                   "/v1/embeddings"])
 @given(body=bodies)
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
@@ -117,9 +119,11 @@ def test_parsing_any_json_is_a_request_or_a_4xx(route, body):
     import asyncio
 
     from peregrine.server.app import parse_body
-    from peregrine.server.protocol import ChatCompletionRequest, CompletionRequest
+    from peregrine.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                           EmbeddingRequest)
 
-    model = CompletionRequest if route == "/v1/completions" else ChatCompletionRequest
+    model = {"/v1/completions": CompletionRequest, "/v1/chat/completions":
+             ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest}[route]
     request = _FakeRequest(body)
     try:
         asyncio.run(parse_body(request, model))  # type: ignore[arg-type]

@@ -25,7 +25,8 @@ def aclient(server) -> openai.AsyncOpenAI:
 
 def test_models_lists_the_served_model(client, server):
     models = client.models.list().data
-    assert [m.id for m in models] == ["smollm2-135m"]
+    # the LLM first, then the embedding model /v1/embeddings serves
+    assert [m.id for m in models] == ["smollm2-135m", "all-minilm-l6-v2"]
     assert models[0].model_extra["max_model_len"] > 0
 
 
