@@ -32,7 +32,10 @@ import peregrine
 from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
 from peregrine.models.registry import resolve_model
-from peregrine.server import serving
+from peregrine.server import messages, serving
+from peregrine.server.anthropic_protocol import (AnthropicError, CountTokensRequest,
+                                                 CountTokensResponse, MessagesRequest,
+                                                 MessagesResponse)
 from peregrine.server.args import ServerArgs
 from peregrine.server.embeddings import EmbeddingService, create_embedding
 from peregrine.server.errors import APIError, error_response
@@ -127,8 +130,9 @@ def _check_api_key(request: Request) -> None:
         return
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                              key.encode()):
+    if scheme.lower() != "bearer":  # Anthropic's clients send the key as x-api-key
+        given = request.headers.get("x-api-key", "")
+    if not given or not hmac.compare_digest(given.strip().encode(), key.encode()):
         state.metrics.reject("unauthorized")
         raise APIError(HTTPStatus.UNAUTHORIZED, "Incorrect or missing API key: send "
                        "`Authorization: Bearer <key>`.", code="invalid_api_key",
@@ -187,6 +191,26 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     async def create_embeddings(request: Request) -> Response:
         req = await parse_body(request, EmbeddingRequest)
         return await create_embedding(ctx, embeddings, req, request)
+
+    @api.post("/v1/messages", openapi_extra=json_body(MessagesRequest),
+              responses=responses(MessagesResponse, stream=True, error=AnthropicError))
+    async def anthropic_messages(request: Request) -> Response:
+        try:
+            req = await parse_body(request, MessagesRequest)
+            return await messages.create_message(ctx, req, request)
+        except APIError as e:
+            _count_rejection(metrics, e)
+            return messages.error_response(e)
+
+    @api.post("/v1/messages/count_tokens", openapi_extra=json_body(CountTokensRequest),
+              responses=responses(CountTokensResponse, error=AnthropicError))
+    async def anthropic_count_tokens(request: Request) -> Response:
+        try:
+            return await messages.count_tokens(ctx, await parse_body(request,
+                                                                     CountTokensRequest))
+        except APIError as e:
+            _count_rejection(metrics, e)
+            return messages.error_response(e)
 
     @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
@@ -255,18 +279,24 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    install(app, [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+    install(app, [MessagesRequest, CountTokensRequest, MessagesResponse, CountTokensResponse,
+                  AnthropicError, CompletionRequest, ChatCompletionRequest, TokenizeRequest,
+                  DetokenizeRequest,
                   EmbeddingRequest, CompletionResponse, ChatCompletionResponse,
                   EmbeddingResponse, ModelList, TokenizeResponse, DetokenizeResponse,
                   VersionResponse, ErrorResponse])
     return app
 
 
+def _count_rejection(metrics: ServerMetrics, exc: APIError) -> None:
+    if exc.status == HTTPStatus.BAD_REQUEST:
+        metrics.reject("invalid")
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.status == HTTPStatus.BAD_REQUEST:
-            metrics.reject("invalid")
+        _count_rejection(metrics, exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

@@ -42,17 +42,17 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def responses(ok: type[BaseModel] | None, errors: tuple[HTTPStatus, ...] = BODY_ERRORS,
-              stream: bool = False, media_type: str = "application/json"
-              ) -> dict[int | str, dict[str, Any]]:
+              stream: bool = False, media_type: str = "application/json",
+              error: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
     """FastAPI `responses`: 200 with `ok` (or `media_type` text), and each error status
-    in OpenAI's error shape; `stream` adds the SSE form of 200."""
+    in `error`'s shape (OpenAI's by default); `stream` adds the SSE form of 200."""
     content: dict[str, Any] = {media_type: {"schema": _ref(ok) if ok else {"type": "string"}}}
     if stream:
         content["text/event-stream"] = {"schema": {"type": "string"}}
     out: dict[int | str, dict[str, Any]] = {200: {"description": "OK", "content": content}}
     for status in errors:
         out[int(status)] = {"description": ERRORS[status],
-                            "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+                            "content": {"application/json": {"schema": _ref(error)}}}
     return out
 
 

@@ -222,7 +222,7 @@ async def _final_outputs(streams: list[RequestStream]) -> list[RequestOutput]:
     return finals
 
 
-async def _collect(ctx: ServingContext, request: Request,
+async def collect(ctx: ServingContext, request: Request,
                    streams: list[RequestStream]) -> list[RequestOutput]:
     """Wait for every stream's final output; abort them all if the client goes away."""
     def abort() -> None:
@@ -235,7 +235,8 @@ async def _collect(ctx: ServingContext, request: Request,
         raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, str(e), code="engine_error") from None
 
 
-async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge_streams(streams: list[RequestStream]
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:
         async for out in streams[0]:
@@ -448,7 +449,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
     if req.stream:
         return EngineStreamingResponse(_stream_completion(ctx, req, base_id, prompts, streams),
                                        ctx, streams)
-    outs = await _collect(ctx, request, streams)
+    outs = await collect(ctx, request, streams)
     tok = ctx.ready().tokenizer
     choices = []
     for pi, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -506,8 +507,8 @@ def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str
             state.text_offset += sum(len(t) for t in lp["tokens"])
         return {"index": index, "text": text, "logprobs": lp}
 
-    return _sse_stream(ctx, req, base_id, "text_completion", _merge(streams), states, lead,
-                       req.logprobs is not None, choice)
+    return _sse_stream(ctx, req, base_id, "text_completion", merge_streams(streams), states,
+                       lead, req.logprobs is not None, choice)
 
 
 async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, kind: str,
@@ -626,7 +627,7 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
 
 
 @dataclass
-class _ToolUse:
+class ToolUse:
     """How a chat request uses tools: the ones shown to the model, the choice, the parser."""
 
     tools: list[ChatTool] | None  # None: the model sees no tools (none given, or "none")
@@ -664,7 +665,7 @@ class _ToolUse:
             for c in calls] or None), bool(calls)
 
 
-def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolUse:
+def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> ToolUse:
     """Check the request's tools against its tool_choice and constraints (400s)."""
     choice = req.tool_choice or ("auto" if req.tools else "none")
     try:
@@ -681,7 +682,7 @@ def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolUse:
     names = [t.function.name for t in req.tools or []]
     if len(set(names)) != len(names):
         raise bad_request("tools must have distinct function names", "tools")
-    use = _ToolUse(req.tools if choice != "none" else None, choice, parser)
+    use = ToolUse(req.tools if choice != "none" else None, choice, parser)
     if use.forced is not None and req.constraint()[0] is not None:
         what = choice if isinstance(choice, str) else "naming a function"
         raise bad_request(f"tool_choice {what} cannot be combined with "
@@ -689,11 +690,20 @@ def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> _ToolUse:
     return use
 
 
-async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
-                                 request: Request) -> Response:
-    """POST /v1/chat/completions."""
+@dataclass
+class ChatRun:
+    """A chat request accepted by the engine: its stream, its prompt and how it uses tools."""
+
+    base_id: str
+    prompt: Prompt
+    use: ToolUse
+    num_top: int | None
+    streams: list[RequestStream]
+
+
+async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str) -> ChatRun:
+    """Validate, render and submit a chat request (shared by the chat and Messages APIs)."""
     ctx.check_model(req.model)
-    tok = ctx.ready().tokenizer
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
     ctx.check_limits(req)
@@ -714,12 +724,20 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         schema = tool_calls.forced_schema(use.tools or [], use.forced, req.parallel_tool_calls)
         params = dataclasses.replace(params, structured=StructuredOutputs(json=schema))
         constraint_field = "tools"
-    base_id = f"chatcmpl-{uuid.uuid4().hex}"
     streams = await _submit(ctx, base_id, [prompt], [params], req.priority, constraint_field)
+    return ChatRun(base_id, prompt, use, num_top, streams)
+
+
+async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
+                                 request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    run = await start_chat(ctx, req, f"chatcmpl-{uuid.uuid4().hex}")
+    base_id, use, num_top, streams = run.base_id, run.use, run.num_top, run.streams
+    tok = ctx.ready().tokenizer
     if req.stream:
         return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top,
                                                     use), ctx, streams)
-    out = (await _collect(ctx, request, streams))[0]
+    out = (await collect(ctx, request, streams))[0]
     choices = []
     for o in out.outputs:
         lp = None
@@ -739,7 +757,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 
 def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
-                 stream: RequestStream, num_top: int | None, use: _ToolUse
+                 stream: RequestStream, num_top: int | None, use: ToolUse
                  ) -> AsyncIterator[str]:
     tok = ctx.ready().tokenizer
     lead = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -769,6 +787,6 @@ def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
             fields["finish_reason"] = "tool_calls"
         return fields
 
-    return _sse_stream(ctx, req, base_id, "chat.completion.chunk", _merge([stream]),
+    return _sse_stream(ctx, req, base_id, "chat.completion.chunk", merge_streams([stream]),
                        {i: _ChoiceState() for i in range(req.n)}, lead, num_top is not None,
                        choice)

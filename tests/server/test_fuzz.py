@@ -44,7 +44,9 @@ def api_schema(fuzz_server: RunningServer):
 
 
 ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings",
-          "POST /tokenize", "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
+          "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /tokenize",
+          "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
+ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
 # Requests the schema allows (positive) and requests it forbids (negative); a GET without
 # parameters has no forbidden form.
 CASES = [(route, mode) for route in ROUTES for mode in (GenerationMode.POSITIVE,
@@ -52,9 +54,13 @@ CASES = [(route, mode) for route in ROUTES for mode in (GenerationMode.POSITIVE,
          if route.startswith("POST") or mode is GenerationMode.POSITIVE]
 
 
-def error_in_openai_shape(response) -> None:
-    """Every 4xx body is {"error": {"message", "type", "param", "code"}}."""
-    if 400 <= response.status_code < 500:
+def error_in_openai_shape(response, route: str) -> None:
+    """Every 4xx body is {"error": {"message", "type", "param", "code"}} (Anthropic's
+    {"type": "error", "error": {"type", "message"}} on its routes)."""
+    if 400 <= response.status_code < 500 and route.split()[1] in ANTHROPIC:
+        body = response.json()
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    elif 400 <= response.status_code < 500:
         body = response.json()
         assert set(body) == {"error"}, body
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
@@ -78,7 +84,7 @@ def test_every_route_survives_the_fuzzer(api_schema, route, mode):
         if not stream:
             checks.append(response_schema_conformance)
         case.validate_response(response, checks=checks)
-        error_in_openai_shape(response)
+        error_in_openai_shape(response, route)
 
     fuzz()
 
