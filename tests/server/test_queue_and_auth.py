@@ -56,7 +56,8 @@ def test_full_queue_gets_429_and_running_requests_finish(strict_server):
 
     def running() -> None:
         text, finish = "", None
-        with httpx.stream("POST", url + "/v1/chat/completions", json=_chat(12, stream=True),
+        # long enough to still be running when the third request comes, on a fast machine too
+        with httpx.stream("POST", url + "/v1/chat/completions", json=_chat(160, stream=True),
                           headers=KEY, timeout=300) as r:
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
