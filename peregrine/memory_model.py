@@ -13,7 +13,9 @@ dtype, or one byte per value plus a float32 scale per (slot, kv head) when quant
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -84,6 +86,25 @@ def num_blocks_for_memory(cfg: ModelConfig, block_size: int, bytes_per_value: fl
     """How many blocks of `block_size` tokens fit in `memory_bytes` (K and V, all layers)."""
     per_block = cfg.kv_bytes_per_token(bytes_per_value) * block_size
     return max(1, int(memory_bytes // per_block))
+
+
+def held_weight_bytes(module: torch.nn.Module) -> int:
+    """What a loaded model really stores: numel * element_size over its parameters and
+    buffers, storage shared by several (tied embeddings) counted once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def held_kv_bytes(caches: Iterable[Any]) -> int:
+    """What an allocated KV pool really stores: K, V and their scales (when quantized) of
+    every layer's cache."""
+    return sum(t.numel() * t.element_size() for c in caches
+               for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
 
 
 def first_live_block(num_computed: int, sliding_window: int | None, block_size: int) -> int:

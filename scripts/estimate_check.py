@@ -41,15 +41,9 @@ def child(model: str | None, quantization: str, seqs: int, max_len: int, blocks:
     if model:
         kw.update(model=model, load_format="dummy")
     llm = LLM(**kw)
-    net = llm.engine.loaded.model
-    seen, weights = set(), 0
-    for t in [*net.parameters(), *net.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            weights += t.numel() * t.element_size()
-    pool = sum(t.numel() * t.element_size() for c in llm.engine.kv_caches
-               for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
+    from peregrine.memory_model import held_kv_bytes, held_weight_bytes
+    weights = held_weight_bytes(llm.engine.loaded.model)
+    pool = held_kv_bytes(llm.engine.kv_caches)
     rng = random.Random(0)
     vocab = llm.engine.model_config.vocab_size
     prompts = [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(max_len // 2)]}

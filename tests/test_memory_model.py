@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from peregrine.attention_backend import allocate_kv_pool
-from peregrine.memory_model import (blocks_per_sequence, kv_bytes_per_token, kv_pool_bytes,
-                                    num_blocks_for_memory, kv_dtype_bytes, quantization_plan,
-                                    weight_bytes)
+from peregrine.memory_model import (blocks_per_sequence, held_kv_bytes, held_weight_bytes,
+                                    kv_bytes_per_token, kv_dtype_bytes, kv_pool_bytes,
+                                    num_blocks_for_memory, quantization_plan, weight_bytes)
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_native import gguf_module_types
 from peregrine.models.loader import load_model
@@ -23,17 +23,6 @@ TINY_QWEN = dict(TINY_LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwe
                  sliding_window=32, vocab_size=640)
 
 
-def stored_bytes(net: torch.nn.Module) -> int:
-    """sum(numel * element_size) over parameters and buffers, shared storage once."""
-    seen, total = set(), 0
-    for t in [*net.parameters(), *net.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
-
-
 def predicted_weight_bytes(loaded, quantization: str, dtype: torch.dtype,
                            max_len: int) -> int:
     types = gguf_module_types(loaded.gguf, loaded.config) if loaded.gguf else None
@@ -44,7 +33,7 @@ def predicted_weight_bytes(loaded, quantization: str, dtype: torch.dtype,
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4", "gguf"])
 def test_smollm2_weights_match_the_loaded_model(quantization):
     loaded = load_model(None, quantization=quantization, max_model_len=2048)
-    real = stored_bytes(loaded.model)
+    real = held_weight_bytes(loaded.model)
     predicted = predicted_weight_bytes(loaded, quantization, torch.float32, 2048)
     assert abs(predicted - real) <= 0.05 * real
     assert predicted == real  # every byte is accounted for, not just 95% of them
@@ -58,7 +47,7 @@ def test_dummy_config_weights_match_the_loaded_model(tmp_path_factory, shape, qu
     loaded = load_model(path, load_format="dummy", quantization=quantization,
                         dtype=torch.bfloat16, max_model_len=256)
     assert predicted_weight_bytes(loaded, quantization, torch.bfloat16, 256) == \
-        stored_bytes(loaded.model)
+        held_weight_bytes(loaded.model)
 
 
 def test_kv_pool_bytes_match_the_allocated_pool():
@@ -66,9 +55,7 @@ def test_kv_pool_bytes_match_the_allocated_pool():
     for kv in ("auto", "int8", "fp8"):
         for dtype in (torch.float32, torch.bfloat16):
             pool = allocate_kv_pool(cfg, 7, 8, dtype, torch.device("cpu"), kv)
-            real = sum(t.numel() * t.element_size() for c in pool
-                       for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
-            assert kv_pool_bytes(cfg, 7, 8, kv, dtype) == real, (kv, dtype)
+            assert kv_pool_bytes(cfg, 7, 8, kv, dtype) == held_kv_bytes(pool), (kv, dtype)
 
 
 def test_engine_sizes_its_pool_with_the_memory_model(tiny_model_dir):
@@ -115,3 +102,11 @@ def test_blocks_per_sequence_is_what_a_decoding_sequence_holds(tmp_path_factory,
         engine.step()
     # the last sampled token is never computed: the steps computed `tokens` tokens
     assert peak == blocks_per_sequence(tokens, block_size, window)
+
+
+def test_held_weight_bytes_counts_shared_storage_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # tied, as the loader ties embeddings and LM head
+    net = torch.nn.ModuleList([emb, head])
+    assert held_weight_bytes(net) == 10 * 4 * 4

@@ -103,19 +103,13 @@ def test_smollm2_on_this_cpu_matches_the_engine(quantization):
     """End to end: the CPU breakdown `estimate` prints is what an engine built with its
     block count allocates (weights to the byte, the KV pool to the byte)."""
     from peregrine import LLM
+    from peregrine.memory_model import held_kv_bytes, held_weight_bytes
     r = estimate(EngineConfig(quantization=quantization, device="cpu", max_model_len=1024,
                               max_num_seqs=3), EstimateOptions(devices=["CPU"]))
     llm = LLM(quantization=quantization, max_model_len=1024, max_num_seqs=3,
               num_kv_blocks=r["kv_blocks"])
-    net = llm.engine.loaded.model
-    seen, weights = set(), 0
-    for t in [*net.parameters(), *net.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            weights += t.numel() * t.element_size()
-    pool = sum(t.numel() * t.element_size() for c in llm.engine.kv_caches
-               for t in (c.k, c.v, c.k_scale, c.v_scale) if t is not None)
+    weights = held_weight_bytes(llm.engine.loaded.model)
+    pool = held_kv_bytes(llm.engine.kv_caches)
     assert r["weights_bytes"] == weights
     assert r["kv_cache_bytes"] == pool == 3 * 1024 * 2 * 30 * 3 * 64 * 4
     (cpu,) = r["devices"]
