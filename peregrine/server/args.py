@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -42,6 +43,10 @@ class ServerArgs:
     to fit is refused before it is tokenized."""
     max_tokens_default: int = 1024
     """max_tokens of a chat request that gives none; 0: all the room the context leaves."""
+    chat_truncation: Literal["auto", "disabled"] = "disabled"
+    """What a chat request that sets no `truncation` gets when its history leaves no room
+    for max_tokens: disabled (a 400, as OpenAI) or auto (the oldest turns are dropped; the
+    system prompt and the last user turn are always kept)."""
     tool_call_parser: str | None = None
     """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
     template has no tools), mistral, llama3_json or json; default: read off the template."""
@@ -57,6 +62,9 @@ class ServerArgs:
     inputs queued together are sorted by length and cut into such batches."""
 
     def __post_init__(self) -> None:
+        if self.chat_truncation not in ("auto", "disabled"):
+            raise ValueError(f"--chat-truncation must be auto or disabled, got "
+                             f"{self.chat_truncation!r}")
         if self.embedding_model is not None and self.embedding_model.lower() in ("none", ""):
             self.embedding_model = None
 

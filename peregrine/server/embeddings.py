@@ -26,6 +26,7 @@ from peregrine.models.errors import ModelLoadError, PromptTooLongError
 from peregrine.models.sentence_encoder import (DEFAULT_EMBEDDING_ALIASES,
                                                DEFAULT_EMBEDDING_MODEL, SentenceEncoder,
                                                embedding_model_name, load_sentence_encoder)
+from peregrine.server.context_budget import prompt_cut
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server.protocol import (EmbeddingData, EmbeddingRequest, EmbeddingResponse,
                                        EmbeddingUsage)
@@ -178,13 +179,10 @@ def _inputs(req: EmbeddingRequest, max_inputs: int) -> list[str | list[int]]:
 
 def _limit(req: EmbeddingRequest, model_limit: int) -> int | None:
     """Tokens each input is cut to (None: refuse longer ones instead)."""
-    k = req.truncate_prompt_tokens
-    if k is None:
-        return None
-    if k == 0:
-        raise bad_request("truncate_prompt_tokens must be -1 (the model's limit) or >= 1",
-                          "truncate_prompt_tokens")
-    return model_limit if k == -1 else min(k, model_limit)
+    try:
+        return prompt_cut(req.truncate_prompt_tokens, model_limit)
+    except ValueError as e:
+        raise bad_request(e, "truncate_prompt_tokens") from None
 
 
 def _too_long(count: int, limit: int, model: str, exact: bool = True) -> APIError:

@@ -97,6 +97,8 @@ class SamplingRequest(_Request):
     use_beam_search: bool = False
     beam_width: int | None = Field(None, ge=1)
     length_penalty: float = Field(1.0, ge=-100, le=100)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    """vLLM's: keep only the prompt's last N tokens (-1: as many as fit the context)."""
     # structured outputs (besides response_format); at most one per request
     regex: str | None = None
     choice: list[str] | None = None
@@ -230,6 +232,15 @@ class ChatMessage(_Request):
     """A tool message's answer is to this call."""
 
 
+class ChatDocument(_Request):
+    """A retrieved passage for a RAG prompt (vLLM's {"title", "text"}, plus a score)."""
+
+    text: str
+    title: str | None = None
+    score: float | None = None
+    """Relevance: when every document has one, the highest go first."""
+
+
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
@@ -243,6 +254,13 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[ChatDocument] | None = Field(None, max_length=1024)
+    """Retrieved passages, most relevant first (or by `score`), fitted to a token budget."""
+    documents_max_tokens: int | None = Field(None, ge=1)
+    """At most this many tokens of documents (default: all the room the prompt leaves)."""
+    truncation: Literal["auto", "disabled"] | None = None
+    """auto: drop the oldest turns (never the system prompt or the last user turn) until the
+    prompt leaves room for max_tokens; disabled: 400 instead. Default: --chat-truncation."""
 
 
 class TokenizeRequest(_Request):
@@ -306,11 +324,21 @@ class VersionResponse(BaseModel):
     version: str
 
 
+class PromptTruncation(BaseModel):
+    """What was left out of the prompt to fit it (only when something was)."""
+
+    dropped_messages: int = 0
+    dropped_documents: int = 0
+    cut_documents: int = 0
+    dropped_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
+    truncation: PromptTruncation | None = None
 
 
 class CompletionLogprobs(BaseModel):

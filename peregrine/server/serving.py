@@ -29,17 +29,19 @@ from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.server.args import ServerArgs
+from peregrine.server.context_budget import (ChatFit, Document, Render, Truncation, fit_chat,
+                                             prompt_cut, template_knows_documents)
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server import tools as tool_calls
 from peregrine.server.metrics import ServerMetrics
 from peregrine.server.tools import template_knows_tools
 from peregrine.structured.grammar import InvalidConstraintError
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatChoice,
-                                       ChatLogprobs, ChatMessage, ChatResponseMessage, ChatTool,
+                                       ChatDocument, ChatLogprobs, ChatMessage, ChatResponseMessage, ChatTool,
                                        CompletionChoice, CompletionLogprobs, CompletionRequest,
                                        CompletionResponse, FunctionCall, NamedToolChoice,
-                                       SamplingRequest, TokenLogprob, ToolCall, TopLogprob,
-                                       UsageInfo)
+                                       PromptTruncation, SamplingRequest, TokenLogprob,
+                                       ToolCall, TopLogprob, UsageInfo)
 from peregrine.structured.grammar import StructuredOutputs
 
 T = TypeVar("T")
@@ -52,10 +54,12 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass
 class Prompt:
-    """One prompt, tokenized; `text` is what echo prints (None: decode the ids)."""
+    """One prompt, tokenized; `text` is what echo prints (None: decode the ids);
+    `truncation`: what was left out to fit it."""
 
     text: str | None
     token_ids: list[int]
+    truncation: Truncation | None = None
 
 
 @dataclass
@@ -306,13 +310,19 @@ def _sse_error(e: Exception) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
-def _usage(outs: list[RequestOutput]) -> UsageInfo:
+def _usage(outs: list[RequestOutput], prompts: list[Prompt] | None = None) -> UsageInfo:
+    """Token counts of the outputs; `truncation` sums what fitting `prompts` left out."""
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outs)
+    cuts = [p.truncation for p in prompts or [] if p.truncation]
+    truncation = None
+    if cuts:
+        truncation = PromptTruncation(**{name: sum(getattr(c, name) for c in cuts)
+                                         for name in PromptTruncation.model_fields})
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
                      total_tokens=prompt + completion,
-                     prompt_tokens_details={"cached_tokens": cached})
+                     prompt_tokens_details={"cached_tokens": cached}, truncation=truncation)
 
 
 # --- logprobs -----------------------------------------------------------------------------------
@@ -400,16 +410,35 @@ def _prompt_count(req: CompletionRequest) -> int:
     return 1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)
 
 
+def _cut_prompts(prompts: list[Prompt], keep: int | None) -> list[Prompt]:
+    """Each prompt cut to its last `keep` tokens (truncate_prompt_tokens)."""
+    if keep is None:
+        return prompts
+    return [p if len(p.token_ids) <= keep else
+            Prompt(None, p.token_ids[-keep:],
+                   Truncation(dropped_tokens=len(p.token_ids) - keep)) for p in prompts]
+
+
+def _prompt_cut(ctx: ServingContext, truncate_prompt_tokens: int | None) -> int | None:
+    """The tokens truncate_prompt_tokens keeps (None: all); 400 for a bad value."""
+    try:
+        return prompt_cut(truncate_prompt_tokens, ctx.prompt_limit())
+    except ValueError as e:
+        raise bad_request(e, "truncate_prompt_tokens") from None
+
+
 async def _completion_prompts(ctx: ServingContext, req: CompletionRequest) -> list[Prompt]:
     p = req.prompt
-    limit = ctx.prompt_limit()
+    keep = _prompt_cut(ctx, req.truncate_prompt_tokens)
+    # A prompt to be cut is read whole (within --max-request-bytes), so it may be long.
+    limit = ctx.prompt_limit() if keep is None else None
     if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], str)):
         texts = [p] if isinstance(p, str) else list(p)
         try:
             ids = await ctx.ready().tokenize(texts, req.add_special_tokens, limit)
         except PromptTooLongError as e:
             raise _too_long(e, ctx, "prompt") from None
-        return [Prompt(t, i) for t, i in zip(texts, ids)]
+        return _cut_prompts([Prompt(t, i) for t, i in zip(texts, ids)], keep)
     prompts = None
     if isinstance(p, list) and p and isinstance(p[0], int):
         prompts = [Prompt(None, list(p))]  # type: ignore[arg-type]
@@ -418,9 +447,11 @@ async def _completion_prompts(ctx: ServingContext, req: CompletionRequest) -> li
     if prompts is None:
         raise bad_request("prompt must be a non-empty string, list of strings, list of token "
                           "ids or list of token-id lists", "prompt")
+    prompts = _cut_prompts(prompts, keep)
     for prompt in prompts:
-        if len(prompt.token_ids) > limit:
-            raise _too_long(PromptTooLongError(len(prompt.token_ids), limit), ctx, "prompt")
+        if len(prompt.token_ids) > ctx.prompt_limit():
+            raise _too_long(PromptTooLongError(len(prompt.token_ids), ctx.prompt_limit()), ctx,
+                            "prompt")
     return prompts
 
 
@@ -464,7 +495,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                                             logprobs=lp, finish_reason=o.finish_reason,
                                             stop_reason=o.stop_reason))
     body = CompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
-                              usage=_usage(outs))
+                              usage=_usage(outs, prompts))
     return JSONResponse(body.model_dump())
 
 
@@ -508,14 +539,14 @@ def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str
         return {"index": index, "text": text, "logprobs": lp}
 
     return _sse_stream(ctx, req, base_id, "text_completion", merge_streams(streams), states,
-                       lead, req.logprobs is not None, choice)
+                       lead, req.logprobs is not None, choice, prompts)
 
 
 async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, kind: str,
                       outputs: AsyncIterator[tuple[int, RequestOutput]],
                       states: dict[int, _ChoiceState], lead: list[list[dict[str, Any]]],
-                      wants_logprobs: bool,
-                      choice: Callable[..., dict[str, Any] | None]) -> AsyncIterator[str]:
+                      wants_logprobs: bool, choice: Callable[..., dict[str, Any] | None],
+                      prompts: list[Prompt]) -> AsyncIterator[str]:
     """A streamed response: the `lead` chunks, a chunk per choice with news (`choice` builds
     its fields), the usage, then [DONE]; an error ends it with an error event."""
     created = int(time.time())
@@ -525,7 +556,7 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
         data = {"id": base_id, "object": kind, "created": created, "model": ctx.model_name,
                 "choices": choices}
         if req.continuous_usage and latest:
-            data["usage"] = _usage(list(latest.values())).model_dump()
+            data["usage"] = _usage(list(latest.values()), prompts).model_dump()
         return data
 
     for choices in lead:
@@ -553,7 +584,7 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
     if req.include_usage and latest:
         yield _sse({"id": base_id, "object": kind, "created": created,
                     "model": ctx.model_name, "choices": [],
-                    "usage": _usage(list(latest.values())).model_dump()})
+                    "usage": _usage(list(latest.values()), prompts).model_dump()})
     yield _DONE
 
 
@@ -593,17 +624,36 @@ _TEMPLATE_OWN_ARGS = {"messages", "add_generation_prompt", "bos_token", "eos_tok
                       "tools"}
 
 
+@dataclass
+class ChatBudget:
+    """How a chat request fits the context: the tokens kept for the answer, whether old
+    turns may go, its documents, and vLLM's truncate_prompt_tokens."""
+
+    reserve: int
+    drop_history: bool = False
+    documents: list[ChatDocument] | None = None
+    documents_max_tokens: int | None = None
+    truncate_prompt_tokens: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        """Whether anything beyond rendering and the limit check is asked for."""
+        return self.drop_history or bool(self.documents)
+
+
 async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                       add_generation_prompt: bool,
                       template_kwargs: dict[str, Any] | None = None,
-                      capped: bool = True, tools: list[ChatTool] | None = None) -> Prompt:
+                      capped: bool = True, tools: list[ChatTool] | None = None,
+                      budget: ChatBudget | None = None) -> Prompt:
     """The chat template applied and tokenized (off the event loop), within the limits on
-    messages and (when `capped`) prompt tokens; `tools` go in as the template wants them."""
+    messages and (when `capped`) prompt tokens; `tools` go in as the template wants them;
+    `budget` fits documents and history to the room max_tokens leaves."""
     if len(messages) > ctx.args.max_messages:
         raise bad_request(f"messages holds {len(messages)} messages; at most "
                           f"{ctx.args.max_messages} (--max-messages)", "messages")
-    knows_tools = template_knows_tools(ctx.ready().tokenizer.chat_template)
-    msgs = tool_calls.prepare_messages(chat_messages(messages), tools, knows_tools)
+    engine = ctx.ready()
+    knows_tools = template_knows_tools(engine.tokenizer.chat_template)
     kwargs = dict(template_kwargs or {})
     taken = sorted(set(kwargs) & _TEMPLATE_OWN_ARGS)
     if taken:
@@ -611,11 +661,24 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
                           "sets them)", "chat_template_kwargs")
     if tools and knows_tools:
         kwargs["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+
+    async def render(msgs: list[dict[str, Any]], limit: int | None,
+                     extra: dict[str, Any]) -> tuple[str, list[int]]:
+        return await engine.render_chat(tool_calls.prepare_messages(msgs, tools, knows_tools),
+                                        add_generation_prompt, limit, **kwargs, **extra)
+
+    msgs = chat_messages(messages)
+    limit = ctx.prompt_limit() if capped else None
     try:
-        return Prompt(*await ctx.ready().render_chat(msgs, add_generation_prompt,
-                                                    ctx.prompt_limit() if capped else None,
-                                                    **kwargs))
+        if budget is None or (not budget.fits and budget.truncate_prompt_tokens is None):
+            return Prompt(*await render(msgs, limit, {}))
+        return await _fit_chat(ctx, msgs, budget, render)
     except PromptTooLongError as e:
+        if budget is not None and budget.fits and e.limit < ctx.prompt_limit():
+            raise bad_request(f"messages: the kept messages (the system prompt and the last "
+                              f"user turn on) have {'' if e.exact else 'at least '}{e.count} "
+                              f"tokens; at most {e.limit} fit and leave {budget.reserve} for "
+                              "max_tokens", "messages") from None
         raise _too_long(e, ctx, "messages") from None
     except ValueError as e:
         raise bad_request(e, "messages") from None
@@ -624,6 +687,30 @@ async def render_chat(ctx: ServingContext, messages: list[ChatMessage],
             raise bad_request(f"the chat template failed on these messages: {e}",
                               "messages") from None
         raise
+
+
+async def _fit_chat(ctx: ServingContext, msgs: list[dict[str, Any]], budget: ChatBudget,
+                    render: Render) -> Prompt:
+    """A chat rendered within its budget: documents and history fitted, then cut to
+    truncate_prompt_tokens."""
+    tok = ctx.ready().tokenizer
+    keep = _prompt_cut(ctx, budget.truncate_prompt_tokens)
+    if budget.fits:
+        limit = min(ctx.prompt_limit(), ctx.ready().context_limit - budget.reserve)
+        if keep is not None:
+            limit = max(limit, keep)  # the cut below fits what the budget did not
+        docs = [Document(d.text, d.title, d.score) for d in budget.documents or []]
+        fit = ChatFit(limit, budget.drop_history, docs or None, budget.documents_max_tokens,
+                      template_knows_documents(tok.chat_template))
+        text, ids, report = await fit_chat(
+            msgs, fit, render, lambda t: len(tok.encode(t, False)),
+            lambda t, n: tok.decode(tok.encode(t, False)[:n]))
+    else:
+        (text, ids), report = await render(msgs, None, {}), Truncation()
+    if keep is not None and len(ids) > keep:
+        report.dropped_tokens += len(ids) - keep
+        text, ids = None, ids[-keep:]
+    return Prompt(text, ids, report or None)
 
 
 @dataclass
@@ -701,6 +788,24 @@ class ChatRun:
     streams: list[RequestStream]
 
 
+async def _chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, use: ToolUse,
+                       requested: int | None) -> Prompt:
+    """The request's messages rendered within its budget, leaving room for `requested`."""
+    budget = ChatBudget(reserve=requested or ctx.args.max_tokens_default or 1,
+                        drop_history=(req.truncation or ctx.args.chat_truncation) == "auto",
+                        documents=req.documents, documents_max_tokens=req.documents_max_tokens,
+                        truncate_prompt_tokens=req.truncate_prompt_tokens)
+    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt,
+                               req.chat_template_kwargs, tools=use.tools, budget=budget)
+    context, length = ctx.ready().context_limit, len(prompt.token_ids)
+    if requested is not None and length + requested > context:
+        raise bad_request(f"this model's context is {context} tokens, but {length + requested} "
+                          f"were asked for ({length} in the messages, {requested} in the "
+                          "completion): shorten the messages or max_tokens, or set truncation: "
+                          "auto to drop the oldest turns", "messages")
+    return prompt
+
+
 async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str) -> ChatRun:
     """Validate, render and submit a chat request (shared by the chat and Messages APIs)."""
     ctx.check_model(req.model)
@@ -709,10 +814,9 @@ async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: s
     ctx.check_limits(req)
     use = _tool_use(ctx, req)
     ctx.check_queue()
-    prompt = await render_chat(ctx, req.messages, req.add_generation_prompt,
-                               req.chat_template_kwargs, tools=use.tools)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
+    prompt = await _chat_prompt(ctx, req, use, requested)
     max_tokens = _max_tokens(ctx, requested, ctx.args.max_tokens_default or None,
                              len(prompt.token_ids),
                              "max_completion_tokens" if req.max_completion_tokens is not None
@@ -722,7 +826,8 @@ async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: s
     constraint_field = req.constraint()[1]
     if use.forced is not None:  # the grammar makes the call: arguments always validate
         schema = tool_calls.forced_schema(use.tools or [], use.forced, req.parallel_tool_calls)
-        params = dataclasses.replace(params, structured=StructuredOutputs(json=schema))
+        params = dataclasses.replace(params, structured=StructuredOutputs(
+            json=schema, disable_any_whitespace=True))
         constraint_field = "tools"
     streams = await _submit(ctx, base_id, [prompt], [params], req.priority, constraint_field)
     return ChatRun(base_id, prompt, use, num_top, streams)
@@ -735,8 +840,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     base_id, use, num_top, streams = run.base_id, run.use, run.num_top, run.streams
     tok = ctx.ready().tokenizer
     if req.stream:
-        return EngineStreamingResponse(_stream_chat(ctx, req, base_id, streams[0], num_top,
-                                                    use), ctx, streams)
+        return EngineStreamingResponse(_stream_chat(ctx, req, run, num_top, use), ctx,
+                                       streams)
     out = (await collect(ctx, request, streams))[0]
     choices = []
     for o in out.outputs:
@@ -748,7 +853,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         choices.append(ChatChoice(index=o.index, message=message, logprobs=lp,
                                   finish_reason=finish, stop_reason=o.stop_reason))
     body = ChatCompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
-                                  usage=_usage([out]))
+                                  usage=_usage([out], [run.prompt]))
     data = body.model_dump()
     for c in data["choices"]:  # OpenAI sends tool_calls only when there are some
         if c["message"]["tool_calls"] is None:
@@ -756,9 +861,8 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     return JSONResponse(data)
 
 
-def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
-                 stream: RequestStream, num_top: int | None, use: ToolUse
-                 ) -> AsyncIterator[str]:
+def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, run: ChatRun,
+                 num_top: int | None, use: ToolUse) -> AsyncIterator[str]:
     tok = ctx.ready().tokenizer
     lead = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
               "finish_reason": None} for i in range(req.n)]]
@@ -787,6 +891,6 @@ def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str,
             fields["finish_reason"] = "tool_calls"
         return fields
 
-    return _sse_stream(ctx, req, base_id, "chat.completion.chunk", merge_streams([stream]),
-                       {i: _ChoiceState() for i in range(req.n)}, lead, num_top is not None,
-                       choice)
+    return _sse_stream(ctx, req, run.base_id, "chat.completion.chunk",
+                       merge_streams(run.streams), {i: _ChoiceState() for i in range(req.n)},
+                       lead, num_top is not None, choice, [run.prompt])

@@ -136,11 +136,31 @@ def _parameters(tool: ChatTool) -> dict[str, Any]:
 
 
 def forced_calls(text: str, choice: str | NamedToolChoice) -> list[Call]:
-    """The calls in a forced output (which the grammar made valid JSON)."""
+    """The calls in a forced output (which the grammar made valid JSON); of an array of
+    calls cut short by max_tokens, the ones that were completed (ValueError if none)."""
     if isinstance(choice, NamedToolChoice):
         return [Call(choice.function.name, json.dumps(json.loads(text), ensure_ascii=False))]
     return [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
-            for c in json.loads(text)]
+            for c in _complete_items(text)]
+
+
+def _complete_items(text: str) -> list[Any]:
+    """The items of a JSON array, or of as much of it as was written whole."""
+    decoder, items = json.JSONDecoder(), []
+    at = text.index("[") + 1
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        if at >= len(text) or text[at] == "]":
+            break
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except ValueError:
+            break
+        items.append(item)
+    if not items:
+        raise ValueError("no complete call in the output")
+    return items
 
 
 # --- free calls: auto ----------------------------------------------------------------------

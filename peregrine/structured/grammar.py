@@ -32,6 +32,9 @@ class StructuredOutputs:
     regex: str | None = None
     choice: tuple[str, ...] | list[str] | None = None
     grammar: str | None = None  # EBNF (GBNF) with a `root` rule
+    # vLLM's option: JSON without free whitespace, so a small model cannot spend its tokens
+    # on newlines between fields (forced tool calls use it).
+    disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
         given = [n for n in ("json", "regex", "choice", "grammar")
@@ -48,7 +51,7 @@ class StructuredOutputs:
         if self.json is not None:
             # Key order is kept: it is the order the grammar generates properties in.
             schema = self.json if isinstance(self.json, str) else json.dumps(self.json)
-            return ("json", schema)
+            return ("json-compact" if self.disable_any_whitespace else "json", schema)
         if self.json_object:
             return ("json_object", "")
         if self.regex is not None:
@@ -101,8 +104,9 @@ class GrammarCache:
                 return self._compiled[key]
         try:
             kind, text = key
-            if kind == "json":
-                compiled = self.compiler.compile_json_schema(text)
+            if kind in ("json", "json-compact"):
+                compiled = self.compiler.compile_json_schema(
+                    text, any_whitespace=kind == "json")
             elif kind == "json_object":
                 compiled = self.compiler.compile_builtin_json_grammar()
             elif kind == "regex":
@@ -112,7 +116,8 @@ class GrammarCache:
             else:
                 compiled = self.compiler.compile_grammar(text)
         except Exception as e:  # xgrammar raises RuntimeError/ValueError with its reason
-            raise InvalidConstraintError(f"invalid {key[0]} constraint: {e}") from None
+            raise InvalidConstraintError(f"invalid {key[0].split('-')[0]} constraint: {e}"
+                                         ) from None
         with self._lock:
             self.misses += 1
             self._compiled[key] = compiled

@@ -124,6 +124,15 @@ def test_forced_schemas_and_their_outputs():
     assert content == "" and calls == [("add", {"a": 7})]
 
 
+def test_a_forced_array_cut_short_keeps_its_completed_calls():
+    cut = '[{"name":"add","arguments":{"a":1}},{"name":"add","arguments":{"a":2}},{"name":"ad'
+    assert as_pairs(forced_calls(cut, "required")) == [("add", {"a": 1}), ("add", {"a": 2})]
+    content, calls = streamed("hermes", cut, 3, forced="required")
+    assert content == "" and calls == [("add", {"a": 1}), ("add", {"a": 2})]
+    with pytest.raises(ValueError):
+        forced_calls('[{"name":"add","argu', "required")
+
+
 def test_a_template_without_tools_is_taught_them_and_sees_the_history():
     history = [{"role": "user", "content": "Add 1"},
                {"role": "assistant", "content": "", "tool_calls": [{

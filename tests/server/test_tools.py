@@ -63,15 +63,18 @@ def pairs(message) -> list[tuple[str, dict]]:
 def test_required_calls_validate_and_may_be_parallel(client):
     r = ask(client, tool_choice="required")
     choice = r.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    # a small model may keep adding calls until max_tokens: the completed ones still count
+    assert choice.finish_reason in ("tool_calls", "length")
+    assert choice.message.content is None
     calls = pairs(choice.message)
-    assert calls
+    assert len(calls) >= 2
     for name, args in calls:
         jsonschema.validate(args, SCHEMAS[name])
     assert all(t.id.startswith("call_") and t.type == "function"
                for t in choice.message.tool_calls)
     single = ask(client, tool_choice="required", parallel_tool_calls=False)
     assert len(single.choices[0].message.tool_calls) == 1
+    assert single.choices[0].finish_reason == "tool_calls"
 
 
 def test_a_named_function_is_called(client):
@@ -92,8 +95,8 @@ def test_none_means_an_answer_in_text(client):
 def test_streamed_calls_assemble_into_the_same_calls(client, choice):
     whole = ask(client, tool_choice=choice)
     content, calls, finish = assemble(ask(client, tool_choice=choice, stream=True))
-    assert content == "" and finish == "tool_calls"
-    assert calls == pairs(whole.choices[0].message)
+    assert content == "" and finish == whole.choices[0].finish_reason
+    assert calls == pairs(whole.choices[0].message) and calls
 
 
 def test_auto_answers_or_calls_but_never_leaks_markup(client):
