@@ -42,6 +42,9 @@ class ServerArgs:
     to fit is refused before it is tokenized."""
     max_tokens_default: int = 1024
     """max_tokens of a chat request that gives none; 0: all the room the context leaves."""
+    responses_store_size: int = 1024
+    """Most responses /v1/responses keeps (for previous_response_id and GET), in memory:
+    the least recently used go first, and all are lost on restart; 0 keeps none."""
     tool_call_parser: str | None = None
     """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
     template has no tools), mistral, llama3_json or json; default: read off the template."""
