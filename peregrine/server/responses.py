@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -186,7 +187,9 @@ async def _start(ctx: serving.ServingContext, store: ResponseStore, req: Respons
         run = await serving.start_chat(ctx, chat_request(req, chat_messages(req.instructions,
                                                                             context)),
                                        _new_id("resp"))
-    except APIError as e:
+    except APIError as e:  # name this API's fields, not the chat request's
+        if e.param in ("max_tokens", "max_completion_tokens"):
+            e.message = e.message.replace(e.param, "max_output_tokens")
         e.param = _PARAMS.get(e.param or "", e.param)
         raise
     return run, items, context
@@ -213,9 +216,10 @@ def _usage(out: RequestOutput | None) -> dict[str, Any] | None:
 
 def _body(ctx: serving.ServingContext, req: ResponsesRequest, response_id: str,
           status: str, details: dict[str, Any] | None, output: list[dict[str, Any]],
-          usage: dict[str, Any] | None) -> dict[str, Any]:
+          usage: dict[str, Any] | None, created_at: int | None = None) -> dict[str, Any]:
     return ResponseObject.model_validate({
-        "id": response_id, "model": ctx.model_name, "status": status,
+        "id": response_id, "created_at": created_at or int(time.time()),
+        "model": ctx.model_name, "status": status,
         "incomplete_details": details, "output": output, "usage": usage,
         **_echo(req)}).model_dump()
 
@@ -285,9 +289,11 @@ async def _events(ctx: serving.ServingContext, req: ResponsesRequest, run: servi
     opened: dict[str, Any] | None = None  # the item the deltas go to
     pending = ""  # text held back while it is only whitespace (it may precede a call)
 
+    created_at = int(time.time())
+
     def body(status: str, details: dict[str, Any] | None = None,
              usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        return _body(ctx, req, run.base_id, status, details, output, usage)
+        return _body(ctx, req, run.base_id, status, details, output, usage, created_at)
 
     def open_message() -> list[str]:
         nonlocal opened

@@ -5,7 +5,6 @@ tools, reasoning, background mode, ...) is refused rather than silently ignored.
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator)
@@ -187,7 +186,7 @@ class ResponseObject(BaseModel):
 
     id: str
     object: Literal["response"] = "response"
-    created_at: int = Field(default_factory=lambda: int(time.time()))
+    created_at: int
     status: Literal["completed", "incomplete", "in_progress", "failed"]
     error: dict[str, Any] | None = None
     incomplete_details: IncompleteDetails | None = None

@@ -94,6 +94,7 @@ def test_streamed_events_come_in_order_and_assemble_into_the_response(client):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     created, final = events[0].response, events[-1].response
     assert created.status == "in_progress" and created.output == [] and created.id == final.id
+    assert created.created_at == final.created_at
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     done = next(e for e in events if e.type == "response.output_text.done")
     assert deltas == done.text == final.output_text == whole.output_text
@@ -240,6 +241,7 @@ def test_a_dropped_stream_aborts_its_request(server):
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_output_tokens": "8"}, "max_output_tokens"),
+    ({"max_output_tokens": 10**6}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
@@ -254,6 +256,7 @@ def test_malformed_requests_are_refused_naming_the_field(http, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param or err["param"].startswith(param + "."), err
+    assert param in err["message"] or err["code"] == "response_not_found", err
 
 
 def test_the_store_keeps_the_most_recently_used():
