@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -33,6 +33,7 @@ from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
 from peregrine.models.registry import resolve_model
 from peregrine.server import messages, serving
+from peregrine.server import responses as responses_api
 from peregrine.server.anthropic_protocol import (AnthropicError, CountTokensRequest,
                                                  CountTokensResponse, MessagesRequest,
                                                  MessagesResponse)
@@ -41,7 +42,10 @@ from peregrine.server.embeddings import EmbeddingService, create_embedding
 from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
-from peregrine.server.openapi import NO_BODY_ERRORS, install, json_body, responses
+from peregrine.server.openapi import (NO_BODY_ERRORS, STORED_ERRORS, install,
+                                      json_body, responses)
+from peregrine.server.responses_protocol import (InputItemList, ResponseDeleted,
+                                                 ResponseObject, ResponsesRequest)
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse,
                                        DetokenizeRequest, DetokenizeResponse,
@@ -121,6 +125,7 @@ class ServerState:
     metrics: ServerMetrics
     ctx: serving.ServingContext
     embeddings: EmbeddingService
+    response_store: responses_api.ResponseStore
 
 
 def _check_api_key(request: Request) -> None:
@@ -156,6 +161,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     """The FastAPI app around an (unstarted) async engine."""
     ctx = serving.ServingContext(engine, metrics, model_names, args)
     embeddings = EmbeddingService(ctx)
+    store = responses_api.ResponseStore(args.responses_store_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -168,7 +174,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
                   summary="OpenAI-compatible LLM server")
-    app.state.peregrine = ServerState(args, engine, metrics, ctx, embeddings)
+    app.state.peregrine = ServerState(args, engine, metrics, ctx, embeddings, store)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
 
@@ -211,6 +217,28 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
         except APIError as e:
             _count_rejection(metrics, e)
             return messages.error_response(e)
+
+    @api.post("/v1/responses", openapi_extra=json_body(ResponsesRequest),
+              responses=responses(ResponseObject, stream=True))
+    async def create_response(request: Request) -> Response:
+        req = await parse_body(request, ResponsesRequest)
+        return await responses_api.create_response(ctx, store, req, request)
+
+    @api.get("/v1/responses/{response_id}",
+             responses=responses(ResponseObject, STORED_ERRORS))
+    async def get_response(response_id: str) -> Response:
+        return responses_api.get_response(store, response_id)
+
+    @api.delete("/v1/responses/{response_id}",
+                responses=responses(ResponseDeleted, STORED_ERRORS))
+    async def delete_response(response_id: str) -> Response:
+        return responses_api.delete_response(store, response_id)
+
+    @api.get("/v1/responses/{response_id}/input_items",
+             responses=responses(InputItemList, (HTTPStatus.BAD_REQUEST, *STORED_ERRORS)))
+    async def response_input_items(response_id: str,
+                                   order: Literal["asc", "desc"] = "desc") -> Response:
+        return responses_api.list_input_items(store, response_id, order)
 
     @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
@@ -284,7 +312,8 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
                   DetokenizeRequest,
                   EmbeddingRequest, CompletionResponse, ChatCompletionResponse,
                   EmbeddingResponse, ModelList, TokenizeResponse, DetokenizeResponse,
-                  VersionResponse, ErrorResponse])
+                  VersionResponse, ErrorResponse, ResponsesRequest, ResponseObject,
+                  ResponseDeleted, InputItemList])
     return app
 
 

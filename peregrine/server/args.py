@@ -47,6 +47,9 @@ class ServerArgs:
     """What a chat request that sets no `truncation` gets when its history leaves no room
     for max_tokens: disabled (a 400, as OpenAI) or auto (the oldest turns are dropped; the
     system prompt and the last user turn are always kept)."""
+    responses_store_size: int = 1024
+    """Most responses /v1/responses keeps (for previous_response_id and GET), in memory:
+    the least recently used go first, and all are lost on restart; 0 keeps none."""
     tool_call_parser: str | None = None
     """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
     template has no tools), mistral, llama3_json or json; default: read off the template."""

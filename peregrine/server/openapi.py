@@ -20,7 +20,8 @@ ERRORS = {
     HTTPStatus.BAD_REQUEST: "the request is malformed or outside a limit; `param` names "
                             "the field",
     HTTPStatus.UNAUTHORIZED: "--api-key is set and the request lacks it",
-    HTTPStatus.NOT_FOUND: "the `model` is not served here",
+    HTTPStatus.NOT_FOUND: "the `model` is not served here, or no stored response has the "
+                          "id given",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "the body is larger than --max-request-bytes",
     HTTPStatus.TOO_MANY_REQUESTS: "--max-queue-len requests already wait (Retry-After)",
     HTTPStatus.INTERNAL_SERVER_ERROR: "the engine failed on this request",
@@ -29,6 +30,8 @@ ERRORS = {
 }
 BODY_ERRORS = tuple(ERRORS)
 NO_BODY_ERRORS = (HTTPStatus.UNAUTHORIZED, HTTPStatus.SERVICE_UNAVAILABLE)
+# Routes that read a stored response by its id.
+STORED_ERRORS = (HTTPStatus.UNAUTHORIZED, HTTPStatus.NOT_FOUND)
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:

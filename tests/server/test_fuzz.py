@@ -44,14 +44,17 @@ def api_schema(fuzz_server: RunningServer):
 
 
 ROUTES = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings",
-          "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /tokenize",
+          "POST /v1/messages", "POST /v1/messages/count_tokens", "POST /v1/responses",
+          "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}",
+          "GET /v1/responses/{response_id}/input_items", "POST /tokenize",
           "POST /detokenize", "GET /v1/models", "GET /health", "GET /metrics", "GET /version"]
 ANTHROPIC = ("/v1/messages", "/v1/messages/count_tokens")
-# Requests the schema allows (positive) and requests it forbids (negative); a GET without
-# parameters has no forbidden form.
+# Requests the schema allows (positive) and requests it forbids (negative); a route
+# without a body or query parameters has no forbidden form.
 CASES = [(route, mode) for route in ROUTES for mode in (GenerationMode.POSITIVE,
                                                          GenerationMode.NEGATIVE)
-         if route.startswith("POST") or mode is GenerationMode.POSITIVE]
+         if route.startswith("POST") or route.endswith("input_items")
+         or mode is GenerationMode.POSITIVE]
 
 
 def error_in_openai_shape(response, route: str) -> None:
@@ -111,12 +114,13 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "n", "best_of", "temperat
           "seed", "response_format", "echo", "stop_token_ids", "priority", "use_beam_search",
           "beam_width", "stream_options", "structured_outputs", "guided_json",
           "chat_template_kwargs", "max_completion_tokens", "min_tokens", "input",
-          "encoding_format", "dimensions", "truncate_prompt_tokens", "pooling"]
+          "encoding_format", "dimensions", "truncate_prompt_tokens", "pooling",
+          "instructions", "tool_choice", "tools", "text", "max_output_tokens"]
 bodies = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8)
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions",
-                                   "/v1/embeddings"])
+                                   "/v1/embeddings", "/v1/responses"])
 @given(body=bodies)
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
@@ -127,9 +131,11 @@ def test_parsing_any_json_is_a_request_or_a_4xx(route, body):
     from peregrine.server.app import parse_body
     from peregrine.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                            EmbeddingRequest)
+    from peregrine.server.responses_protocol import ResponsesRequest
 
     model = {"/v1/completions": CompletionRequest, "/v1/chat/completions":
-             ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest}[route]
+             ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest,
+             "/v1/responses": ResponsesRequest}[route]
     request = _FakeRequest(body)
     try:
         asyncio.run(parse_body(request, model))  # type: ignore[arg-type]
