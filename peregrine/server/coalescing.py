@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,8 +23,6 @@ from peregrine.engine.llm_engine import PromptType
 from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.structured.grammar import StructuredOutputs
-
-logger = logging.getLogger("peregrine.server")
 
 
 class CoalescingObserver(Protocol):

@@ -224,12 +224,12 @@ def test_the_engine_request_is_aborted_when_every_client_left():
         await settle()
         c.abort("b")
         assert engine.aborted == []
-        # A newcomer now would join a request about to be aborted: it starts its own.
         c.abort("a")
         assert engine.aborted == ["a"]
         outs_a = await drain(a)
         assert outs_a[-1].outputs[0].finish_reason == "abort"
         assert (await drain(b))[-1].outputs[0].finish_reason == "abort"
+        # A newcomer does not join an aborted request: it starts its own.
         await c.add_request("c", PROMPT, GREEDY)
         assert engine.added == ["a", "c"] and c.num_clients == 1
     run(test)
