@@ -53,6 +53,10 @@ class ServerArgs:
     tool_call_parser: str | None = None
     """How the model writes tool calls: hermes (Qwen, Hermes; taught to models whose chat
     template has no tools), mistral, llama3_json or json; default: read off the template."""
+    request_coalescing: bool = True
+    """Identical deterministic requests (same prompt and sampling parameters; greedy, beam
+    search or a seed) that arrive while one is in flight share its engine request and its
+    output instead of generating it again (--no-request-coalescing: every request runs)."""
 
     embedding_model: str | None = "all-minilm-l6-v2"
     """The model /v1/embeddings serves besides the LLM (which pools its own hidden states

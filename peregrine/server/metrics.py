@@ -150,6 +150,13 @@ class ServerMetrics:
         self.rejected = Counter(PREFIX + "request_rejected", "Requests refused before "
                                 "reaching the engine, by reason (queue_full, invalid, "
                                 "unauthorized, ...).", ["model_name", "reason"], registry=reg)
+        self.coalesced = Counter(PREFIX + "coalesced_requests", "Requests attached to an "
+                                 "identical one in flight instead of running their own "
+                                 "(--request-coalescing).", labels, registry=reg
+                                 ).labels(model_name)
+        self.tokens_saved = Counter(PREFIX + "coalesced_tokens_saved", "Generated tokens "
+                                    "delivered to coalesced requests that the engine did not "
+                                    "compute again.", labels, registry=reg).labels(model_name)
         reg.register(_EngineCollector(stats, model_name))
         self._live: dict[str, _Track] = {}
 
@@ -160,6 +167,15 @@ class ServerMetrics:
     def reject(self, reason: str) -> None:
         """Count a request refused by the server (queue full, bad input, bad key)."""
         self.rejected.labels(self.model_name, reason).inc()
+
+    # --- CoalescingObserver ------------------------------------------------------------------
+    def on_coalesced(self) -> None:
+        """Count a request that joined an identical one in flight."""
+        self.coalesced.inc()
+
+    def on_tokens_saved(self, tokens: int) -> None:
+        """Count generated tokens delivered to coalesced requests without computing them."""
+        self.tokens_saved.inc(tokens)
 
     # --- EngineObserver ---------------------------------------------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:

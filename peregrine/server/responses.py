@@ -140,7 +140,7 @@ def chat_request(req: ResponsesRequest, messages: list[ChatMessage]) -> ChatComp
         "model": req.model, "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
         "tool_choice": choice, "parallel_tool_calls": req.parallel_tool_calls,
-        "user": req.user}
+        "user": req.user, "truncation": req.truncation}
     fmt = req.text.format if req.text else None
     if fmt is not None and fmt.type == "json_schema":
         if fmt.schema_ is None:
@@ -221,7 +221,7 @@ def _body(ctx: serving.ServingContext, req: ResponsesRequest, response_id: str,
         "id": response_id, "created_at": created_at or int(time.time()),
         "model": ctx.model_name, "status": status,
         "incomplete_details": details, "output": output, "usage": usage,
-        **_echo(req)}).model_dump()
+        **_echo(req), "truncation": req.truncation or ctx.args.chat_truncation}).model_dump()
 
 
 def _message(text: str, status: str) -> dict[str, Any]:

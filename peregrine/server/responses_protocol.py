@@ -125,7 +125,8 @@ class ResponsesRequest(_Request):
     metadata: dict[str, str] | None = Field(None, max_length=16)
     text: TextConfig | None = None
     user: str | None = None
-    truncation: Literal["disabled"] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    """auto: drop the oldest turns to fit the context; default: --chat-truncation."""
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -202,7 +203,7 @@ class ResponseObject(BaseModel):
     text: dict[str, Any]
     tool_choice: str | dict[str, Any]
     tools: list[dict[str, Any]]
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     usage: ResponseUsage | None
     user: str | None
     metadata: dict[str, str]

@@ -1,7 +1,8 @@
 """Completions and chat completions on the async engine: a request in, JSON or SSE out.
 
 Each handler validates and tokenizes on the event loop's side (tokenizing and chat
-templates run in a worker thread), submits one engine request per prompt, then either
+templates run in a worker thread), submits one request per prompt (through the request
+coalescer, which lets identical deterministic ones share an engine request), then either
 collects the final outputs or streams deltas as server-sent events. A client that goes
 away aborts its engine requests, so their KV blocks are freed at once."""
 
@@ -14,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from peregrine.sampling_params import SamplingParams
 from peregrine.server.args import ServerArgs
 from peregrine.server.context_budget import (ChatFit, Document, Render, Truncation, fit_chat,
                                              prompt_cut, template_knows_documents)
+from peregrine.server.coalescing import RequestCoalescer
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server import tools as tool_calls
 from peregrine.server.metrics import ServerMetrics
@@ -70,6 +72,12 @@ class ServingContext:
     metrics: ServerMetrics
     model_names: list[str]  # the first is the served name; the others are accepted aliases
     args: ServerArgs
+    # Every add and abort goes through it, so a coalesced client's abort only detaches it.
+    requests: RequestCoalescer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.requests = RequestCoalescer(self.engine, self.metrics,
+                                         enabled=self.args.request_coalescing)
 
     @property
     def model_name(self) -> str:
@@ -173,12 +181,12 @@ async def _submit(ctx: ServingContext, base_id: str, prompts: list[Prompt],
     try:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-            streams.append(await ctx.engine.add_request(
+            streams.append(await ctx.requests.add_request(
                 request_id, {"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, p,
                 priority))
     except BaseException as e:
         for s in streams:
-            ctx.engine.abort(s.request_id)
+            ctx.requests.abort(s.request_id)
         if isinstance(e, InvalidConstraintError):
             raise bad_request(e, constraint_field) from None
         if isinstance(e, ValueError):
@@ -231,7 +239,7 @@ async def collect(ctx: ServingContext, request: Request,
     """Wait for every stream's final output; abort them all if the client goes away."""
     def abort() -> None:
         for s in streams:
-            ctx.engine.abort(s.request_id)
+            ctx.requests.abort(s.request_id)
     try:
         return await _unless_disconnected(request, _final_outputs(streams), abort)
     except RequestFailedError as e:
@@ -289,7 +297,7 @@ class EngineStreamingResponse(StreamingResponse):
             # Finished requests are no longer known to the engine; aborting them is a no-op.
             for s in self._streams:
                 if not s.finished:
-                    self._ctx.engine.abort(s.request_id)
+                    self._ctx.requests.abort(s.request_id)
 
 
 def _sse(data: dict[str, Any]) -> str:

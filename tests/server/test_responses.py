@@ -246,7 +246,7 @@ def test_a_dropped_stream_aborts_its_request(server):
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"background": True}, "background"),
-    ({"truncation": "auto"}, "truncation"),
+    ({"truncation": "sometimes"}, "truncation"),
     ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
     ({"model": "gpt-9"}, "model"),
 ])
@@ -274,3 +274,21 @@ def test_the_store_keeps_the_most_recently_used():
     empty = ResponseStore(0)
     empty.put("resp_0", stored(0))
     assert len(empty) == 0
+
+
+def test_truncation_auto_drops_the_oldest_turns_to_fit(http, server):
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"Tell me fact {i} about the sea. " * 4},
+                  {"role": "assistant", "content": f"Fact {i}: it is deep and salty. " * 4}]
+    turns.append({"role": "user", "content": "Is the sea salty?"})
+    short = {"format": {"type": "json_schema", "name": "answer",
+                        "schema": {"type": "string", "enum": ["yes", "no"]}}}
+    body = {"model": MODEL, "input": turns, "text": short, "temperature": 0,
+            "max_output_tokens": server.engine.context_limit - 100}
+    assert http.post("/v1/responses", json=body).status_code == 400
+    r = http.post("/v1/responses", json={**body, "truncation": "auto"})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["truncation"] == "auto" and data["usage"]["input_tokens"] <= 100
+    assert data["output"][0]["content"][0]["text"] in ('"yes"', '"no"')
