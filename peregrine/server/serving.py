@@ -807,10 +807,14 @@ async def _chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, use: Too
                                req.chat_template_kwargs, tools=use.tools, budget=budget)
     context, length = ctx.ready().context_limit, len(prompt.token_ids)
     if requested is not None and length + requested > context:
+        field = "max_completion_tokens" if req.max_completion_tokens is not None \
+            else "max_tokens"
+        # max_tokens alone past the context is its own fault; else the messages could shrink
         raise bad_request(f"this model's context is {context} tokens, but {length + requested} "
                           f"were asked for ({length} in the messages, {requested} in the "
-                          "completion): shorten the messages or max_tokens, or set truncation: "
-                          "auto to drop the oldest turns", "messages")
+                          f"completion): shorten the messages or {field}, or set truncation: "
+                          "auto to drop the oldest turns",
+                          "messages" if requested < context else field)
     return prompt
 
 
