@@ -326,6 +326,8 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         _count_rejection(metrics, exc)
+        if request.url.path.startswith("/v1/messages"):  # e.g. a 401 from the auth check
+            return messages.error_response(exc)
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

@@ -103,3 +103,8 @@ def test_x_api_key_is_accepted_as_the_key(strict_server):
     assert httpx.post(url, json=body, headers={"x-api-key": "sk-test-key"}).status_code == 200
     r = httpx.post(url, json=body, headers={"x-api-key": "wrong"})
     assert r.status_code == 401
+    assert r.json() == {"type": "error", "error": {
+        "type": "authentication_error", "message": r.json()["error"]["message"]}}
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=strict_server.url, api_key="wrong").messages.create(
+            model="smol", max_tokens=2, messages=ASK)
