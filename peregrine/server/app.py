@@ -42,6 +42,7 @@ from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
 from peregrine.server.openapi import NO_BODY_ERRORS, install, json_body, responses
+from peregrine.server.semantic_cache import SemanticCache
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse,
                                        DetokenizeRequest, DetokenizeResponse,
@@ -156,15 +157,23 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     """The FastAPI app around an (unstarted) async engine."""
     ctx = serving.ServingContext(engine, metrics, model_names, args)
     embeddings = EmbeddingService(ctx)
+    if args.semantic_cache:
+        ctx.cache = SemanticCache(args, metrics, embeddings.embed_texts,
+                                  embeddings.encoder_info)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        # Load the embedding model and read the cache now, not on the first request.
+        opening = asyncio.ensure_future(ctx.cache.open()) if ctx.cache else None
         try:
             yield
         finally:
             # uvicorn has already waited (shutdown_timeout) for in-flight requests.
             await asyncio.to_thread(engine.shutdown)
+            if opening is not None:
+                await opening
+                ctx.cache.close()
 
     app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
                   summary="OpenAI-compatible LLM server")
