@@ -158,8 +158,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     ctx = serving.ServingContext(engine, metrics, model_names, args)
     embeddings = EmbeddingService(ctx)
     if args.semantic_cache:
-        ctx.cache = SemanticCache(args, metrics, embeddings.embed_texts,
-                                  embeddings.encoder_info)
+        ctx.cache = SemanticCache(args, metrics, embeddings.load)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -133,19 +132,6 @@ class EmbeddingService:
                            f"{self.model_name} failed to load: {self.load_error}",
                            code="model_not_ready")
         return self.encoder
-
-    async def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """Unit embeddings [N, dim] of `texts` by the embedding model, each cut to what it
-        sees (in-process callers: the semantic cache); batched with /v1/embeddings."""
-        encoder = await self.load()
-        encoded = await asyncio.to_thread(encoder.tokenize, texts, encoder.max_seq_length)
-        rows = await self.encoder_batcher.embed([e.token_ids for e in encoded])
-        return torch.stack(rows).numpy()
-
-    async def encoder_info(self) -> tuple[str, int]:
-        """The embedding model's name and dimension (loading it)."""
-        encoder = await self.load()
-        return encoder.name, encoder.dim
 
     async def _run_encoder(self, items: list[list[int]]) -> torch.Tensor:
         assert self.encoder is not None

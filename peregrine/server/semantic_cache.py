@@ -9,7 +9,11 @@ and the rendered prompt with the last user message cut out (system prompt, histo
 template). The vector part is the embedding of the last user message (of the prompt, for
 /v1/completions): the one place where a reworded request should still match, and short
 enough for the embedding model to see whole (a long rendered prompt would be cut at 256
-tokens, and its template boilerplate would pull every pair together)."""
+tokens, and its template boilerplate would pull every pair together).
+
+The cache's own work (embedding one short text, the faiss search, SQLite) runs on a thread
+of its own whose OpenMP pool is one thread: on a few cores, a second multi-threaded pool
+spinning beside the engine's made each lookup many times slower (docs/caching.md)."""
 
 from __future__ import annotations
 
@@ -20,19 +24,24 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.server.args import ServerArgs
-from peregrine.server.cache_store import CacheStore, Entry
 from peregrine.server.cache_verify import replaced_words, verify
 from peregrine.server.metrics import ServerMetrics
 from peregrine.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
+if TYPE_CHECKING:  # faiss is imported only when the cache is on
+    from peregrine.models.sentence_encoder import SentenceEncoder
+    from peregrine.server.cache_store import CacheStore, Entry
+
+T = TypeVar("T")
 logger = logging.getLogger("peregrine.server")
 
 # Request fields that do not change the answer (or are keyed separately: the messages and
@@ -43,6 +52,14 @@ _NOT_ANSWER_FIELDS = frozenset({"messages", "prompt", "model", "stream", "stream
 _CANDIDATES = 4
 _WORD_MEMO = 4096
 _STORED_REASONS = ("stop", "length")
+
+
+def _one_omp_thread() -> None:
+    # omp_set_num_threads sets the calling thread's OpenMP pool only (torch's ops on this
+    # thread follow it too); the engine's threads keep theirs. torch.set_num_threads would
+    # change a process-wide setting as well, so it is not called.
+    import faiss
+    faiss.omp_set_num_threads(1)
 
 
 @dataclass(frozen=True)
@@ -184,18 +201,31 @@ class SemanticCache:
     """The cache of one server: lookups and stores, on a store opened on first use."""
 
     def __init__(self, args: ServerArgs, metrics: ServerMetrics,
-                 embed: Callable[[list[str]], Awaitable[np.ndarray]],
-                 encoder: Callable[[], Awaitable[tuple[str, int]]],
+                 load_encoder: Callable[[], Awaitable[SentenceEncoder]],
                  clock: Callable[[], float] = time.time) -> None:
         self.args = args
         self.metrics = metrics
-        self.embed = embed
-        self._encoder = encoder
+        self._load_encoder = load_encoder
         self._clock = clock
+        self.encoder: SentenceEncoder | None = None
         self.store_: CacheStore | None = None
         self._lock: asyncio.Lock | None = None
         self._failed = False
         self._words: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._thread = ThreadPoolExecutor(1, "peregrine-cache", initializer=_one_omp_thread)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit embeddings [N, dim] of `texts` (each cut to what the model sees)."""
+        encoder = self.encoder
+        assert encoder is not None
+
+        def run() -> np.ndarray:
+            ids = [e.token_ids for e in encoder.tokenize(texts, encoder.max_seq_length)]
+            return encoder.embed(ids).numpy()
+        return await self._run(run)
 
     async def open(self) -> CacheStore | None:
         """The store (opened, with the embedding model, by the first call); None if either
@@ -208,9 +238,10 @@ class SemanticCache:
             if self.store_ is None and not self._failed:
                 a = self.args
                 try:
-                    name, dim = await self._encoder()
-                    self.store_ = await asyncio.to_thread(
-                        CacheStore, a.semantic_cache_path, dim, name,
+                    from peregrine.server.cache_store import CacheStore
+                    self.encoder = encoder = await self._load_encoder()
+                    self.store_ = await self._run(
+                        CacheStore, a.semantic_cache_path, encoder.dim, encoder.name,
                         a.semantic_cache_max_entries, a.semantic_cache_max_bytes,
                         a.semantic_cache_ttl, self._clock, self.metrics.cache_evicted)
                     self.metrics.watch_cache(lambda: len(self.store_ or ()),
@@ -221,7 +252,8 @@ class SemanticCache:
         return self.store_
 
     def close(self) -> None:
-        """Close the store's file."""
+        """Close the store's file, after any write in flight."""
+        self._thread.shutdown(wait=True)
         if self.store_ is not None:
             self.store_.close()
 
@@ -240,12 +272,12 @@ class SemanticCache:
         return probe
 
     async def _lookup(self, store: CacheStore, key: CacheKey) -> Probe:
-        exact = store.exact(key.exact, key.query)
+        exact = await self._run(store.exact, key.exact, key.query)
         if exact is not None:
             return await self._hit(store, key, exact, 1.0)
         vector = (await self.embed([key.query]))[0]
-        for entry, similarity in store.search(key.exact, vector, _CANDIDATES,
-                                              self.args.semantic_cache_threshold):
+        for entry, similarity in await self._run(store.search, key.exact, vector, _CANDIDATES,
+                                                 self.args.semantic_cache_threshold):
             reason = await self.check(entry.query, key.query)
             if reason is None:
                 return await self._hit(store, key, entry, similarity)
@@ -258,7 +290,7 @@ class SemanticCache:
             answer = json.loads(entry.payload)
         except ValueError:
             return Probe(self, "miss", key, (await self.embed([key.query]))[0])
-        await asyncio.to_thread(store.touch, entry.id)
+        await self._run(store.touch, entry.id)
         return Probe(self, "hit", key, None, answer, similarity)
 
     async def check(self, cached: str, new: str) -> str | None:
@@ -298,8 +330,8 @@ class SemanticCache:
                               "seconds": seconds})
         try:
             assert self.store_ is not None
-            if await asyncio.to_thread(self.store_.add, probe.key.exact, probe.key.query,
-                                       probe.vector, payload) is not None:
+            if await self._run(self.store_.add, probe.key.exact, probe.key.query,
+                               probe.vector, payload) is not None:
                 self.metrics.cache_stored()
         except Exception:  # noqa: BLE001 - the answer was sent; only its caching failed
             logger.exception("storing an answer in the semantic cache failed")
