@@ -2,7 +2,7 @@
 costs, and what it does to the throughput of a workload with repeated questions.
 
     .venv/bin/python scripts/bench_semantic_cache.py [--requests 80] [--max-tokens 24]
-        [--concurrency 4] [--skip-workload]
+        [--concurrency 1 4] [--skip-workload]
 
 1. Precision and recall on the labeled set (tests/data/semantic_cache_pairs.jsonl): a pair
    is a hit when the new question's similarity to the cached one reaches the threshold and
@@ -11,8 +11,8 @@ costs, and what it does to the throughput of a workload with repeated questions.
 2. Lookup cost: one probe's wall time (embedding, faiss search, verifier) on a store of
    1,000 and 10,000 entries: a miss, a vector hit, an exact hit; and the faiss search alone.
 3. A workload on a live server (SmolLM2-135M, greedy, short answers): 50% new questions,
-   30% exact repeats and 20% rewordings of earlier ones, sent --concurrency at a time; the
-   same sequence with the cache off and on (requests/s, mean latency, hits).
+   30% exact repeats and 20% rewordings of earlier ones, sent 1 and 4 at a time; the same
+   sequence with the cache off and on (requests/s, latency, hits, the mean lookup).
 Prints a table and saves docs/bench-results/semantic_cache.json (with the machine)."""
 
 from __future__ import annotations
@@ -199,26 +199,31 @@ def run_workload(seq: list[tuple[str, str]], cache: bool, max_tokens: int,
             warm.post(server.api + "/chat/completions", json={
                 "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 2,
                 "temperature": 0, "cache": False})
+        cache_of = server.app.state.peregrine.ctx.cache
+        deadline = time.monotonic() + 120
+        while cache_of is not None and cache_of.store_ is None:  # the encoder loads at start
+            assert time.monotonic() < deadline, "the cache did not open"
+            time.sleep(0.1)
         latencies: list[float] = []
-        results: list[str] = []
+        results: list[tuple[str, str]] = []
 
-        async def one(client: httpx.AsyncClient, question: str) -> None:
+        async def one(client: httpx.AsyncClient, kind: str, question: str) -> None:
             t = time.perf_counter()
             r = await client.post("/chat/completions", json={
                 "messages": [{"role": "user", "content": question}],
                 "max_tokens": max_tokens, "temperature": 0})
             r.raise_for_status()
             latencies.append(time.perf_counter() - t)
-            results.append(r.headers.get("x-cache", "off"))
+            results.append((kind, r.headers.get("x-cache", "off")))
 
         async def main() -> float:
             sem = asyncio.Semaphore(concurrency)
             async with httpx.AsyncClient(base_url=server.api, timeout=300) as client:
-                async def guarded(q: str) -> None:
+                async def guarded(kind: str, q: str) -> None:
                     async with sem:
-                        await one(client, q)
+                        await one(client, kind, q)
                 t = time.perf_counter()
-                await asyncio.gather(*(guarded(q) for _, q in seq))
+                await asyncio.gather(*(guarded(kind, q) for kind, q in seq))
                 return time.perf_counter() - t
         wall = asyncio.run(main())
         m = parse_metrics(httpx.get(server.url + "/metrics").text)
@@ -226,8 +231,12 @@ def run_workload(seq: list[tuple[str, str]], cache: bool, max_tokens: int,
             "requests_per_s": round(len(seq) / wall, 3),
             "mean_latency_s": round(statistics.mean(latencies), 3),
             "p50_latency_s": round(statistics.median(latencies), 3),
-            "hits": results.count("hit"), "misses": results.count("miss"),
-            "generated_tokens": m.get("peregrine:generation_tokens", 0),
+            "hits": sum(x == "hit" for _, x in results),
+            "misses": sum(x == "miss" for _, x in results),
+            "hits_by_kind": {k: sum(x == "hit" for kind, x in results if kind == k)
+                             for k in ("new", "repeat", "reworded")},
+            "generated_tokens": m.get("peregrine:generation_tokens_total",
+                                      m.get("peregrine:generation_tokens", 0)),
             "lookup_seconds_mean": round(
                 m.get("peregrine:semantic_cache_lookup_seconds_sum", 0) /
                 max(m.get("peregrine:semantic_cache_lookup_seconds_count", 0), 1), 5)}
@@ -263,7 +272,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=80)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--skip-workload", action="store_true")
     ap.add_argument("--out", default=OUT)
     a = ap.parse_args()
@@ -290,14 +299,15 @@ def main() -> None:
                               " ".join(sys.argv[1:])}
     if not a.skip_workload:
         seq = workload(pairs, a.requests)
-        runs = [run_workload(seq, c, a.max_tokens, a.concurrency) for c in (False, True)]
+        runs = [{"concurrency": n, **run_workload(seq, c, a.max_tokens, n)}
+                for n in a.concurrency for c in (False, True)]
         result["workload"] = {"mix": {k: sum(x == k for x, _ in seq)
                                       for k in ("new", "repeat", "reworded")},
-                              "max_tokens": a.max_tokens, "concurrency": a.concurrency,
-                              "runs": runs}
+                              "max_tokens": a.max_tokens, "runs": runs}
         for r in runs:
-            print(f"workload, cache {'on ' if r['cache'] else 'off'}: {r['requests_per_s']} "
-                  f"req/s, mean latency {r['mean_latency_s']}s, hits {r['hits']}")
+            print(f"workload, {r['concurrency']} at a time, cache {'on ' if r['cache'] else 'off'}"
+                  f": {r['requests_per_s']} req/s, mean latency {r['mean_latency_s']}s, "
+                  f"hits {r['hits']}, lookup {r['lookup_seconds_mean'] * 1000:.1f} ms")
     print("machine:", json.dumps(result["machine"]))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:

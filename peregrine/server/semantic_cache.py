@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+import torch
 
 from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -40,6 +41,7 @@ from peregrine.server.protocol import ChatCompletionRequest, CompletionRequest, 
 if TYPE_CHECKING:  # faiss is imported only when the cache is on
     from peregrine.models.sentence_encoder import SentenceEncoder
     from peregrine.server.cache_store import CacheStore, Entry
+    from peregrine.server.embeddings import EmbeddingBatcher
 
 T = TypeVar("T")
 logger = logging.getLogger("peregrine.server")
@@ -213,19 +215,18 @@ class SemanticCache:
         self._failed = False
         self._words: OrderedDict[str, np.ndarray] = OrderedDict()
         self._thread = ThreadPoolExecutor(1, "peregrine-cache", initializer=_one_omp_thread)
+        self._batcher: EmbeddingBatcher[list[int]] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        """Unit embeddings [N, dim] of `texts` (each cut to what the model sees)."""
-        encoder = self.encoder
-        assert encoder is not None
-
-        def run() -> np.ndarray:
-            ids = [e.token_ids for e in encoder.tokenize(texts, encoder.max_seq_length)]
-            return encoder.embed(ids).numpy()
-        return await self._run(run)
+        """Unit embeddings [N, dim] of `texts` (each cut to what the model sees); texts of
+        concurrent lookups go through the model together."""
+        encoder, batcher = self.encoder, self._batcher
+        assert encoder is not None and batcher is not None
+        ids = [e.token_ids for e in encoder.tokenize(texts, encoder.max_seq_length)]
+        return torch.stack(await batcher.embed(ids)).numpy()
 
     async def open(self) -> CacheStore | None:
         """The store (opened, with the embedding model, by the first call); None if either
@@ -239,7 +240,11 @@ class SemanticCache:
                 a = self.args
                 try:
                     from peregrine.server.cache_store import CacheStore
+                    # (embeddings imports serving, which imports this module)
+                    from peregrine.server.embeddings import EmbeddingBatcher
                     self.encoder = encoder = await self._load_encoder()
+                    self._batcher = EmbeddingBatcher[list[int]](
+                        lambda batch: self._run(encoder.embed, batch))
                     self.store_ = await self._run(
                         CacheStore, a.semantic_cache_path, encoder.dim, encoder.name,
                         a.semantic_cache_max_entries, a.semantic_cache_max_bytes,
