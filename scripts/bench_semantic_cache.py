@@ -167,8 +167,8 @@ def workload(pairs: list[dict[str, Any]], n: int, seed: int = 0) -> list[tuple[s
     rng = random.Random(seed)
     n_para, n_rep = n * 20 // 100, n * 30 // 100
     n_new = n - n_para - n_rep
-    para = [p for p in pairs if p["category"] == "paraphrase"]
-    rng.shuffle(para)
+    para = list({p["cached"]: p for p in pairs if p["category"] == "paraphrase"}.values())
+    rng.shuffle(para)  # (one rewording per original: a second would count as new)
     para = para[:n_para]
     firsts = [p["cached"] for p in para]
     others = sorted({p["new"] for p in pairs if not p["should_hit"]} |

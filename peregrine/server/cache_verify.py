@@ -12,9 +12,12 @@ The checks, in order (the first that fails is the reason):
             or an acronym) appears on one side only;
   order     the entities both sides share appear in another order (who did what to whom);
   format    the requested formats differ (json, table, bullets, poem, a language, ...);
+  qualifier a content word only one side has narrows the question: it follows a
+            preposition ("by value", "for seniors", "in water") or is an -ly adverb
+            ("permanently", "vertically");
   content   after dropping function words (a stopword list) and filler, a content word was
             replaced by one that is not a near-synonym (word vectors closer than a bound).
-Content words only added or removed pass: the sentence similarity already judged them."""
+Other content words only added or removed pass: the sentence similarity judged them."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REASONS = ("number", "negation", "entity", "order", "format", "content")
+REASONS = ("number", "negation", "entity", "order", "format", "qualifier", "content")
 
 # Function words: a change among them alone does not change what is asked.
 STOPWORDS = frozenset("""
@@ -75,6 +78,14 @@ paragraphs sentence sentences word words essay poem poems haiku limerick sonnet 
 summary tweet email letter code python javascript java rust sql bash regex diagram outline
 steps step chart
 """.split())
+# Prepositions that attach a qualifier to what is asked ("sort by value", "diet for
+# diabetics"); `of` and `to` are left out: they mostly build the question itself.
+_QUALIFYING = frozenset("""
+by for at from in on with under over per via as during before after using through into
+against within without inside outside
+""".split())
+_DETERMINERS = frozenset("a an the my your our their its his her this that these those "
+                         "some any each every".split())
 _WORD = re.compile(r"\d+(?:[.,]\d+)*(?:st|nd|rd|th)?\b|[A-Za-z]+(?:'[A-Za-z]+)?")
 _SENTENCE_END = re.compile(r"[.!?:;\n]\s*$")
 
@@ -89,6 +100,7 @@ class Parsed:
     entities: tuple[str, ...]  # lowercased, in order of first appearance
     formats: frozenset[str]
     content: dict[str, str]  # stem -> word, of content words (not numbers, entities, formats)
+    qualifiers: frozenset[str]  # stems of content words that narrow the question
 
 
 def stem(word: str) -> str:
@@ -150,12 +162,20 @@ def parse(text: str) -> Parsed:
                     and word not in entities):
                 entities.append(word)
     content: dict[str, str] = {}
+    qualifiers: set[str] = set()
+    after_preposition = False
     for w in words:
         if (w not in STOPWORDS and w not in NEGATIONS and w not in FILLER and w not in FORMATS
                 and _number(w) is None and w not in entities and len(w) > 1):
             content.setdefault(stem(w), w)
+            if after_preposition or (w.endswith("ly") and len(w) > 5):
+                qualifiers.add(stem(w))
+        if w in _QUALIFYING:
+            after_preposition = True
+        elif w not in _DETERMINERS:
+            after_preposition = False
     return Parsed(tuple(words), tuple(numbers), negations, tuple(entities),
-                  frozenset(w for w in words if w in FORMATS), content)
+                  frozenset(w for w in words if w in FORMATS), content, frozenset(qualifiers))
 
 
 def replaced_words(cached: str, new: str) -> tuple[frozenset[str], frozenset[str]]:
@@ -215,6 +235,9 @@ def verify(cached: str, new: str, word_vectors: Mapping[str, np.ndarray] | None 
         return "order"
     if a.formats != b.formats:
         return "format"
+    if (any(k in a.qualifiers for k in a.content.keys() - b.content.keys())
+            or any(k in b.qualifiers for k in b.content.keys() - a.content.keys())):
+        return "qualifier"
     # An entity written in lowercase on one side is a content word there only; not a change.
     only_a = frozenset(w for k, w in a.content.items()
                        if k not in b.content and w not in b.entities)

@@ -1,5 +1,6 @@
 """The semantic cache's verifier: a vector match is refused where meaning lives (numbers,
-negations, names and their order, the requested format, a replaced content word), and a
+negations, names and their order, the requested format, a narrowing qualifier, a replaced
+content word), and a
 reworded question passes. On the labeled set (tests/data/semantic_cache_pairs.jsonl) the
 cache at its default threshold keeps precision high and most of the recall, and the
 verifier is what buys the precision."""
@@ -35,6 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("List the planets as JSON.", "List the planets as a table.", "format"),
     ("Write a haiku about autumn.", "Write a limerick about autumn.", "format"),
     ("Reverse a string in Python.", "Reverse a string in JavaScript.", "format"),
+    ("How do I sort a dictionary?", "How do I sort a dictionary by value?", "qualifier"),
+    ("What is a good diet?", "What is a good diet for diabetics?", "qualifier"),
+    ("How do I delete a file?", "How do I delete a file permanently?", "qualifier"),
+    ("Explain photosynthesis in simple terms.", "Can you explain photosynthesis simply?",
+     None),
     ("What is the capital of France?", "What is the population of France?", "content"),
     ("What is the capital of France?", "Tell me the capital of France.", None),
     ("How do I reverse a list in Python?", "How can I reverse a Python list?", None),
@@ -102,7 +108,8 @@ def test_the_labeled_set_covers_every_kind_of_near_miss(scored) -> None:
     _, pairs, _ = scored
     assert len(pairs) >= 100
     kinds = {p["category"] for p in pairs}
-    assert {"paraphrase", "number", "negation", "entity", "format", "content"} <= kinds
+    assert {"paraphrase", "number", "negation", "entity", "format", "qualifier",
+            "content"} <= kinds
     assert all(p["should_hit"] == (p["category"] == "paraphrase") for p in pairs)
 
 
