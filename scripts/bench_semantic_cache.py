@@ -171,8 +171,8 @@ def workload(pairs: list[dict[str, Any]], n: int, seed: int = 0) -> list[tuple[s
     rng.shuffle(para)  # (one rewording per original: a second would count as new)
     para = para[:n_para]
     firsts = [p["cached"] for p in para]
-    others = sorted({p["new"] for p in pairs if not p["should_hit"]} |
-                    {p["cached"] for p in pairs} - set(firsts))
+    others = sorted(({p["new"] for p in pairs if not p["should_hit"]} |
+                     {p["cached"] for p in pairs}) - set(firsts))
     rng.shuffle(others)
     seq: list[tuple[str, str]] = [("new", q) for q in (firsts + others)[:n_new]]
     rng.shuffle(seq)
