@@ -116,7 +116,7 @@ def stem(word: str) -> str:
     elif w.endswith("s") and not w.endswith(("us", "is")):
         w = w[:-1]
     for suffix in ("ing", "ed"):
-        if w.endswith(suffix) and len(w) - len(suffix) >= 3:
+        if w.endswith(suffix) and len(w) - len(suffix) >= 3 and not w.endswith("eed"):
             w = w[:-len(suffix)]
             break
     if len(w) > 3 and w.endswith("e"):
