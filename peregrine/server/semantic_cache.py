@@ -35,13 +35,13 @@ from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.server.args import ServerArgs
 from peregrine.server.cache_verify import replaced_words, verify
+from peregrine.server.embedding_batcher import EmbeddingBatcher
 from peregrine.server.metrics import ServerMetrics
 from peregrine.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 if TYPE_CHECKING:  # faiss is imported only when the cache is on
     from peregrine.models.sentence_encoder import SentenceEncoder
     from peregrine.server.cache_store import CacheStore, Entry
-    from peregrine.server.embeddings import EmbeddingBatcher
 
 T = TypeVar("T")
 logger = logging.getLogger("peregrine.server")
@@ -240,8 +240,6 @@ class SemanticCache:
                 a = self.args
                 try:
                     from peregrine.server.cache_store import CacheStore
-                    # (embeddings imports serving, which imports this module)
-                    from peregrine.server.embeddings import EmbeddingBatcher
                     self.encoder = encoder = await self._load_encoder()
                     self._batcher = EmbeddingBatcher[list[int]](
                         lambda batch: self._run(encoder.embed, batch))
