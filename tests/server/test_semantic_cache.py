@@ -2,10 +2,12 @@
 (X-Cache: hit, usage.cache) and counted in /metrics; a near-miss does not; the cache never
 answers across API keys, answer-changing parameters, system prompts or models; sampled
 answers are cached only when asked and `cache: false` bypasses it; a streamed hit carries
-the original text; the cache survives a restart."""
+the original text; the cache survives a restart; only whole answers are stored, and
+evictions by count and by age show in /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
@@ -14,8 +16,12 @@ import openai
 import pytest
 
 from peregrine.config import EngineConfig
+from peregrine.models.sentence_encoder import load_sentence_encoder
+from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.server.args import ServerArgs
-from tests.server.conftest import SMALL_KV, RunningServer, serve
+from peregrine.server.metrics import ServerMetrics
+from peregrine.server.semantic_cache import CacheKey, SemanticCache
+from tests.server.conftest import SMALL_KV, RunningServer, parse_metrics, serve
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
@@ -184,3 +190,50 @@ def test_the_cache_survives_a_restart_and_stays_per_model(tmp_path) -> None:
         assert again.metrics()["peregrine:semantic_cache_entries"] == 1
     with serve(args("another-model"), EngineConfig(**SMALL_KV)) as other:
         assert chat(other, "Who wrote Pride and Prejudice?").headers["x-cache"] == "miss"
+
+
+# --- the cache object itself: what is stored, eviction and expiry as /metrics shows them ---
+def _output(text: str, reason: str | None = "stop", n: int = 1) -> RequestOutput:
+    return RequestOutput("r", None, [1, 2], [
+        CompletionOutput(i, text, [7, 8, 9], finish_reason=reason) for i in range(n)],
+        finished=True)
+
+
+def test_only_whole_answers_are_stored_and_evictions_are_counted() -> None:
+    encoder = load_sentence_encoder()
+    metrics = ServerMetrics("m", lambda: None)
+    now = [1000.0]
+
+    async def load():
+        return encoder
+    cache = SemanticCache(ServerArgs(semantic_cache=True, semantic_cache_max_entries=2,
+                                     semantic_cache_ttl=60), metrics, load,
+                          clock=lambda: now[0])
+
+    async def status(question: str, answer: RequestOutput | None = None) -> str:
+        probe = await cache.probe(CacheKey("k", question), None)
+        if answer is not None:
+            await probe.store(answer)
+        return probe.status
+
+    async def run() -> None:
+        assert await status("Why is the sky blue?", _output("cut", reason="abort")) == "miss"
+        assert await status("Why is the sky blue?", _output("two", n=2)) == "miss"
+        assert await status("Why is the sky blue?", _output("running", reason=None)) == "miss"
+        assert len(cache.store_) == 0  # aborted, several choices, unfinished: none kept
+        for q in ("What is the capital of France?", "Who wrote Hamlet?",
+                  "How many legs does a spider have?"):
+            assert await status(q, _output(f"answer to {q}")) == "miss"
+        assert await status("What is the capital of France?") == "miss"  # evicted (LRU)
+        assert await status("Who wrote Hamlet?") == "hit"
+        now[0] += 60
+        assert await status("Who wrote Hamlet?") == "miss"  # expired
+        await status("Why is the sky blue?", _output("Rayleigh scattering."))
+        cache.close()
+    asyncio.run(run())
+    m = parse_metrics(metrics.render().decode())
+    assert m['peregrine:semantic_cache_evicted_total{reason="entries"}'] == 1
+    assert m['peregrine:semantic_cache_evicted_total{reason="ttl"}'] == 2
+    assert m["peregrine:semantic_cache_stored_total"] == 4
+    assert m["peregrine:semantic_cache_entries"] == 1
+    assert m["peregrine:semantic_cache_saved_tokens_total"] == 3
