@@ -36,7 +36,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from peregrine.server.args import ServerArgs  # noqa: E402
-from peregrine.server.cache_store import CacheStore  # noqa: E402
 
 PAIRS = os.path.join(ROOT, "tests", "data", "semantic_cache_pairs.jsonl")
 OUT = os.path.join(ROOT, "docs", "bench-results", "semantic_cache.json")
@@ -201,7 +200,7 @@ def run_workload(seq: list[tuple[str, str]], cache: bool, max_tokens: int,
                 "temperature": 0, "cache": False})
         cache_of = server.app.state.peregrine.ctx.cache
         deadline = time.monotonic() + 120
-        while cache_of is not None and cache_of.store_ is None:  # the encoder loads at start
+        while cache_of is not None and cache_of.storage is None:  # the encoder loads at start
             assert time.monotonic() < deadline, "the cache did not open"
             time.sleep(0.1)
         latencies: list[float] = []

@@ -210,7 +210,7 @@ class SemanticCache:
         self._load_encoder = load_encoder
         self._clock = clock
         self.encoder: SentenceEncoder | None = None
-        self.store_: CacheStore | None = None
+        self.storage: CacheStore | None = None
         self._lock: asyncio.Lock | None = None
         self._failed = False
         self._words: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -231,34 +231,34 @@ class SemanticCache:
     async def open(self) -> CacheStore | None:
         """The store (opened, with the embedding model, by the first call); None if either
         failed (the cache then bypasses every request)."""
-        if self.store_ is not None or self._failed:
-            return self.store_
+        if self.storage is not None or self._failed:
+            return self.storage
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self.store_ is None and not self._failed:
+            if self.storage is None and not self._failed:
                 a = self.args
                 try:
                     from peregrine.server.cache_store import CacheStore
                     self.encoder = encoder = await self._load_encoder()
                     self._batcher = EmbeddingBatcher[list[int]](
                         lambda batch: self._run(encoder.embed, batch))
-                    self.store_ = await self._run(
+                    self.storage = await self._run(
                         CacheStore, a.semantic_cache_path, encoder.dim, encoder.name,
                         a.semantic_cache_max_entries, a.semantic_cache_max_bytes,
                         a.semantic_cache_ttl, self._clock, self.metrics.cache_evicted)
-                    self.metrics.watch_cache(lambda: len(self.store_ or ()),
-                                             lambda: self.store_.nbytes if self.store_ else 0)
+                    self.metrics.watch_cache(lambda: len(self.storage or ()),
+                                             lambda: self.storage.nbytes if self.storage else 0)
                 except Exception:  # noqa: BLE001 - the server runs on, uncached
                     logger.exception("the semantic cache could not be opened; it is off")
                     self._failed = True
-        return self.store_
+        return self.storage
 
     def close(self) -> None:
         """Close the store's file, after any write in flight."""
         self._thread.shutdown(wait=True)
-        if self.store_ is not None:
-            self.store_.close()
+        if self.storage is not None:
+            self.storage.close()
 
     async def probe(self, key: CacheKey | None, bypass: str | None) -> Probe:
         """Look `key` up: a hit carries the answer; a miss the vector to store it under."""
@@ -332,8 +332,8 @@ class SemanticCache:
                               "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
                               "seconds": seconds})
         try:
-            assert self.store_ is not None
-            if await self._run(self.store_.add, probe.key.exact, probe.key.query,
+            assert self.storage is not None
+            if await self._run(self.storage.add, probe.key.exact, probe.key.query,
                                probe.vector, payload) is not None:
                 self.metrics.cache_stored()
         except Exception:  # noqa: BLE001 - the answer was sent; only its caching failed

@@ -220,7 +220,7 @@ def test_only_whole_answers_are_stored_and_evictions_are_counted() -> None:
         assert await status("Why is the sky blue?", _output("cut", reason="abort")) == "miss"
         assert await status("Why is the sky blue?", _output("two", n=2)) == "miss"
         assert await status("Why is the sky blue?", _output("running", reason=None)) == "miss"
-        assert len(cache.store_) == 0  # aborted, several choices, unfinished: none kept
+        assert len(cache.storage) == 0  # aborted, several choices, unfinished: none kept
         for q in ("What is the capital of France?", "Who wrote Hamlet?",
                   "How many legs does a spider have?"):
             assert await status(q, _output(f"answer to {q}")) == "miss"
@@ -237,3 +237,12 @@ def test_only_whole_answers_are_stored_and_evictions_are_counted() -> None:
     assert m["peregrine:semantic_cache_stored_total"] == 4
     assert m["peregrine:semantic_cache_entries"] == 1
     assert m["peregrine:semantic_cache_saved_tokens_total"] == 3
+
+
+def test_the_cache_needs_the_embedding_model_and_a_sane_threshold() -> None:
+    with pytest.raises(ValueError, match="embedding model"):
+        ServerArgs(semantic_cache=True, embedding_model="none")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            ServerArgs(semantic_cache=True, semantic_cache_threshold=bad)
+    assert ServerArgs().semantic_cache is False  # off by default
