@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -183,7 +184,17 @@ class Probe:
             stop_reason=a["stop_reason"])], finished=True)
 
     async def replay(self, out: RequestOutput) -> AsyncIterator[RequestOutput]:
-        """A hit as a stream: the whole answer in one output."""
+        """A hit as a stream: the answer word by word, as cumulative outputs (the token ids
+        in proportion to the text so far; the last output is the whole answer)."""
+        final = out.outputs[0]
+        words = re.findall(r"\s*\S+|\s+$", final.text)
+        shown, total = "", max(len(final.text), 1)
+        for word in words[:-1]:
+            shown += word
+            ids = final.token_ids[:len(final.token_ids) * len(shown) // total]
+            yield RequestOutput(out.request_id, out.prompt, out.prompt_token_ids,
+                                [CompletionOutput(0, shown, ids)], finished=False)
+            await asyncio.sleep(0)  # let the response send each chunk
         yield out
 
     async def store(self, out: RequestOutput) -> None:
