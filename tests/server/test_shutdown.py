@@ -65,7 +65,9 @@ def test_signal_finishes_short_requests_aborts_long_ones_and_exits_0(sig):
         assert first_short.wait(120) and first_long.wait(120), (short, long)
         proc.send_signal(sig)
         time.sleep(0.5)
-        with pytest.raises(httpx.ConnectError):  # no new requests once stopping
+        # No new requests once stopping: refused, or (when the kernel had already queued
+        # the connection on the listening socket) reset as the socket closes.
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
             httpx.get(url + "/health", timeout=5)
         for t in threads:
             t.join(120)
