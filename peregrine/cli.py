@@ -140,10 +140,13 @@ def cmd_quantize(ns: argparse.Namespace) -> int:
 
     from peregrine.quantization.quantize import QuantizeOptions, quantize_to_dir
     fmt = ns.format or {4: "int4", 8: "int8"}[ns.bits]
-    opts = QuantizeOptions(method=ns.method, format=fmt, group_size=ns.group_size,
+    method = ns.method or ("rtn" if ns.mixed else "gptq")
+    opts = QuantizeOptions(method=method, format=fmt, group_size=ns.group_size,
                            symmetric=ns.symmetric, act_order=ns.act_order, damp=ns.damp,
                            calib_samples=ns.calib_samples, calib_seq_len=ns.calib_seq_len,
-                           calib_corpus=ns.calib_corpus)
+                           calib_corpus=ns.calib_corpus, mixed=ns.mixed,
+                           target_bits=ns.target_bits,
+                           sensitivity_tokens=ns.sensitivity_tokens)
     model = None if ns.model in (None, "default") else ns.model
     print(json.dumps(quantize_to_dir(model, ns.out_dir, opts), indent=2))
     return 0
@@ -210,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory that serve/generate load")
     p.add_argument("model", help="model to quantize (`default` for the embedded SmolLM2)")
     p.add_argument("out_dir")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="gptq")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default=None,
+                   help="default: gptq (rtn with --mixed)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4)
     p.add_argument("--format", choices=["int4", "int8", "nf4", "fp8"], default=None,
                    help="weight format (default: int4 for --bits 4, int8 for --bits 8)")
@@ -223,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--calib-corpus", default=None,
                    help="calibration text file (default: the bundled corpus' second half)")
+    p.add_argument("--mixed", action="store_true",
+                   help="per-layer formats (int4 groups 32-256, int8) chosen from each "
+                        "linear's measured sensitivity to fit --target-bits (RTN)")
+    p.add_argument("--target-bits", type=float, default=None,
+                   help="--mixed: bits per weight, scales included (default: uniform "
+                        "int4 with groups of 128)")
+    p.add_argument("--sensitivity-tokens", type=int, default=512,
+                   help="--mixed: calibration tokens each sensitivity is measured on")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="quality and speed evaluations")
