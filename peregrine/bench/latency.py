@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+from peregrine.bench.energy import RunEnergy
 from peregrine.bench.phases import EngineStepTimer, PhaseAccounting, StepWork
 from peregrine.bench.roofline import DevicePeak
 from peregrine.bench.stats import summarize
