@@ -3,6 +3,9 @@ with its wattage taken from the flag or from peregrine/estimate/devices.json."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from typing import Any
 
 import torch
@@ -10,12 +13,19 @@ import torch
 from peregrine.energy.meters import (BoardPowerModelMeter, CpuModelMeter, PowerMeter,
                                      find_nvml, find_rapl)
 
+logger = logging.getLogger("peregrine")
+
 POWER_SOURCES = ("auto", "nvml", "rapl", "model", "off")
 
 
+# The estimate's device table (read as data: the engine sits below the estimate package).
+DEVICES_JSON = os.path.join(os.path.dirname(os.path.dirname(__file__)), "estimate",
+                            "devices.json")
+
+
 def _devices_table() -> dict[str, Any]:
-    from peregrine.estimate.devices import load_data
-    return load_data()
+    with open(DEVICES_JSON, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def cpu_watts_per_core(data: dict[str, Any] | None = None) -> tuple[float, str]:
@@ -57,8 +67,8 @@ def model_meter(device: torch.device, watts: float | None) -> PowerMeter:
 def make_meter(source: str, device: torch.device, watts: float | None = None
                ) -> PowerMeter | None:
     """The meter `source` asks for (None for `off`). `auto`: NVML on a GPU, RAPL on a CPU,
-    the model when those cannot be read; asking for `nvml` or `rapl` by name and not
-    finding it is an error."""
+    the model when those cannot be read (None, with a warning, on a GPU the table does not
+    know); asking for `nvml`, `rapl` or `model` and not getting it is an error."""
     if source not in POWER_SOURCES:
         raise ValueError(f"power_source must be one of {'|'.join(POWER_SOURCES)}, got "
                          f"{source!r}")
@@ -80,4 +90,11 @@ def make_meter(source: str, device: torch.device, watts: float | None = None
         raise ValueError("power_source=rapl: no readable RAPL counter under "
                          "/sys/class/powercap or amd_energy hwmon (reading them usually "
                          "needs root)")
-    return model_meter(device, watts)
+    try:
+        return model_meter(device, watts)
+    except ValueError as e:
+        if source == "model":
+            raise
+        # auto must not stop an engine from starting on a GPU the table does not know
+        logger.warning("energy accounting is off: %s", e)
+        return None

@@ -353,8 +353,10 @@ class UsageInfo(BaseModel):
     energy: UsageEnergy | None = None  # only when asked (usage_detail, --usage-energy)
     cost_usd: float | None = None  # only when asked and the server has --price-per-hour
 
+    # No return annotation: with one, pydantic would publish that type (a bare object) as
+    # the response schema instead of these fields.
     @model_serializer(mode="wrap")
-    def _omit_unasked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_unasked(self, handler: SerializerFunctionWrapHandler):  # noqa: ANN202
         # OpenAI's usage has no such keys: a response that did not ask keeps its exact shape
         data = handler(self)
         for key in ("energy", "cost_usd"):

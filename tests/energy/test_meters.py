@@ -115,3 +115,18 @@ def test_make_meter_on_the_cpu():
         make_meter("nvml", cpu)
     with pytest.raises(ValueError, match="power_source"):
         make_meter("solar", cpu)
+
+
+def test_a_gpu_without_nvml_or_table_entry(monkeypatch):
+    """auto leaves accounting off (the engine still starts); model asks for --power-watts."""
+    import peregrine.energy.select as select
+    monkeypatch.setattr(select, "find_nvml", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU 9000")
+    gpu = torch.device("cuda", 0)
+    assert make_meter("auto", gpu) is None
+    with pytest.raises(ValueError, match="--power-watts"):
+        make_meter("model", gpu)
+    meter = make_meter("auto", gpu, 300.0)
+    assert isinstance(meter, BoardPowerModelMeter) and meter.watts == 300.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert make_meter("auto", gpu).watts == 700.0
