@@ -46,6 +46,7 @@ from peregrine.server.openapi import (NO_BODY_ERRORS, STORED_ERRORS, install,
                                       json_body, responses)
 from peregrine.server.responses_protocol import (InputItemList, ResponseDeleted,
                                                  ResponseObject, ResponsesRequest)
+from peregrine.server.semantic_cache import SemanticCache
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                        CompletionRequest, CompletionResponse,
                                        DetokenizeRequest, DetokenizeResponse,
@@ -162,15 +163,22 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
     ctx = serving.ServingContext(engine, metrics, model_names, args)
     embeddings = EmbeddingService(ctx)
     store = responses_api.ResponseStore(args.responses_store_size)
+    if args.semantic_cache:
+        ctx.cache = SemanticCache(args, metrics, embeddings.load)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        # Load the embedding model and read the cache now, not on the first request.
+        opening = asyncio.ensure_future(ctx.cache.open()) if ctx.cache else None
         try:
             yield
         finally:
             # uvicorn has already waited (shutdown_timeout) for in-flight requests.
             await asyncio.to_thread(engine.shutdown)
+            if opening is not None:
+                await opening
+                ctx.cache.close()
 
     app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
                   summary="OpenAI-compatible LLM server")

@@ -73,12 +73,37 @@ class ServerArgs:
     """Most tokens (padding included) one forward pass of the embedding model computes;
     inputs queued together are sorted by length and cut into such batches."""
 
+    semantic_cache: bool = False
+    """Answer repeated and reworded requests from a cache of whole answers
+    (docs/caching.md): greedy ones (temperature 0), and sampled ones that send
+    "cache": true. Needs the embedding model."""
+    semantic_cache_threshold: float = 0.8
+    """Least cosine similarity between the last user messages (embedding model) for a
+    cached answer to be a candidate, which the verifier then checks."""
+    semantic_cache_verify: bool = True
+    """Reject candidates whose numbers, negations, names, requested format or content
+    words differ (--no-semantic-cache-verify: the similarity alone decides)."""
+    semantic_cache_max_entries: int = 10000
+    """Most answers kept; the least recently used go first."""
+    semantic_cache_max_bytes: int = 256 * 2**20
+    """Most bytes of questions, answers and vectors kept; the least recently used go
+    first."""
+    semantic_cache_ttl: float = 86400.0
+    """Seconds an answer is served after it was generated (0: no limit)."""
+    semantic_cache_path: str | None = None
+    """SQLite file that keeps the cache across restarts (created if missing); default:
+    memory only."""
+
     def __post_init__(self) -> None:
         if self.chat_truncation not in ("auto", "disabled"):
             raise ValueError(f"--chat-truncation must be auto or disabled, got "
                              f"{self.chat_truncation!r}")
         if self.embedding_model is not None and self.embedding_model.lower() in ("none", ""):
             self.embedding_model = None
+        if self.semantic_cache and self.embedding_model is None:
+            raise ValueError("--semantic-cache needs an embedding model (--embedding-model)")
+        if not 0 < self.semantic_cache_threshold <= 1:
+            raise ValueError("--semantic-cache-threshold must be in (0, 1]")
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":

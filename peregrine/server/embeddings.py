@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Generic, TypeVar
 
 import torch
 from fastapi import Request
@@ -27,70 +24,13 @@ from peregrine.models.sentence_encoder import (DEFAULT_EMBEDDING_ALIASES,
                                                DEFAULT_EMBEDDING_MODEL, SentenceEncoder,
                                                embedding_model_name, load_sentence_encoder)
 from peregrine.server.context_budget import prompt_cut
+from peregrine.server.embedding_batcher import EmbeddingBatcher
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server.protocol import (EmbeddingData, EmbeddingRequest, EmbeddingResponse,
                                        EmbeddingUsage)
 from peregrine.server.serving import ServingContext, _unless_disconnected
 
 logger = logging.getLogger("peregrine.server")
-
-T = TypeVar("T")
-# Most inputs one batch takes from the queue: a large request cannot hold a small one back
-# for longer than a batch this size.
-_MAX_BATCH_INPUTS = 256
-
-
-@dataclass
-class _Pending(Generic[T]):
-    item: T
-    future: asyncio.Future[torch.Tensor]
-
-
-@dataclass
-class EmbeddingBatcher(Generic[T]):
-    """Queues inputs from concurrent requests and runs them in batches: whatever waits when
-    the previous batch ends goes together (up to `max_inputs` inputs)."""
-
-    run: Callable[[list[T]], Awaitable[torch.Tensor]]
-    """Embeds a batch: one row per item, in order."""
-    max_inputs: int = _MAX_BATCH_INPUTS
-    batches: int = 0
-    """Batches run so far (tests and logs)."""
-    _queue: list[_Pending[T]] = field(default_factory=list)
-    _worker: asyncio.Task[None] | None = None
-
-    async def embed(self, items: list[T]) -> list[torch.Tensor]:
-        """One embedding per item, once the batches holding them ran."""
-        loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future()) for item in items]
-        self._queue.extend(pending)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.ensure_future(self._drain())
-        try:
-            return list(await asyncio.gather(*(p.future for p in pending)))
-        finally:
-            for p in pending:  # a cancelled request leaves nothing to compute
-                p.future.cancel()
-
-    async def _drain(self) -> None:
-        while self._queue:
-            # Requests that went away while waiting are dropped here.
-            self._queue = [p for p in self._queue if not p.future.done()]
-            batch, self._queue = self._queue[:self.max_inputs], self._queue[self.max_inputs:]
-            if not batch:
-                return
-            self.batches += 1
-            try:
-                rows = await self.run([p.item for p in batch])
-            except Exception as e:  # noqa: BLE001 - each waiting request gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            for p, row in zip(batch, rows):
-                if not p.future.done():
-                    p.future.set_result(row)
-
 
 class EmbeddingService:
     """The embedding model (lazily loaded) and the batchers of both models."""

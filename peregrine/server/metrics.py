@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -176,6 +176,35 @@ class ServerMetrics:
         self.tokens_saved = Counter(PREFIX + "coalesced_tokens_saved", "Generated tokens "
                                     "delivered to coalesced requests that the engine did not "
                                     "compute again.", labels, registry=reg).labels(model_name)
+        # The semantic cache (--semantic-cache); zero while it is off.
+        self.cache_requests = Counter(PREFIX + "semantic_cache_requests", "Requests by what "
+                                      "the semantic cache did: hit, miss, bypass (not "
+                                      "eligible or refused).", ["model_name", "result"],
+                                      registry=reg)
+        self.cache_rejections = Counter(PREFIX + "semantic_cache_rejected_candidates",
+                                        "Vector matches the verifier refused, by reason "
+                                        "(number, negation, entity, order, format, content).",
+                                        ["model_name", "reason"], registry=reg)
+        self.cache_saved_tokens = Counter(PREFIX + "semantic_cache_saved_tokens", "Completion "
+                                          "tokens served from the cache instead of generated.",
+                                          labels, registry=reg).labels(model_name)
+        self.cache_saved_seconds = Counter(PREFIX + "semantic_cache_saved_seconds", "Seconds "
+                                           "the cached answers took to generate originally.",
+                                           labels, registry=reg).labels(model_name)
+        self.cache_stores = Counter(PREFIX + "semantic_cache_stored", "Answers stored.",
+                                    labels, registry=reg).labels(model_name)
+        self.cache_evictions = Counter(PREFIX + "semantic_cache_evicted", "Answers dropped, by "
+                                       "reason (ttl, entries, bytes).",
+                                       ["model_name", "reason"], registry=reg)
+        self.cache_lookup = histogram("semantic_cache_lookup_seconds", "Time to look a request "
+                                      "up (embedding, search, verification).",
+                                      (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                       0.25, 0.5, 1.0))
+        self._cache_entries = Gauge(PREFIX + "semantic_cache_entries", "Answers in the cache.",
+                                    labels, registry=reg).labels(model_name)
+        self._cache_bytes = Gauge(PREFIX + "semantic_cache_bytes", "Bytes of questions, "
+                                  "answers and vectors in the cache.", labels,
+                                  registry=reg).labels(model_name)
         reg.register(_EngineCollector(stats, model_name))
         self._live: dict[str, _Track] = {}
 
@@ -195,6 +224,32 @@ class ServerMetrics:
     def on_tokens_saved(self, tokens: int) -> None:
         """Count generated tokens delivered to coalesced requests without computing them."""
         self.tokens_saved.inc(tokens)
+    # --- the semantic cache -----------------------------------------------------------------
+    def cache_result(self, result: str) -> None:
+        """Count a request the cache hit, missed or bypassed."""
+        self.cache_requests.labels(self.model_name, result).inc()
+
+    def cache_rejected(self, reason: str) -> None:
+        """Count a candidate the verifier refused."""
+        self.cache_rejections.labels(self.model_name, reason).inc()
+
+    def cache_saved(self, tokens: int, seconds: float) -> None:
+        """Count what a hit saved."""
+        self.cache_saved_tokens.inc(tokens)
+        self.cache_saved_seconds.inc(max(seconds, 0.0))
+
+    def cache_stored(self) -> None:
+        """Count an answer stored."""
+        self.cache_stores.inc()
+
+    def cache_evicted(self, reason: str, count: int) -> None:
+        """Count answers the store dropped."""
+        self.cache_evictions.labels(self.model_name, reason).inc(count)
+
+    def watch_cache(self, entries: Callable[[], float], nbytes: Callable[[], float]) -> None:
+        """Read the cache's size at each scrape."""
+        self._cache_entries.set_function(entries)
+        self._cache_bytes.set_function(nbytes)
 
     # --- EngineObserver ---------------------------------------------------------------------
     def on_outputs(self, outputs: list[RequestOutput]) -> None:

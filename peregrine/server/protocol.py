@@ -113,6 +113,9 @@ class SamplingRequest(_Request):
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
     """vLLM's {"json" | "json_object" | "regex" | "choice" | "grammar": ...}."""
+    cache: bool | None = None
+    """peregrine extra, with --semantic-cache: true lets a sampled (temperature > 0) answer
+    be cached and served; false neither looks up nor stores; unset caches greedy ones."""
 
     def constraint(self) -> tuple[StructuredOutputs | None, str | None]:
         """The request's structured-output constraint and the field that carries it;

@@ -127,6 +127,9 @@ class ResponsesRequest(_Request):
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
     """auto: drop the oldest turns to fit the context; default: --chat-truncation."""
+    include: list[str] | None = Field(None, max_length=0)
+    """Extra output data to include; none of OpenAI's kinds (reasoning, logprobs, tool
+    results) is produced here, so only an empty list is accepted (agents SDKs send one)."""
 
     @field_validator("tools", mode="before")
     @classmethod

@@ -36,6 +36,7 @@ from peregrine.server.coalescing import RequestCoalescer
 from peregrine.server.errors import APIError, bad_request
 from peregrine.server import tools as tool_calls
 from peregrine.server.metrics import ServerMetrics
+from peregrine.server.semantic_cache import Probe, SemanticCache, probe_chat, probe_completion
 from peregrine.server.tools import template_knows_tools
 from peregrine.structured.grammar import InvalidConstraintError
 from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, ChatChoice,
@@ -79,6 +80,7 @@ class ServingContext:
     def __post_init__(self) -> None:
         self.requests = RequestCoalescer(self.engine, self.metrics,
                                          enabled=self.args.request_coalescing)
+    cache: SemanticCache | None = None  # --semantic-cache
 
     @property
     def model_name(self) -> str:
@@ -248,7 +250,7 @@ async def collect(ctx: ServingContext, request: Request,
         raise APIError(HTTPStatus.INTERNAL_SERVER_ERROR, str(e), code="engine_error") from None
 
 
-async def merge_streams(streams: list[RequestStream]
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:
@@ -257,7 +259,7 @@ async def merge_streams(streams: list[RequestStream]
         return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: RequestStream) -> None:
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in stream:
                 queue.put_nowait((i, out))
@@ -286,8 +288,9 @@ class EngineStreamingResponse(StreamingResponse):
     """An SSE response that aborts its engine requests however the stream ends."""
 
     def __init__(self, content: AsyncIterator[str], ctx: ServingContext,
-                 streams: list[RequestStream]) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+                 streams: list[RequestStream], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={**_SSE_HEADERS, **(headers or {})})
         self._ctx = ctx
         self._streams = streams
 
@@ -498,12 +501,23 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
             p = dataclasses.replace(p, prompt_logprobs=req.logprobs)
         params.append(p)
     base_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await _submit(ctx, base_id, prompts, params, req.priority,
-                            req.constraint()[1])
-    if req.stream:
-        return EngineStreamingResponse(_stream_completion(ctx, req, base_id, prompts, streams),
-                                       ctx, streams)
-    outs = await collect(ctx, request, streams)
+    probe = await probe_completion(ctx.cache, ctx.model_name, request.headers, req, params)
+    if probe.hit:
+        outs = [probe.output(base_id, prompts[0].text, prompts[0].token_ids)]
+        if req.stream:
+            return StreamingResponse(
+                _stream_completion(ctx, req, base_id, prompts, [probe.replay(outs[0])],
+                                   probe.usage), media_type="text/event-stream",
+                headers={**_SSE_HEADERS, **probe.headers})
+    else:
+        streams = await _submit(ctx, base_id, prompts, params, req.priority,
+                                req.constraint()[1])
+        if req.stream:
+            return EngineStreamingResponse(
+                _stream_completion(ctx, req, base_id, prompts, [probe.tap(s) for s in streams]),
+                ctx, streams, probe.headers)
+        outs = await collect(ctx, request, streams)
+        await probe.store(outs[0])
     tok = ctx.ready().tokenizer
     choices = []
     for pi, (prompt, out) in enumerate(zip(prompts, outs)):
@@ -519,7 +533,9 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                                             stop_reason=o.stop_reason))
     body = CompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
                               usage=_usage(outs, prompts, _wants_energy(ctx, req)))
-    return JSONResponse(body.model_dump())
+    data = body.model_dump()
+    data["usage"].update(probe.usage)
+    return JSONResponse(data, headers=probe.headers)
 
 
 def _echo_text(tok: Tokenizer, prompt: Prompt) -> str:
@@ -540,8 +556,8 @@ def _with_prompt_logprobs(tok: Tokenizer, out: RequestOutput, num_top: int,
 
 
 def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str,
-                             prompts: list[Prompt], streams: list[RequestStream]
-                             ) -> AsyncIterator[str]:
+                       prompts: list[Prompt], streams: list[AsyncIterator[RequestOutput]],
+                       usage_extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
     tok = ctx.ready().tokenizer
     states = {pi * req.n + i: _ChoiceState() for pi in range(len(prompts)) for i in range(req.n)}
     lead = []
@@ -562,16 +578,18 @@ def _stream_completion(ctx: ServingContext, req: CompletionRequest, base_id: str
         return {"index": index, "text": text, "logprobs": lp}
 
     return _sse_stream(ctx, req, base_id, "text_completion", merge_streams(streams), states,
-                       lead, req.logprobs is not None, choice, prompts)
+                       lead, req.logprobs is not None, choice, prompts, usage_extra)
 
 
 async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, kind: str,
                       outputs: AsyncIterator[tuple[int, RequestOutput]],
                       states: dict[int, _ChoiceState], lead: list[list[dict[str, Any]]],
                       wants_logprobs: bool, choice: Callable[..., dict[str, Any] | None],
-                      prompts: list[Prompt]) -> AsyncIterator[str]:
+                      prompts: list[Prompt], usage_extra: dict[str, Any] | None = None
+                      ) -> AsyncIterator[str]:
     """A streamed response: the `lead` chunks, a chunk per choice with news (`choice` builds
-    its fields), the usage, then [DONE]; an error ends it with an error event."""
+    its fields), the usage (plus `usage_extra`), then [DONE]; an error ends it with an error
+    event."""
     created = int(time.time())
     latest: dict[int, RequestOutput] = {}
 
@@ -579,8 +597,9 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
         data = {"id": base_id, "object": kind, "created": created, "model": ctx.model_name,
                 "choices": choices}
         if req.continuous_usage and latest:
-            data["usage"] = _usage(list(latest.values()), prompts,
-                                   _wants_energy(ctx, req)).model_dump()
+            data["usage"] = {**_usage(list(latest.values()), prompts,
+                                      _wants_energy(ctx, req)).model_dump(),
+                             **(usage_extra or {})}
         return data
 
     for choices in lead:
@@ -608,8 +627,9 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
     if req.include_usage and latest:
         yield _sse({"id": base_id, "object": kind, "created": created,
                     "model": ctx.model_name, "choices": [],
-                    "usage": _usage(list(latest.values()), prompts,
-                                    _wants_energy(ctx, req)).model_dump()})
+                    "usage": {**_usage(list(latest.values()), prompts,
+                                       _wants_energy(ctx, req)).model_dump(),
+                              **(usage_extra or {})}})
     yield _DONE
 
 
@@ -803,6 +823,18 @@ def _tool_use(ctx: ServingContext, req: ChatCompletionRequest) -> ToolUse:
 
 
 @dataclass
+class ChatPlan:
+    """A chat request validated and rendered, ready to submit."""
+
+    base_id: str
+    prompt: Prompt
+    use: ToolUse
+    num_top: int | None
+    params: SamplingParams
+    constraint_field: str | None
+
+
+@dataclass
 class ChatRun:
     """A chat request accepted by the engine: its stream, its prompt and how it uses tools."""
 
@@ -837,6 +869,19 @@ async def _chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, use: Too
 
 async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str) -> ChatRun:
     """Validate, render and submit a chat request (shared by the chat and Messages APIs)."""
+    return await submit_chat(ctx, req, await plan_chat(ctx, req, base_id))
+
+
+async def submit_chat(ctx: ServingContext, req: ChatCompletionRequest,
+                      plan: ChatPlan) -> ChatRun:
+    """Hand a planned chat request to the engine."""
+    streams = await _submit(ctx, plan.base_id, [plan.prompt], [plan.params], req.priority,
+                            plan.constraint_field)
+    return ChatRun(plan.base_id, plan.prompt, plan.use, plan.num_top, streams)
+
+
+async def plan_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: str) -> ChatPlan:
+    """Validate and render a chat request, and work out its sampling parameters."""
     ctx.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
@@ -858,20 +903,39 @@ async def start_chat(ctx: ServingContext, req: ChatCompletionRequest, base_id: s
         params = dataclasses.replace(params, structured=StructuredOutputs(
             json=schema, disable_any_whitespace=True))
         constraint_field = "tools"
-    streams = await _submit(ctx, base_id, [prompt], [params], req.priority, constraint_field)
-    return ChatRun(base_id, prompt, use, num_top, streams)
+    return ChatPlan(base_id, prompt, use, num_top, params, constraint_field)
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest,
                                  request: Request) -> Response:
     """POST /v1/chat/completions."""
-    run = await start_chat(ctx, req, f"chatcmpl-{uuid.uuid4().hex}")
-    base_id, use, num_top, streams = run.base_id, run.use, run.num_top, run.streams
-    tok = ctx.ready().tokenizer
+    plan = await plan_chat(ctx, req, f"chatcmpl-{uuid.uuid4().hex}")
+    probe = await probe_chat(ctx.cache, ctx.model_name, request.headers, req, plan.prompt.text,
+                             plan.params)
+    if probe.hit:  # the cached answer, through the same path as a generated one
+        out = probe.output(plan.base_id, plan.prompt.text, plan.prompt.token_ids)
+        if req.stream:
+            return StreamingResponse(
+                _stream_chat(ctx, req, plan, probe.replay(out), probe.usage),
+                media_type="text/event-stream",
+                headers={**_SSE_HEADERS, **probe.headers})
+        return _chat_response(ctx, plan, out, probe, _wants_energy(ctx, req))
+    run = await submit_chat(ctx, req, plan)
     if req.stream:
-        return EngineStreamingResponse(_stream_chat(ctx, req, run, num_top, use), ctx,
-                                       streams)
-    out = (await collect(ctx, request, streams))[0]
+        return EngineStreamingResponse(
+            _stream_chat(ctx, req, plan, probe.tap(run.streams[0])), ctx, run.streams,
+            probe.headers)
+    out = (await collect(ctx, request, run.streams))[0]
+    await probe.store(out)
+    return _chat_response(ctx, plan, out, probe, _wants_energy(ctx, req))
+
+
+def _chat_response(ctx: ServingContext, plan: ChatPlan, out: RequestOutput,
+                   probe: Probe, energy: bool = False) -> JSONResponse:
+    """The JSON answer to a chat request from its final output (`energy`: usage says its
+    joules and cost)."""
+    base_id, use, num_top = plan.base_id, plan.use, plan.num_top
+    tok = ctx.ready().tokenizer
     choices = []
     for o in out.outputs:
         lp = None
@@ -882,16 +946,19 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         choices.append(ChatChoice(index=o.index, message=message, logprobs=lp,
                                   finish_reason=finish, stop_reason=o.stop_reason))
     body = ChatCompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
-                                  usage=_usage([out], [run.prompt], _wants_energy(ctx, req)))
+                                  usage=_usage([out], [plan.prompt], energy))
     data = body.model_dump()
     for c in data["choices"]:  # OpenAI sends tool_calls only when there are some
         if c["message"]["tool_calls"] is None:
             del c["message"]["tool_calls"]
-    return JSONResponse(data)
+    data["usage"].update(probe.usage)
+    return JSONResponse(data, headers=probe.headers)
 
 
-def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, run: ChatRun,
-                 num_top: int | None, use: ToolUse) -> AsyncIterator[str]:
+def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, plan: ChatPlan,
+                 stream: AsyncIterator[RequestOutput],
+                 usage_extra: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    num_top, use = plan.num_top, plan.use
     tok = ctx.ready().tokenizer
     lead = [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
               "finish_reason": None} for i in range(req.n)]]
@@ -920,6 +987,6 @@ def _stream_chat(ctx: ServingContext, req: ChatCompletionRequest, run: ChatRun,
             fields["finish_reason"] = "tool_calls"
         return fields
 
-    return _sse_stream(ctx, req, run.base_id, "chat.completion.chunk",
-                       merge_streams(run.streams), {i: _ChoiceState() for i in range(req.n)},
-                       lead, num_top is not None, choice, [run.prompt])
+    return _sse_stream(ctx, req, plan.base_id, "chat.completion.chunk",
+                       merge_streams([stream]), {i: _ChoiceState() for i in range(req.n)},
+                       lead, num_top is not None, choice, [plan.prompt], usage_extra)

@@ -136,10 +136,12 @@ def _parameters(tool: ChatTool) -> dict[str, Any]:
 
 
 def forced_calls(text: str, choice: str | NamedToolChoice) -> list[Call]:
-    """The calls in a forced output (which the grammar made valid JSON); of an array of
-    calls cut short by max_tokens, the ones that were completed (ValueError if none)."""
+    """The calls in a forced output (which the grammar made valid JSON). A named call's
+    arguments are the text as generated, as they stream (cut short by max_tokens, they are
+    cut short, as OpenAI's are); of an array of calls cut short, the completed ones
+    (ValueError if none)."""
     if isinstance(choice, NamedToolChoice):
-        return [Call(choice.function.name, json.dumps(json.loads(text), ensure_ascii=False))]
+        return [Call(choice.function.name, text)]
     return [Call(c["name"], json.dumps(c["arguments"], ensure_ascii=False))
             for c in _complete_items(text)]
 

@@ -99,3 +99,30 @@ def test_an_agents_sdk_agent_completes_a_two_tool_task(server):
     # the second request carried the first call and its answer back through the template
     kinds = [getattr(i, "type", None) for i in result.new_items]
     assert kinds.count("tool_call_item") == 2 and kinds.count("tool_call_output_item") == 2
+
+
+def test_an_agents_sdk_agent_on_the_responses_api_calls_its_tool_and_answers(server):
+    from agents import (Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool,
+                        set_tracing_disabled)
+    from openai import AsyncOpenAI
+    set_tracing_disabled(True)
+    cities: list[str] = []
+
+    @function_tool
+    def get_forecast(city: str) -> str:
+        """Tomorrow's forecast for a city."""
+        cities.append(city)
+        return f"Sunny in {city}, 21 C"
+
+    client = AsyncOpenAI(base_url=server.api, api_key="unused", max_retries=0)
+    # The SDK's default model class: it speaks /v1/responses. tool_choice resets to auto
+    # after the first call, so the second turn answers in text.
+    agent = Agent(name="weather", instructions="Use the tools to answer.",
+                  tools=[get_forecast],
+                  model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", temperature=0,
+                                               parallel_tool_calls=False, max_tokens=64))
+    result = asyncio.run(Runner.run(agent, "Weather in Paris tomorrow?", max_turns=3))
+    kinds = [getattr(i, "type", None) for i in result.new_items]
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
+    assert len(cities) == 1 and isinstance(result.final_output, str) and result.final_output

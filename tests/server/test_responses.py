@@ -247,6 +247,7 @@ def test_a_dropped_stream_aborts_its_request(server):
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"background": True}, "background"),
     ({"truncation": "sometimes"}, "truncation"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
     ({"model": "gpt-9"}, "model"),
 ])

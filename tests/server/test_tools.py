@@ -32,8 +32,9 @@ def client(server):
 
 
 def ask(client, **kw):
+    kw = {"max_tokens": 160, **kw}
     return client.chat.completions.create(model="smollm2-135m", messages=ASK, tools=TOOLS,
-                                          max_tokens=160, temperature=0, **kw)
+                                          temperature=0, **kw)
 
 
 def assemble(chunks) -> tuple[str, list[tuple[str, dict]], str | None]:
@@ -97,6 +98,18 @@ def test_streamed_calls_assemble_into_the_same_calls(client, choice):
     content, calls, finish = assemble(ask(client, tool_choice=choice, stream=True))
     assert content == "" and finish == whole.choices[0].finish_reason
     assert calls == pairs(whole.choices[0].message) and calls
+
+
+def test_a_named_call_cut_by_max_tokens_is_a_cut_call_streamed_or_not(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    whole = ask(client, tool_choice=named, max_tokens=4)
+    (call,) = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "length" and call.function.name == "get_weather"
+    assert call.function.arguments.startswith("{") and whole.choices[0].message.content is None
+    chunks = list(ask(client, tool_choice=named, max_tokens=4, stream=True))
+    streamed = "".join(tc.function.arguments or "" for c in chunks if c.choices
+                       for tc in c.choices[0].delta.tool_calls or [])
+    assert streamed == call.function.arguments
 
 
 def test_auto_answers_or_calls_but_never_leaks_markup(client):
