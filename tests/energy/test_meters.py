@@ -130,3 +130,19 @@ def test_a_gpu_without_nvml_or_table_entry(monkeypatch):
     assert isinstance(meter, BoardPowerModelMeter) and meter.watts == 300.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert make_meter("auto", gpu).watts == 700.0
+
+
+def test_nvml_meter_converts_millijoules_since_start():
+    from peregrine.energy.meters import NvmlMeter
+
+    class FakeNvml:
+        readings = iter([5_000_000, 5_001_500, 5_250_000])  # mJ since the driver loaded
+
+        def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+            assert handle == "gpu0"
+            return next(self.readings)
+
+    meter = NvmlMeter(FakeNvml(), "gpu0", "NVIDIA H200")
+    assert meter.source == "nvml" and "NVIDIA H200" in meter.description
+    assert meter.joules() == pytest.approx(1.5)
+    assert meter.joules() == pytest.approx(250.0)
