@@ -46,12 +46,16 @@ def test_rapl_reads_package_zones_only_and_handles_wraparound(tmp_path):
 
 def test_unreadable_or_missing_rapl_is_none(tmp_path):
     assert find_rapl(str(tmp_path / "absent"), str(tmp_path / "absent")) is None
+    # listed but failing to read (root-only files, here a directory in the file's place)
     root = str(tmp_path / "powercap")
-    fake_powercap(root, {"intel-rapl:0": (1, 10)})
-    os.chmod(os.path.join(root, "intel-rapl:0", "energy_uj"), 0)
-    if os.access(os.path.join(root, "intel-rapl:0", "energy_uj"), os.R_OK):
-        pytest.skip("running as root: every file is readable")
-    assert rapl_counters(root) == []
+    os.makedirs(os.path.join(root, "intel-rapl:0", "energy_uj"))
+    assert find_rapl(root, str(tmp_path / "absent")) is None
+    # not readable by this user: not even listed (as root everything is readable)
+    other = str(tmp_path / "other")
+    fake_powercap(other, {"intel-rapl:0": (1, 10)})
+    os.chmod(os.path.join(other, "intel-rapl:0", "energy_uj"), 0)
+    readable = os.access(os.path.join(other, "intel-rapl:0", "energy_uj"), os.R_OK)
+    assert len(rapl_counters(other)) == (1 if readable else 0)
 
 
 def test_amd_energy_hwmon_sums_socket_counters(tmp_path):
