@@ -59,7 +59,7 @@ def energy_table(runs: list[dict[str, Any]]) -> str:
         if not e:
             continue
         rows.append([run.get("label", ""), e["source"], e["joules"], e["mean_watts"],
-                     e["joules_per_output_token"], e["joules_per_token"],
+                     _sig(e["joules_per_output_token"]), _sig(e["joules_per_token"]),
                      e["output_tokens_per_kwh"], e["usd_per_mtok_output"]])
         if e["description"] not in sources:
             sources.append(e["description"])
@@ -68,3 +68,8 @@ def energy_table(runs: list[dict[str, Any]]) -> str:
     head = table(["run", "power source", "joules", "mean W", "J / output token", "J / token",
                   "output tok / kWh", "$ / M output tok"], rows)
     return head + "\n\n" + "\n".join(f"Power: {s}." for s in sources)
+
+
+def _sig(x: float | None) -> str | None:
+    # joules per token are often below 1: three significant digits, not two decimals
+    return None if x is None else f"{x:.3g}"
