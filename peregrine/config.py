@@ -104,6 +104,21 @@ class EngineConfig:
     ngram_max: int = 4
     """`ngram`: the longest suffix looked up first (vLLM's prompt_lookup_max)."""
 
+    # --- energy and cost (docs/cost.md) --------------------------------------------------
+    power_source: Literal["auto", "nvml", "rapl", "model", "off"] = "auto"
+    """Where each step's joules come from. `auto`: the GPU's NVML energy counter
+    (nvidia-ml-py), the CPU's RAPL counters when readable, else the stated `model`
+    (CPU: process CPU seconds x watts per core; GPU: wall time x board power). `off`: no
+    energy accounting."""
+    power_watts: float | None = None
+    """Wattage of the power model: per busy CPU core, or the GPU's board power. None:
+    devices.json's (CPU: 3.75 W, an AMD EPYC 9654's 360 W TDP / 96 cores; GPU: the
+    datasheet power limit of the matching GPU)."""
+    price_per_hour: float = 0.0
+    """What one hour of this device costs in USD (rent, or amortised purchase plus power);
+    0 means unknown and no cost is reported. A request is charged its token share of the
+    wall time of each step it is in."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form options for experiments; nothing in the engine depends on it."""
 
@@ -146,6 +161,13 @@ class EngineConfig:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("ngram_min and ngram_max must satisfy 1 <= ngram_min <= ngram_max, "
                              f"got {self.ngram_min} and {self.ngram_max}")
+        if self.power_source not in ("auto", "nvml", "rapl", "model", "off"):
+            raise ValueError("power_source must be auto|nvml|rapl|model|off, got "
+                             f"{self.power_source!r}")
+        if self.power_watts is not None and self.power_watts <= 0:
+            raise ValueError(f"power_watts must be > 0, got {self.power_watts}")
+        if self.price_per_hour < 0:
+            raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")

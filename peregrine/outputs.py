@@ -34,13 +34,16 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """Timestamps (time.monotonic) of a request's milestones."""
+    """Timestamps (time.monotonic) of a request's milestones, and what it has consumed."""
 
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    energy_joules: float | None = None  # None when the engine's power_source is off
+    energy_source: str | None = None  # nvml | rapl | model
+    cost_usd: float | None = None  # None when the engine has no price_per_hour
 
 
 @dataclass

@@ -29,6 +29,8 @@ LAYERS: list[list[str]] = [
     ["peregrine.engine.sequence", "peregrine.engine.detokenizer", "peregrine.engine.kv_cache",
      "peregrine.engine.batch"],
     ["peregrine.sampling"],
+    # power meters and the attribution of each step's energy and cost
+    ["peregrine.energy"],
     ["peregrine.engine"],
     # entry points: offline API, server, offline quantization tools, benchmarks, estimates,
     # CLI

@@ -8,6 +8,7 @@ import statistics
 import time
 from typing import Any
 
+from peregrine.bench.energy import RunEnergy
 from peregrine.bench.phases import EngineStepTimer, PhaseAccounting, StepWork
 from peregrine.bench.roofline import DevicePeak
 from peregrine.bench.stats import summarize
@@ -57,10 +58,15 @@ def measure_decode(timer: EngineStepTimer, batch_size: int, prompt_len: int, out
     engine = timer.engine
     vocab = engine.model_config.vocab_size
     timer.step_log.clear()
+    energy = RunEnergy(engine)
+    t0 = time.perf_counter()
     for _ in range(batch_size):
         engine.add_request(None, {"prompt_token_ids": _random_ids(rng, prompt_len, vocab)},
                            bench_params(output_len))
     timer.run_until_done()
+    # the whole run's energy: the prompts' prefill is in it
+    figures = energy.summary(batch_size * output_len,
+                             batch_size * (prompt_len + output_len), time.perf_counter() - t0)
     steps = [(s, w) for s, w in timer.step_log
              if w.decode_tokens == batch_size and w.prefill_tokens == 0]
     if not steps:
@@ -71,7 +77,8 @@ def measure_decode(timer: EngineStepTimer, batch_size: int, prompt_len: int, out
     return {"batch_size": batch_size, "prompt_len": prompt_len, "decode_steps": len(steps),
             "tpot_ms": summarize([s for s, _ in steps], 1000),
             "tokens_per_s": batch_size / median, "tokens_per_s_per_seq": 1 / median,
-            "mbu": decode["mbu"], "mfu": decode["mfu"]}
+            "mbu": decode["mbu"], "mfu": decode["mfu"],
+            **({"energy": figures} if figures is not None else {})}
 
 
 def run_latency(config: EngineConfig, peak: DevicePeak, input_lens: list[int],

@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from peregrine.bench.energy import energy_table
 from peregrine.bench.results import load_json, table
 
 
@@ -36,7 +37,8 @@ def throughput_table(result: dict[str, Any]) -> str:
     header = ["engine", "threads", "output tok/s", "total tok/s", "req/s", "wall s",
               "prefill tok/s", "prefill MFU", "decode tok/s", "decode MBU",
               "time in mixed steps", "output tok/s vs first"]
-    return table(header, rows)
+    energy = energy_table(result["runs"])
+    return table(header, rows) + (f"\n\nEnergy and cost:\n\n{energy}" if energy else "")
 
 
 def latency_tables(result: dict[str, Any]) -> str:
@@ -51,7 +53,10 @@ def latency_tables(result: dict[str, Any]) -> str:
                 [[d["batch_size"], d["tpot_ms"]["median"], d["tpot_ms"]["p90"],
                   d["tokens_per_s"], d["tokens_per_s_per_seq"], _pct(d["mbu"])]
                  for d in result["decode"]])
-    return ttft + "\n\n" + dec
+    energy = energy_table([{**d, "label": f"batch {d['batch_size']} (prefill included)"}
+                           for d in result["decode"]])
+    return ttft + "\n\n" + dec + (f"\n\nEnergy of each decode run:\n\n{energy}"
+                                   if energy else "")
 
 
 def serve_table(result: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from peregrine.bench.datasets import BenchRequest
+from peregrine.bench.energy import RunEnergy
 from peregrine.bench.phases import EngineStepTimer
 from peregrine.bench.results import throughput_run
 from peregrine.bench.roofline import DevicePeak, ModelCost, state_dict_bytes
@@ -65,6 +66,7 @@ def run_peregrine(requests: list[BenchRequest], config: EngineConfig, peak: Devi
     if warmup:
         warm_up(engine)
     timer = EngineStepTimer(engine, engine_cost(engine))
+    energy = RunEnergy(engine)
     t0 = time.perf_counter()
     ids = [engine.add_request(None, r.engine_prompt(), bench_params(r.output_len)).request_id
            for r in requests]
@@ -72,6 +74,8 @@ def run_peregrine(requests: list[BenchRequest], config: EngineConfig, peak: Devi
     wall = time.perf_counter() - t0
     timer.close()
     output_tokens = sum(len(final[i].outputs[0].token_ids) for i in ids)
+    prompt_tokens = sum(r.prompt_len for r in requests)
+    joules = energy.summary(output_tokens, prompt_tokens + output_tokens, wall)
     stats = engine.get_stats()
     settings = {"batching": config.batching, "max_num_seqs": config.max_num_seqs,
                 "max_num_batched_tokens": config.token_budget,
@@ -85,7 +89,8 @@ def run_peregrine(requests: list[BenchRequest], config: EngineConfig, peak: Devi
         engine="peregrine", label=f"peregrine ({config.batching})", settings=settings,
         requests=requests, output_tokens=output_tokens, wall_s=wall, phases=timer.phases,
         peak=peak, cost=timer.cost, preemptions=stats.num_preemptions,
-        prefix_cache_hit_rate=stats.prefix_cache_hit_rate)
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+        **({"energy": joules} if joules is not None else {}))
 
 
 def run_batchings(requests: list[BenchRequest], config: EngineConfig, batchings: list[str],

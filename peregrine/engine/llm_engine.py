@@ -22,6 +22,7 @@ from peregrine.engine.memory_profile import gpu_kv_budget
 from peregrine.engine.model_runner import ModelRunner
 from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
+from peregrine.energy import EnergyAccountant, make_meter
 from peregrine.layers.pooling import PoolingType, normalize as normalize_rows, pool_flat
 from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
 from peregrine.models.loader import LoadedModel, load_model
@@ -57,6 +58,11 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     spec_decode: SpecDecodeStats | None = None  # None when not speculating
+    energy_source: str | None = None  # nvml | rapl | model; None when power_source is off
+    energy_joules_total: float = 0.0
+    cost_usd_total: float = 0.0  # 0 without a price_per_hour
+    tokens_per_kwh: float = 0.0  # tokens computed (prompt + generated) per kWh, since start
+    tokens_per_usd: float = 0.0  # tokens computed per dollar of device time, since start
 
 
 class StepFailedError(RuntimeError):
@@ -108,6 +114,9 @@ class LLMEngine:
         self.last_step_tokens = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        meter = make_meter(config.power_source, device, config.power_watts)
+        self.energy = (EnergyAccountant(meter, config.price_per_hour)
+                       if meter is not None else None)
         self.batch_observer: Callable[[ScheduledBatch], None] | None = None
         """Called with each step's batch after the forward pass and before postprocessing
         advances its sequences (benchmarks attribute step time to prefill and decode)."""
@@ -229,6 +238,8 @@ class LLMEngine:
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step: schedule, propose drafts, run the model once, process what it sampled."""
+        if self.energy is not None:
+            self.energy.start_step()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -335,6 +346,8 @@ class LLMEngine:
                     break
             if drafts:
                 self._roll_back_drafts(seq, drafts, len(tokens) - 1)
+        if self.energy is not None:
+            self._charge_energy(batch)
         outputs = []
         for req in changed.values():
             if req.beam is not None:
@@ -344,6 +357,18 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
             outputs.append(self.make_output(req))
         return outputs
+
+    def _charge_energy(self, batch: ScheduledBatch) -> None:
+        """Split the step's energy and cost among its requests by their tokens in it."""
+        tokens: dict[str, int] = {}
+        reqs: dict[str, Request] = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            rid = seq.request.request_id
+            tokens[rid] = tokens.get(rid, 0) + n
+            reqs[rid] = seq.request
+        for rid, share in zip(tokens, self.energy.end_step(list(tokens.values()))):
+            reqs[rid].energy_joules += share.joules
+            reqs[rid].cost_usd += share.cost_usd
 
     def _roll_back_drafts(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """Forget the rejected drafts: their K/V slots count as not computed, and blocks
@@ -415,12 +440,16 @@ class LLMEngine:
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason)
                 for i, s in enumerate(seqs)]
         t = req.times
+        e = self.energy
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             outputs=outs, finished=req.is_finished, prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
-            metrics=RequestMetrics(t.arrival, t.first_scheduled, t.first_token, t.last_token,
-                                   t.finished))
+            metrics=RequestMetrics(
+                t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,
+                energy_joules=req.energy_joules if e is not None else None,
+                energy_source=e.source if e is not None else None,
+                cost_usd=req.cost_usd if e is not None and e.prices_cost else None))
 
     def get_stats(self) -> EngineStats:
         """Counters and gauges of the engine right now."""
@@ -433,7 +462,16 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, num_steps=self.num_steps,
             last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            spec_decode=self.spec_stats if self.proposer is not None else None)
+            spec_decode=self.spec_stats if self.proposer is not None else None,
+            **self._energy_stats())
+
+    def _energy_stats(self) -> dict[str, Any]:
+        e = self.energy
+        if e is None:
+            return {}
+        return {"energy_source": e.source, "energy_joules_total": e.joules_total,
+                "cost_usd_total": e.cost_usd_total, "tokens_per_kwh": e.tokens_per_kwh,
+                "tokens_per_usd": e.tokens_per_usd}
 
     def check_invariants(self) -> None:
         """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""

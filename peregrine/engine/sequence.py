@@ -141,6 +141,8 @@ class Request:
     eos_token_ids: list[int] = field(default_factory=list)  # suppressed until min_tokens
     beam: Any = None  # BeamSearchState while a beam search runs
     prompt_tensor: torch.Tensor | None = None  # prompt ids on the device (repetition penalty)
+    energy_joules: float = 0.0  # its token share of the energy of every step it was in
+    cost_usd: float = 0.0  # its token share of those steps' wall time x price_per_hour
 
     def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
         """The prompt token ids as a tensor on `device`, built once per request."""

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from peregrine.config import EngineConfig, add_engine_args, field_docs
+from peregrine.estimate.compare import compare_api, output_capacity, render_comparison
 from peregrine.estimate.core import EstimateOptions, estimate
 
 # Engine flags that change nothing estimate computes.
@@ -14,7 +15,7 @@ IGNORED_ENGINE_FLAGS = ("tokenizer", "load_format", "seed", "num_kv_blocks", "kv
                         "enable_prefix_caching", "batching", "batch_wait_ms",
                         "attention_backend", "max_logprobs", "speculative",
                         "num_speculative_tokens", "ngram_min", "ngram_max",
-                        "quantization_symmetric")
+                        "quantization_symmetric", "power_source", "power_watts")
 
 
 def add_estimate_parser(sub: Any) -> None:
@@ -29,6 +30,13 @@ def add_estimate_parser(sub: Any) -> None:
     p.add_argument("--request-rate", type=float, default=None, help=docs["request_rate"])
     p.add_argument("--devices", default=None,
                    help="comma-separated device names to report, e.g. H100,L4,CPU (default: all)")
+    p.add_argument("--compare-api", type=float, default=None, metavar="USD_PER_MTOK",
+                   help="compare self-hosting (--price-per-hour per device) with an API "
+                        "charging this many USD per million output tokens: cost per million "
+                        "at traffic levels and the break-even traffic (docs/cost.md)")
+    p.add_argument("--measured-tok-s", type=float, default=None,
+                   help="with --compare-api: the device's output tokens/s measured (e.g. "
+                        "`peregrine bench throughput`) instead of the predicted capacity")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     add_engine_args(p, exclude=IGNORED_ENGINE_FLAGS)
     p.set_defaults(func=cmd_estimate)
@@ -42,8 +50,41 @@ def cmd_estimate(ns: argparse.Namespace) -> int:
                            request_rate=ns.request_rate,
                            devices=ns.devices.split(",") if ns.devices else None)
     result = estimate(config, opts)
-    print(json.dumps(result, indent=2) if ns.json else render(result))
+    if ns.compare_api is not None:
+        result["compare_api"] = api_comparisons(result, opts, ns.compare_api,
+                                                config.price_per_hour, ns.measured_tok_s)
+    text = render(result)
+    if "compare_api" in result:
+        text += "\n\nself-hosted vs API (cost of the device-hours only; docs/cost.md):\n"
+        text += "\n".join(line for c in result["compare_api"]
+                          for line in render_comparison(c["device"], c))
+    print(json.dumps(result, indent=2) if ns.json else text)
     return 0
+
+
+def api_comparisons(result: dict[str, Any], opts: EstimateOptions, api_usd_per_mtok: float,
+                    price_per_hour: float, measured_tok_s: float | None
+                    ) -> list[dict[str, Any]]:
+    """One comparison per fitting device (its count x --price-per-hour an hour, capacity
+    predicted from its decode and prefill speeds), or one of the measured speed."""
+    max_len = result["max_model_len"]
+    prompt = opts.prompt_len or max(max_len // 2, 1)
+    output = opts.output_len or max(max_len - prompt, 1)
+    if measured_tok_s is not None:
+        return [{"device": "measured", **compare_api(
+            api_usd_per_mtok, price_per_hour, measured_tok_s, output, "measured")}]
+    out = []
+    for d in result["devices"]:
+        if not d["fits"] or d["decode_tok_s"] <= 0 or d["prefill_tok_s"] <= 0:
+            continue
+        capacity = output_capacity(d["decode_tok_s"], d["prefill_tok_s"], prompt, output)
+        out.append({"device": f"{d['count']} x {d['name']}", **compare_api(
+            api_usd_per_mtok, d["count"] * price_per_hour, capacity, output,
+            f"predicted: batch {d['decode_batch']} decode, prompt {prompt} / output "
+            f"{output}")})
+    if not out:
+        raise ValueError("--compare-api: the model fits none of the devices")
+    return out
 
 
 def _gib(x: float) -> str:

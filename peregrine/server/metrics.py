@@ -62,7 +62,8 @@ class _EngineCollector(Collector):
         s = self._stats()
         if s is None:  # still loading
             return
-        metrics = ENGINE_METRICS + (SPEC_DECODE_METRICS if s.spec_decode is not None else [])
+        metrics = (ENGINE_METRICS + (SPEC_DECODE_METRICS if s.spec_decode is not None else [])
+                   + (ENERGY_METRICS if s.energy_source is not None else []))
         for kind, name, doc, read in metrics:
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
                 PREFIX + name, doc, labels=["model_name"])
@@ -75,6 +76,13 @@ class _EngineCollector(Collector):
             for j, rate in enumerate(s.spec_decode.per_position_acceptance):
                 per_pos.add_metric([self._model, str(j)], rate)
             yield per_pos
+        if s.energy_source is not None:
+            info = GaugeMetricFamily(PREFIX + "energy_source_info", "Where energy_joules "
+                                     "comes from: nvml or rapl (measured), model (stated "
+                                     "wattage x time; docs/cost.md).",
+                                     labels=["model_name", "source"])
+            info.add_metric([self._model, s.energy_source], 1)
+            yield info
 
 
 # (kind, name, help, how to read it from EngineStats), exported at every scrape.
@@ -98,6 +106,17 @@ ENGINE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
      lambda s: s.prompt_tokens_total),
     ("counter", "generation_tokens", "Tokens generated.", lambda s: s.generation_tokens_total),
     ("counter", "engine_steps", "Engine steps run.", lambda s: s.num_steps),
+]
+# Exported when the engine meters energy (power_source is not off); docs/cost.md.
+ENERGY_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
+    ("counter", "energy_joules", "Joules of the engine's steps (see energy_source_info).",
+     lambda s: s.energy_joules_total),
+    ("counter", "cost_usd", "Device time of the engine's steps x --price-per-hour (0 "
+     "unpriced).", lambda s: s.cost_usd_total),
+    ("gauge", "tokens_per_kwh", "Tokens computed (prompt + generated) per kWh since start.",
+     lambda s: s.tokens_per_kwh),
+    ("gauge", "tokens_per_usd", "Tokens computed (prompt + generated) per dollar of device "
+     "time since start (0 unpriced).", lambda s: s.tokens_per_usd),
 ]
 SPEC_DECODE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
     ("counter", "spec_decode_num_drafts", "Sequence-steps that verified draft tokens.",

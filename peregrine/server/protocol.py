@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      model_serializer)
 
 from peregrine.sampling_params import SamplingParams
 from peregrine.structured.grammar import StructuredOutputs
@@ -99,6 +100,9 @@ class SamplingRequest(_Request):
     length_penalty: float = Field(1.0, ge=-100, le=100)
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
     """vLLM's: keep only the prompt's last N tokens (-1: as many as fit the context)."""
+    usage_detail: bool = False
+    """peregrine's: add `energy` (joules and their source) and, when the server has a
+    --price-per-hour, `cost_usd` to `usage` (docs/cost.md)."""
     # structured outputs (besides response_format); at most one per request
     regex: str | None = None
     choice: list[str] | None = None
@@ -336,12 +340,32 @@ class PromptTruncation(BaseModel):
     dropped_tokens: int = 0
 
 
+class UsageEnergy(BaseModel):
+    """Joules a request used (its token share of each step's energy) and their source."""
+
+    joules: float
+    source: str  # nvml | rapl (measured) | model (docs/cost.md)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
     truncation: PromptTruncation | None = None
+    energy: UsageEnergy | None = None  # only when asked (usage_detail, --usage-energy)
+    cost_usd: float | None = None  # only when asked and the server has --price-per-hour
+
+    # No return annotation: with one, pydantic would publish that type (a bare object) as
+    # the response schema instead of these fields.
+    @model_serializer(mode="wrap")
+    def _omit_unasked(self, handler: SerializerFunctionWrapHandler):  # noqa: ANN202
+        # OpenAI's usage has no such keys: a response that did not ask keeps its exact shape
+        data = handler(self)
+        for key in ("energy", "cost_usd"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):

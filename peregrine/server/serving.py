@@ -44,7 +44,8 @@ from peregrine.server.protocol import (ChatCompletionRequest, ChatCompletionResp
                                        CompletionChoice, CompletionLogprobs, CompletionRequest,
                                        CompletionResponse, FunctionCall, NamedToolChoice,
                                        PromptTruncation, SamplingRequest, TokenLogprob,
-                                       ToolCall, TopLogprob, UsageInfo)
+                                       ToolCall, TopLogprob, UsageEnergy,
+                                       UsageInfo)
 from peregrine.structured.grammar import StructuredOutputs
 
 T = TypeVar("T")
@@ -321,8 +322,10 @@ def _sse_error(e: Exception) -> str:
 _DONE = "data: [DONE]\n\n"
 
 
-def _usage(outs: list[RequestOutput], prompts: list[Prompt] | None = None) -> UsageInfo:
-    """Token counts of the outputs; `truncation` sums what fitting `prompts` left out."""
+def _usage(outs: list[RequestOutput], prompts: list[Prompt] | None = None,
+           energy: bool = False) -> UsageInfo:
+    """Token counts of the outputs; `truncation` sums what fitting `prompts` left out;
+    with `energy`, the joules (and dollars, when priced) the engine charged them."""
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     cached = sum(o.num_cached_tokens for o in outs)
@@ -331,9 +334,21 @@ def _usage(outs: list[RequestOutput], prompts: list[Prompt] | None = None) -> Us
     if cuts:
         truncation = PromptTruncation(**{name: sum(getattr(c, name) for c in cuts)
                                          for name in PromptTruncation.model_fields})
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion,
-                     prompt_tokens_details={"cached_tokens": cached}, truncation=truncation)
+    usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
+                      total_tokens=prompt + completion,
+                      prompt_tokens_details={"cached_tokens": cached}, truncation=truncation)
+    metrics = [o.metrics for o in outs if o.metrics is not None]
+    if energy and metrics and all(m.energy_joules is not None for m in metrics):
+        usage.energy = UsageEnergy(joules=sum(m.energy_joules for m in metrics),
+                                   source=metrics[0].energy_source or "model")
+        if all(m.cost_usd is not None for m in metrics):
+            usage.cost_usd = sum(m.cost_usd for m in metrics)
+    return usage
+
+
+def _wants_energy(ctx: ServingContext, req: SamplingRequest) -> bool:
+    """Whether a response's usage carries energy and cost (asked, or --usage-energy)."""
+    return ctx.args.usage_energy or req.usage_detail
 
 
 # --- logprobs -----------------------------------------------------------------------------------
@@ -517,7 +532,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest,
                                             logprobs=lp, finish_reason=o.finish_reason,
                                             stop_reason=o.stop_reason))
     body = CompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
-                              usage=_usage(outs, prompts))
+                              usage=_usage(outs, prompts, _wants_energy(ctx, req)))
     data = body.model_dump()
     data["usage"].update(probe.usage)
     return JSONResponse(data, headers=probe.headers)
@@ -582,7 +597,8 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
         data = {"id": base_id, "object": kind, "created": created, "model": ctx.model_name,
                 "choices": choices}
         if req.continuous_usage and latest:
-            data["usage"] = {**_usage(list(latest.values()), prompts).model_dump(),
+            data["usage"] = {**_usage(list(latest.values()), prompts,
+                                      _wants_energy(ctx, req)).model_dump(),
                              **(usage_extra or {})}
         return data
 
@@ -611,7 +627,8 @@ async def _sse_stream(ctx: ServingContext, req: SamplingRequest, base_id: str, k
     if req.include_usage and latest:
         yield _sse({"id": base_id, "object": kind, "created": created,
                     "model": ctx.model_name, "choices": [],
-                    "usage": {**_usage(list(latest.values()), prompts).model_dump(),
+                    "usage": {**_usage(list(latest.values()), prompts,
+                                       _wants_energy(ctx, req)).model_dump(),
                               **(usage_extra or {})}})
     yield _DONE
 
@@ -902,7 +919,7 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                 _stream_chat(ctx, req, plan, probe.replay(out), probe.usage),
                 media_type="text/event-stream",
                 headers={**_SSE_HEADERS, **probe.headers})
-        return _chat_response(ctx, plan, out, probe)
+        return _chat_response(ctx, plan, out, probe, _wants_energy(ctx, req))
     run = await submit_chat(ctx, req, plan)
     if req.stream:
         return EngineStreamingResponse(
@@ -910,12 +927,13 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
             probe.headers)
     out = (await collect(ctx, request, run.streams))[0]
     await probe.store(out)
-    return _chat_response(ctx, plan, out, probe)
+    return _chat_response(ctx, plan, out, probe, _wants_energy(ctx, req))
 
 
 def _chat_response(ctx: ServingContext, plan: ChatPlan, out: RequestOutput,
-                   probe: Probe) -> JSONResponse:
-    """The JSON answer to a chat request from its final output."""
+                   probe: Probe, energy: bool = False) -> JSONResponse:
+    """The JSON answer to a chat request from its final output (`energy`: usage says its
+    joules and cost)."""
     base_id, use, num_top = plan.base_id, plan.use, plan.num_top
     tok = ctx.ready().tokenizer
     choices = []
@@ -928,7 +946,7 @@ def _chat_response(ctx: ServingContext, plan: ChatPlan, out: RequestOutput,
         choices.append(ChatChoice(index=o.index, message=message, logprobs=lp,
                                   finish_reason=finish, stop_reason=o.stop_reason))
     body = ChatCompletionResponse(id=base_id, model=ctx.model_name, choices=choices,
-                                  usage=_usage([out], [plan.prompt]))
+                                  usage=_usage([out], [plan.prompt], energy))
     data = body.model_dump()
     for c in data["choices"]:  # OpenAI sends tool_calls only when there are some
         if c["message"]["tool_calls"] is None:

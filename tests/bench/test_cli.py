@@ -85,6 +85,9 @@ def test_latency_command(tiny_model_dir, tmp_path):
     for d in data["decode"]:
         assert d["decode_steps"] >= 1 and d["tokens_per_s"] > 0
         assert d["tokens_per_s"] == pytest.approx(d["batch_size"] * d["tokens_per_s_per_seq"])
+        e = d["energy"]  # this machine's meter (the model where RAPL cannot be read)
+        assert e["source"] in ("rapl", "model") and e["joules"] > 0
+        assert e["joules_per_output_token"] == pytest.approx(e["joules"] / (d["batch_size"] * 3))
 
 
 def test_plot_and_report_commands(throughput_result, tmp_path, capsys):
