@@ -58,16 +58,24 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
     base.update(overrides)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig}[family]
+    cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[family]
     cfg = cls(**base)
+    newer = family in ("qwen3", "phi3", "gemma2", "gemma3")
+    if newer:  # the eager path is transformers' reference (it alone soft-caps everywhere)
+        cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[family]
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # biases are zero at init; make them matter
+    with torch.no_grad():  # biases are zero at init (Gemma norms too); make them matter
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
+            if name.endswith("bias") or (newer and "norm" in name):
                 p.normal_(0, 0.1)
     path = str(tmp_path / family)
     model.save_pretrained(path, safe_serialization=True)

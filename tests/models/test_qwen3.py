@@ -1,0 +1,62 @@
+"""Qwen3 (per-head q/k RMSNorm, explicit head_dim, no qkv bias) equals transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peregrine.engine.cpu_decode import fusable
+from peregrine.models.loader import load_model
+from tests.conftest import write_hf_checkpoint
+from tests.models.parity import assert_greedy_matches, assert_logits_match, random_prompts
+
+# head_dim 32 is not hidden / heads (16): the explicit value must be used.
+QWEN3 = dict(head_dim=32, rope_theta=1000000.0)
+
+
+def test_logits_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    assert_logits_match(path, ref, random_prompts([7, 29]))
+
+
+def test_tied_mqa_logits_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", tie_word_embeddings=True,
+                                    num_key_value_heads=1, **QWEN3)
+    assert_logits_match(path, ref, random_prompts([12, 5]))
+
+
+def test_greedy_alone_batched_and_chunked_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    assert_greedy_matches(path, ref)
+
+
+def test_config_and_param_count(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    loaded = load_model(path)
+    cfg = loaded.config
+    assert (cfg.architecture, cfg.head_dim, cfg.qk_norm, cfg.attention_bias) == (
+        "qwen3", 32, True, False)
+    assert cfg.sliding_window is None
+    assert cfg.num_params() == sum(p.numel() for p in ref.parameters())
+    assert loaded.model.layers[0].self_attn.q_norm.weight.shape == (32,)
+
+
+def test_fused_cpu_step_is_refused(tmp_path):
+    """The C++ step has no q/k norm: an int8 Qwen3 runs the eager layers instead."""
+    path, _ = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    net = load_model(path, quantization="int8").model
+    caches = [type("C", (), {"k_scale": None, "k": torch.zeros(1)})()]
+    reason = fusable(net, caches)
+    assert reason is not None and "qwen3" in reason
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b"])
+def test_shipped_config_builds(name):
+    from peregrine.models.config import ModelConfig
+    from peregrine.models.loader import _read_config
+    from peregrine.models.registry import resolve_model
+    cfg = ModelConfig.from_hf(_read_config(resolve_model(name).path), name)
+    assert cfg.architecture == "qwen3" and cfg.qk_norm and cfg.head_dim == 128
+    # the published sizes: 0.6B (0.44B without the tied embedding), 8.2B
+    billions = {"qwen3-0.6b": 0.596, "qwen3-8b": 8.19}[name]
+    assert abs(cfg.num_params() / 1e9 - billions) < 0.01
