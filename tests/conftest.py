@@ -57,6 +57,8 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if family == "phi3":  # its defaults are ids of the real 32k vocabulary
+        base.update(pad_token_id=0, eos_token_id=2)
     base.update(overrides)
     cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -73,10 +75,12 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
         cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # biases are zero at init (Gemma norms too); make them matter
+    with torch.no_grad():  # biases are zero at init, norms constant; make them matter
         for name, p in model.named_parameters():
-            if name.endswith("bias") or (newer and "norm" in name):
+            if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif newer and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     path = str(tmp_path / family)
     model.save_pretrained(path, safe_serialization=True)
     with open(os.path.join(path, "config.json")) as f:

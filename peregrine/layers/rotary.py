@@ -18,7 +18,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "longrope":
-        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32,
+                                       device="cpu")
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
@@ -57,8 +58,8 @@ def position_freqs(head_dim: int, theta: float, scaling: dict[str, Any] | None,
     freqs = torch.outer(positions, inv_freq)
     if scaling is None or scaling.get("rope_type") != "longrope":
         return freqs, 1.0
-    long_inv = rope_inv_freq(head_dim, theta, None) / torch.tensor(scaling["long_factor"],
-                                                                   dtype=torch.float32)
+    long = torch.tensor(scaling["long_factor"], dtype=torch.float32, device="cpu")
+    long_inv = rope_inv_freq(head_dim, theta, None) / long
     is_long = (positions >= scaling["original_max_position_embeddings"]).unsqueeze(1)
     freqs = torch.where(is_long, torch.outer(positions, long_inv), freqs)
     return freqs, longrope_attention_factor(scaling)
