@@ -162,9 +162,9 @@ class ModelConfig:
                   name: str = "") -> "ModelConfig":
         """Build from GGUF metadata (keys such as `llama.block_count`)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
-                             "llama, mistral and qwen2")
+                             "llama, mistral, qwen2 and qwen3")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
@@ -193,6 +193,7 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=has_qkv_bias,
             sliding_window=get("attention.sliding_window"),
+            qk_norm=arch == "qwen3",
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=[] if eos is None else [eos],
             name=name or meta.get("general.name", ""),
