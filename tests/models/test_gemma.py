@@ -102,3 +102,23 @@ def test_dummy_weights_make_identity_norms(tmp_path):
     net = load_model(path, load_format="dummy").model
     assert torch.all(net.layers[0].pre_feedforward_layernorm.weight == 0)
     assert torch.all(net.norm.weight == 0)
+
+
+def test_self_speculation_keeps_greedy_output(tmp_path):
+    """The self-draft runs Gemma's first layer (its own embedding scale, local RoPE, norms)
+    and verification keeps the target's greedy tokens."""
+    from tests.models.parity import engine_greedy
+    path, _ = checkpoint(tmp_path, "gemma3")
+    prompts = random_prompts([21, 9], seed=3)
+    plain = engine_greedy(path, prompts, 24)
+    assert engine_greedy(path, prompts, 24, speculative="layers:1",
+                         num_speculative_tokens=3) == plain
+
+
+def test_gptq_refuses_gemma_layers(tmp_path):
+    from peregrine.quantization.apply import QuantSpec
+    from peregrine.quantization.calibrate import calibrated_quantize
+    path, _ = checkpoint(tmp_path, "gemma2")
+    net = load_model(path).model
+    with pytest.raises(ValueError, match="Llama-structured"):
+        calibrated_quantize(net, [[1, 2, 3]], QuantSpec("int4", 32, False), "gptq")
