@@ -112,10 +112,13 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """Writes the new K/V into the cache and attends; the same contract on CPU and GPU."""
 
+    supports_softcap: bool  # whether forward takes a logit soft-cap (Gemma 2)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: LayerCache | None, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]."""
+                sliding_window: int | None, softcap: float | None = None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]; with `softcap`, the scaled
+        scores s become softcap * tanh(s / softcap) before the mask and softmax."""
         ...
 
 
@@ -124,12 +127,25 @@ _BACKENDS = {"torch": "peregrine.kernels.torch_attention:TorchAttentionBackend",
              "triton": "peregrine.kernels.triton_attention:TritonAttentionBackend"}
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend for `name` (auto|torch|triton) on `device`."""
+def resolve_attention_backend(name: str, device: torch.device,
+                              cfg: ModelConfig | None = None) -> str:
+    """The backend `name` (auto|torch|triton) means on `device` for a model of `cfg`: auto is
+    triton on CUDA unless the model needs attention soft-capping, which only torch does."""
+    softcap = cfg is not None and cfg.attn_logit_softcapping is not None
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" and not softcap else "torch"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (auto|torch|triton)")
+    if name == "triton" and softcap:
+        raise ValueError(f"{cfg.name or cfg.architecture} soft-caps attention logits, which "
+                         "the triton backend cannot do; use --attention-backend torch or auto")
+    return name
+
+
+def get_attention_backend(name: str, device: torch.device,
+                          cfg: ModelConfig | None = None) -> AttentionBackend:
+    """The backend for `name` (auto|torch|triton) on `device`, for a model of `cfg`."""
+    name = resolve_attention_backend(name, device, cfg)
     module, cls = _BACKENDS[name].split(":")
     backend = getattr(importlib.import_module(module), cls)
     return backend() if name == "torch" else backend(device)

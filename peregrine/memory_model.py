@@ -273,9 +273,10 @@ def weight_bytes(cfg: ModelConfig, plan: dict[str, LinearFormat], compute_dtype:
         else:
             linears += b
     h = cfg.hidden_size
-    norms = (2 * cfg.num_layers + 1) * h
+    norms = cfg.num_norm_params()
     biases = cfg.num_layers * (cfg.q_size + 2 * cfg.kv_size) if cfg.attention_bias else 0
-    rotary = max_positions * 2 * cfg.head_dim * 4
+    tables = 1 if cfg.rope_local_theta is None else 2  # Gemma 3: a local and a global table
+    rotary = tables * max_positions * 2 * cfg.head_dim * 4
     return WeightBytes(linears=linears, lm_head=lm_head, embedding=cfg.vocab_size * h * fb,
                        norms_biases=(norms + biases) * fb, rotary=rotary, formats=counts)
 

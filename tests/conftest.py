@@ -57,18 +57,30 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if family == "phi3":  # its defaults are ids of the real 32k vocabulary
+        base.update(pad_token_id=0, eos_token_id=2)
     base.update(overrides)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig}[family]
+    cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[family]
     cfg = cls(**base)
+    newer = family in ("qwen3", "phi3", "gemma2", "gemma3")
+    if newer:  # the eager path is transformers' reference (it alone soft-caps everywhere)
+        cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[family]
     model = model_cls(cfg).eval()
-    with torch.no_grad():  # biases are zero at init; make them matter
+    with torch.no_grad():  # biases are zero at init, norms constant; make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif newer and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     path = str(tmp_path / family)
     model.save_pretrained(path, safe_serialization=True)
     with open(os.path.join(path, "config.json")) as f:

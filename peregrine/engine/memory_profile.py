@@ -45,7 +45,8 @@ def kv_budget_bytes(total: int, peak_torch: int, non_torch: int, utilization: fl
 def gpu_kv_budget(model: LlamaForCausalLM, config: EngineConfig, max_model_len: int) -> float:
     """Profile the largest step on the GPU and return the KV pool's budget in bytes."""
     device = config.torch_device
-    model.set_attention_backend(get_attention_backend(config.attention_backend, device))
+    model.set_attention_backend(get_attention_backend(config.attention_backend, device,
+                                                       model.config))
     tokens = config.token_budget
     if not config.enable_chunked_prefill:  # the scheduler then runs whole prompts
         tokens = max(tokens, max_model_len)

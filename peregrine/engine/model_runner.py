@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from peregrine.attention_backend import (AttentionMetadata, LayerCache, block_table_tensor,
-                                         get_attention_backend)
+                                         get_attention_backend, resolve_attention_backend)
 from peregrine.config import EngineConfig
 from peregrine.engine.batch import ModelInput, ScheduledBatch
 from peregrine.engine.cpu_decode import FusedDecodeRunner, fused_decode_runner
@@ -29,7 +29,8 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = config.torch_device
-        model.set_attention_backend(get_attention_backend(config.attention_backend, self.device))
+        backend = resolve_attention_backend(config.attention_backend, self.device, model.config)
+        model.set_attention_backend(get_attention_backend(backend, self.device))
         self.sampler = StepSampler(model.config.vocab_size, self.device, config.seed)
         self.proposer = proposer  # sees every batch, to keep a draft model's cache in step
         self.masker = GrammarMasker(model.config.vocab_size)
@@ -38,7 +39,7 @@ class ModelRunner:
         if self.device.type == "cpu" and not config.enforce_eager:
             self.fused = fused_decode_runner(model, kv_caches)
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
-        triton = config.attention_backend != "torch"
+        triton = backend == "triton"
         if self.device.type == "cuda" and not config.enforce_eager and triton:
             max_len = config.max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphRunner(model, kv_caches, config.max_num_seqs, max_len,

@@ -72,7 +72,8 @@ def decode_plan(meta: AttentionMetadata, b: int, block_size: int, sliding_window
     """For the step's first b (decode) sequences: the flat cache slot of every key position
     [B, L] and an additive mask [B, 1, 1, L] (0 visible, -inf not). Derived once per step
     and shared by all layers."""
-    plan = meta.scratch.get("decode_plan")
+    key = ("decode_plan", sliding_window)  # layers with and without a window differ
+    plan = meta.scratch.get(key)
     if plan is None:
         seq_lens = meta.seq_lens_t[:b]
         num_keys = max(meta.seq_lens[:b])
@@ -82,7 +83,7 @@ def decode_plan(meta: AttentionMetadata, b: int, block_size: int, sliding_window
         visible = key_mask((seq_lens - 1).view(b, 1), seq_lens, num_keys, sliding_window)
         mask = torch.zeros(visible.shape, dtype=dtype, device=seq_lens.device)
         mask.masked_fill_(~visible, float("-inf"))
-        plan = meta.scratch["decode_plan"] = (slots, mask.view(b, 1, 1, num_keys))
+        plan = meta.scratch[key] = (slots, mask.view(b, 1, 1, num_keys))
     return plan
 
 
@@ -97,7 +98,8 @@ def short_query_plan(meta: AttentionMetadata, lo: int, hi: int, block_size: int,
     """For entries lo..hi-1, each with a few queries at the end of its sequence: the flat
     token row of each padded query [B, Q] (padding repeats the last), which of them are
     real [B, Q], the cache slot of every key [B, L] and the additive mask [B, 1, Q, L]."""
-    plan = meta.scratch.get("short_query_plan")
+    key = ("short_query_plan", sliding_window)
+    plan = meta.scratch.get(key)
     if plan is None:
         qs, lens = meta.query_start_loc, meta.seq_lens
         qlen = [qs[i + 1] - qs[i] for i in range(lo, hi)]
@@ -115,8 +117,7 @@ def short_query_plan(meta: AttentionMetadata, lo: int, hi: int, block_size: int,
         visible = key_mask(qpos, seq_lens, num_keys, sliding_window)  # [B, Q, L]
         mask = torch.zeros(visible.shape, dtype=dtype, device=dev)
         mask.masked_fill_(~visible, float("-inf"))
-        plan = meta.scratch["short_query_plan"] = (rows.to(dev), real, slots,
-                                                   mask.unsqueeze(1))
+        plan = meta.scratch[key] = (rows.to(dev), real, slots, mask.unsqueeze(1))
     return plan
 
 
@@ -132,20 +133,42 @@ def gather_slots(cache: LayerCache, slots: torch.Tensor, dtype: torch.dtype
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float, softcap: float | None, is_causal: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention over [..., H, L, D] (GQA: k/v with fewer heads), or,
+    with `softcap`, the same in plain ops with softcap * tanh(s / softcap) on the scores
+    (SDPA has no hook between the scores and the mask)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    if is_causal:
+        n, m = scores.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores + mask
+    return torch.matmul(torch.softmax(scores.float(), -1).to(q.dtype), v)
+
+
 class TorchAttentionBackend:
     """Reference backend: correct for every shape, vectorized, used on CPU."""
 
+    supports_softcap = True
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: LayerCache | None, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, softcap: float | None = None) -> torch.Tensor:
         if cache is not None:
             write_kv(cache, k, v, meta.slot_mapping)
         nd = meta.num_decodes
         if nd == meta.num_seqs:  # decode-only step: no scatter into a combined output
-            return self._decode(q, cache, meta, scale, sliding_window)
+            return self._decode(q, cache, meta, scale, sliding_window, softcap)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = self._decode(q[:nd], cache, meta, scale, sliding_window)
+            out[:nd] = self._decode(q[:nd], cache, meta, scale, sliding_window, softcap)
         qs = meta.query_start_loc
         # Short entries right after the decodes (speculative verification) run batched.
         short = nd
@@ -154,42 +177,40 @@ class TorchAttentionBackend:
                and meta.seq_lens[short] > qs[short + 1] - qs[short]):  # after context
             short += 1
         if short - nd > 1:
-            self._short_queries(q, out, cache, meta, nd, short, scale, sliding_window)
+            self._short_queries(q, out, cache, meta, nd, short, scale, sliding_window, softcap)
             nd = short
         for i in range(nd, meta.num_seqs):
             s, e = qs[i], qs[i + 1]
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], cache, meta, i, scale,
-                                     sliding_window)
+                                     sliding_window, softcap)
         return out
 
     @staticmethod
     def _decode(q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, softcap: float | None) -> torch.Tensor:
         """One query per sequence: [B, Hq, D] against each sequence's paged K/V."""
         b = q.shape[0]
         slots, mask = decode_plan(meta, b, cache.block_size, sliding_window, q.dtype)
         k, v = gather_slots(cache, slots, q.dtype)
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)  # [B, Hq, 1, D]
+        out = attend(q.unsqueeze(2), k, v, mask, scale, softcap)  # [B, Hq, 1, D]
         return out.squeeze(2)
 
     @staticmethod
     def _short_queries(q: torch.Tensor, out: torch.Tensor, cache: LayerCache,
                        meta: AttentionMetadata, lo: int, hi: int, scale: float,
-                       sliding_window: int | None) -> None:
+                       sliding_window: int | None, softcap: float | None) -> None:
         """Entries lo..hi-1 (a few queries each, after cached context) as one padded batch."""
         rows, real, slots, mask = short_query_plan(meta, lo, hi, cache.block_size,
                                                    sliding_window, q.dtype)
         k, v = gather_slots(cache, slots, q.dtype)
         qb = q[rows].transpose(1, 2)  # [B, Hq, Q, D]
-        res = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=True).transpose(1, 2)  # [B, Q, Hq, D]
+        res = attend(qb, k, v, mask, scale, softcap).transpose(1, 2)  # [B, Q, Hq, D]
         out[rows[real]] = res[real]
 
     @staticmethod
     def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache | None,
                  meta: AttentionMetadata, i: int, scale: float,
-                 sliding_window: int | None) -> torch.Tensor:
+                 sliding_window: int | None, softcap: float | None) -> torch.Tensor:
         """A chunk of one sequence: queries attend to cached context plus themselves."""
         n = q.shape[0]
         seq_len = meta.seq_lens[i]
@@ -200,12 +221,10 @@ class TorchAttentionBackend:
             k, v = k[0, :seq_len].to(q.dtype), v[0, :seq_len].to(q.dtype)
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, D]
         if context == 0 and (sliding_window is None or seq_len <= sliding_window):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
-                                                 enable_gqa=True)
+            out = attend(qt, kt, vt, None, scale, softcap, is_causal=True)
         else:
             pos = torch.arange(context, seq_len, device=q.device).view(1, n)
             lens = torch.tensor([seq_len], device=q.device)
             mask = key_mask(pos, lens, seq_len, sliding_window)  # [1, n, seq_len]
-            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
-                                                 enable_gqa=True)
+            out = attend(qt, kt, vt, mask, scale, softcap)
         return out.transpose(0, 1)

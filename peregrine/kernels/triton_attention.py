@@ -64,6 +64,8 @@ def check_triton_device(device: torch.device) -> None:
 class TritonAttentionBackend:
     """Paged attention through Triton kernels (GPU; CPU under the Triton interpreter)."""
 
+    supports_softcap = False
+
     def __init__(self, device: torch.device | str | None = None,
                  decode_tiles: DecodeTiles | None = None,
                  prefill_tiles: PrefillTiles | None = None) -> None:
@@ -90,8 +92,11 @@ class TritonAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: LayerCache | None, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, softcap: float | None = None) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]."""
+        if softcap is not None:
+            raise NotImplementedError("the Triton attention kernels have no logit soft-cap; "
+                                      "use --attention-backend torch")
         decode_tiles, prefill_tiles = self._tiles(q.device)
         plan = self.plan(meta, cache is not None)
         if cache is not None:

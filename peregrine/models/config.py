@@ -1,4 +1,5 @@
-"""ModelConfig: the hyper-parameters of a Llama-family model, from config.json or GGUF metadata."""
+"""ModelConfig: the hyper-parameters of a decoder model (Llama, Qwen, Mistral, Phi-3, Gemma),
+from config.json or GGUF metadata."""
 
 from __future__ import annotations
 
@@ -12,14 +13,23 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
+# config.json `model_type` -> family, for configs without `architectures`.
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GEMMA_FAMILIES = ("gemma2", "gemma3")
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of one Llama-family model."""
+    """Shape and numerics of one decoder model."""
 
-    architecture: str  # llama | mistral | qwen2
+    architecture: str  # a family of SUPPORTED_ARCHITECTURES: llama | mistral | qwen2 | ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,7 +43,19 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    # A window every layer uses (Mistral, Phi-3): the KV cache may free blocks behind it.
     sliding_window: int | None = None
+    # Interleaved local/global attention (Gemma): layer i is windowed by `local_window` iff
+    # layer_types[i] == "sliding_attention"; global layers keep every block, so
+    # `sliding_window` stays None and the engine frees nothing.
+    layer_types: list[str] | None = None
+    local_window: int | None = None
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each q and k head before RoPE
+    hidden_act: str = "silu"  # silu (SwiGLU) | gelu_pytorch_tanh (GeGLU, Gemma)
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is its -1/2 power
+    attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: the same on the logits
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the local layers
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     name: str = ""
@@ -42,6 +64,23 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.architecture in GEMMA_FAMILIES
+
+    def layer_window(self, layer: int) -> int | None:
+        """The attention window of decoder layer `layer` (None: it sees the whole context)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.local_window if self.layer_types[layer] == SLIDING else None
+
+    def num_norm_params(self) -> int:
+        """Weights of every RMSNorm: per layer two (Gemma four), q/k norms, the final one."""
+        per_layer = (4 if self.is_gemma else 2) * self.hidden_size
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        return self.num_layers * per_layer + self.hidden_size
 
     @property
     def q_size(self) -> int:
@@ -57,8 +96,7 @@ class ModelConfig:
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
-        per_layer = attn + 3 * h * i + 2 * h
-        total = self.num_layers * per_layer + h
+        total = self.num_layers * (attn + 3 * h * i) + self.num_norm_params()
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         elif not self.tie_word_embeddings:
@@ -74,26 +112,21 @@ class ModelConfig:
         """Build from a Hugging Face config.json dict."""
         archs = cfg.get("architectures") or []
         family = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
-                      None)
-        if family is None:
-            family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(
-                cfg.get("model_type", ""))
+                      None) or MODEL_TYPES.get(cfg.get("model_type", ""))
         if family is None:
             raise ModelLoadError(f"unsupported architecture {archs or cfg.get('model_type')!r}; "
                              f"peregrine runs {sorted(SUPPORTED_ARCHITECTURES)}")
         num_heads = cfg["num_attention_heads"]
-        # transformers 5 moved rope_theta/rope_scaling into rope_parameters.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
+        layer_types = _layer_types(family, cfg)
+        rope_theta, rope_scaling, local_theta = _rope(cfg, family)
         sliding = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None
-        if family == "llama":
+        if family == "llama" or layer_types is not None:
             sliding = None
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        gemma = family in GEMMA_FAMILIES
         return cls(
             architecture=family,
             vocab_size=cfg["vocab_size"],
@@ -104,12 +137,21 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(rope_theta),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
             attention_bias=family == "qwen2" or cfg.get("attention_bias", False),
             sliding_window=sliding,
+            layer_types=layer_types,
+            local_window=cfg.get("sliding_window") if layer_types is not None else None,
+            qk_norm=family in ("qwen3", "gemma3"),
+            hidden_act=(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+                        ) if not gemma else "gelu_pytorch_tanh",
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
+            rope_local_theta=local_theta,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
             name=name or cfg.get("_name_or_path", ""),
@@ -120,9 +162,9 @@ class ModelConfig:
                   name: str = "") -> "ModelConfig":
         """Build from GGUF metadata (keys such as `llama.block_count`)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
-                             "llama, mistral and qwen2")
+                             "llama, mistral, qwen2 and qwen3")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
@@ -151,7 +193,64 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=has_qkv_bias,
             sliding_window=get("attention.sliding_window"),
+            qk_norm=arch == "qwen3",
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=[] if eos is None else [eos],
             name=name or meta.get("general.name", ""),
         )
+
+
+def _layer_types(family: str, cfg: dict[str, Any]) -> list[str] | None:
+    """Gemma's per-layer attention kinds: `layer_types` when given, else Gemma 2's
+    alternation (even layers local) or Gemma 3's `sliding_window_pattern` (every n-th
+    layer global)."""
+    if family not in GEMMA_FAMILIES:
+        return None
+    n = cfg["num_hidden_layers"]
+    if cfg.get("layer_types"):
+        types = list(cfg["layer_types"])
+    elif family == "gemma2":
+        types = [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+    else:
+        pattern = cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6
+        types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    if len(types) != n or not set(types) <= {SLIDING, FULL}:
+        raise ModelLoadError(f"layer_types {types} does not give {n} layers of {SLIDING} or "
+                             f"{FULL}")
+    return types
+
+
+def _rope(cfg: dict[str, Any], family: str) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(theta, scaling or None, Gemma 3's local-layer theta or None) from either the
+    transformers 4 keys (rope_theta, rope_scaling, rope_local_base_freq) or transformers 5's
+    rope_parameters (per layer type for Gemma 3)."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    local_theta = None
+    if family == "gemma3":
+        if FULL in params:  # transformers 5: one entry per layer type
+            local = params.get(SLIDING, {})
+            local_theta = float(local.get("rope_theta", 10000.0))
+            if local.get("rope_type", "default") != "default":
+                raise ModelLoadError(f"unsupported rope on Gemma 3 local layers: {local}")
+            params = dict(params[FULL])
+        else:
+            local_theta = float(cfg.get("rope_local_base_freq", 10000.0))
+    theta = float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "su":  # Phi-3's first name for longrope
+        kind = "longrope"
+    if kind == "default":
+        return theta, None, local_theta
+    scaling = {k: v for k, v in params.items() if k not in ("type", "rope_theta")}
+    scaling["rope_type"] = kind
+    if kind == "longrope":
+        orig = scaling.get("original_max_position_embeddings",
+                           cfg.get("original_max_position_embeddings"))
+        if orig is None:
+            raise ModelLoadError("longrope scaling needs original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = orig
+        scaling.setdefault("max_position_embeddings", cfg.get("max_position_embeddings", orig))
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelLoadError("partial rotary embeddings (partial_rotary_factor < 1) are not "
+                             "supported")
+    return theta, scaling, local_theta

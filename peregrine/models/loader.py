@@ -16,9 +16,17 @@ from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
+from peregrine.layers.norm import RMSNorm
+from peregrine.layers.rotary import RotaryEmbedding
+from peregrine.models.gemma import GemmaForCausalLM
 from peregrine.models.llama import LlamaForCausalLM
 from peregrine.models.registry import ModelSource, default_gguf_path, resolve_model
 from peregrine.models.tokenizer import Tokenizer
+
+def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
+    """The module class that runs `cfg`'s family."""
+    return GemmaForCausalLM if cfg.is_gemma else LlamaForCausalLM
+
 
 # A checkpoint tensor, produced lazily (so a 7B model never sits in memory twice).
 TensorSource = Callable[[], torch.Tensor]
@@ -69,7 +77,7 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
         tok.eos_token_ids = list(cfg.eos_token_id)
     max_len = max_model_len or cfg.max_position_embeddings
     with torch.device("meta"):
-        net = LlamaForCausalLM(cfg, max_positions=max_len)
+        net = model_class(cfg)(cfg, max_positions=max_len)
     net = _materialize(net, device, dtype, cfg)
     if source.format == "gguf":
         load_weights(net, gguf_tensors(gguf_file, cfg))
@@ -131,7 +139,9 @@ def _materialize(net: LlamaForCausalLM, device: torch.device, dtype: torch.dtype
                  cfg: ModelConfig) -> LlamaForCausalLM:
     """Allocate the meta-device model on `device` and rebuild its non-persistent buffers."""
     net = net.to_empty(device=device).to(dtype)
-    net.rotary.cos_sin = net.rotary.build(device)  # stays float32
+    for mod in net.modules():
+        if isinstance(mod, RotaryEmbedding):
+            mod.cos_sin = mod.build(device)  # stays float32
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
     return net
@@ -152,6 +162,8 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -215,6 +227,9 @@ def load_weights(net: LlamaForCausalLM, tensors: Iterator[tuple[str, TensorSourc
                 raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
                                      f"the model's {tuple(param.shape)}")
             param.data.copy_(value)
+            fused = next((f for f in net.packed_modules if f".{f}." in target), None)
+            if fused is not None:  # stored fused already (Phi-3): every part is loaded
+                loaded.update(f"{target}#{i}" for i in range(len(net.packed_modules[fused])))
         else:
             index, sizes = shard
             start = sum(sizes[:index])
@@ -262,11 +277,14 @@ def _expected_slots(net: LlamaForCausalLM) -> list[str]:
 
 
 def init_dummy_weights(net: LlamaForCausalLM, seed: int = 0) -> None:
-    """Random weights with the scale of trained ones: norms 1, biases 0, matrices N(0, 0.02)."""
+    """Random weights with the scale of trained ones: norms scaling by 1, biases 0,
+    matrices N(0, 0.02)."""
     gen = torch.Generator(device=net.embed_tokens.weight.device).manual_seed(seed)
+    norms = {f"{n}.weight": m.weight_offset for n, m in net.named_modules()
+             if isinstance(m, RMSNorm)}
     for name, p in net.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
+        if name in norms:
+            p.data.fill_(1.0 - norms[name])
         elif name.endswith(".bias"):
             p.data.zero_()
         else:

@@ -99,6 +99,9 @@ def calibrated_quantize(net: LlamaForCausalLM, seqs: list[list[int]], spec: Quan
     """Quantize every linear of `net` in place with `method` (gptq | awq) on `seqs`."""
     if method not in ("gptq", "awq"):
         raise ValueError(f"method must be gptq or awq, got {method!r}")
+    if not net.llama_layers:
+        raise ValueError(f"{method} calibration walks Llama-structured layers; "
+                         f"{net.config.architecture} has others (use int4/int8/nf4/fp8)")
     device = net.embed_tokens.weight.device
     meta = AttentionMetadata.prefill_only([len(s) for s in seqs], device)
     ids = torch.tensor([t for s in seqs for t in s], device=device)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from peregrine.layers.linear import QUANT_LINEAR_TYPES, QuantLinear
-from peregrine.models.config import ModelConfig
+from peregrine.models.config import MODEL_TYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.quantization.apply import linear_layers, replace_linears
@@ -29,10 +29,10 @@ WEIGHTS_FILE = "model.safetensors"
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A Hugging Face config.json dict that ModelConfig.from_hf reads back as `cfg`."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}[cfg.architecture]
+    arch = next(a for a, f in SUPPORTED_ARCHITECTURES.items() if f == cfg.architecture)
+    model_type = next(t for t, f in MODEL_TYPES.items() if f == cfg.architecture)
     out: dict[str, Any] = {
-        "architectures": [arch], "model_type": cfg.architecture,
+        "architectures": [arch], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
@@ -47,6 +47,15 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.sliding_window is not None:
         out["sliding_window"] = cfg.sliding_window
         out["use_sliding_window"] = True
+    if cfg.layer_types is not None:
+        out.update(layer_types=list(cfg.layer_types), sliding_window=cfg.local_window)
+    if cfg.is_gemma:
+        out.update(hidden_activation=cfg.hidden_act,
+                   query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                   attn_logit_softcapping=cfg.attn_logit_softcapping,
+                   final_logit_softcapping=cfg.final_logit_softcapping)
+    if cfg.rope_local_theta is not None:
+        out["rope_local_base_freq"] = cfg.rope_local_theta
     return out
 
 

@@ -141,7 +141,8 @@ def _draft_model_proposer(config: "EngineConfig", target_vocab: int, num_blocks:
         raise ValueError(f"the draft model {name!r} has a vocabulary of "
                          f"{draft.config.vocab_size} tokens, the target {target_vocab}: "
                          "speculation needs the same tokenizer")
-    draft.model.set_attention_backend(get_attention_backend(config.attention_backend, device))
+    draft.model.set_attention_backend(get_attention_backend(config.attention_backend, device,
+                                                             draft.config))
     caches = allocate_kv_pool(draft.config, num_blocks, config.block_size, dtype, device,
                               config.kv_cache_dtype)
     return DraftModelProposer(draft.model, caches, config.block_size, device)

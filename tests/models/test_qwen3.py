@@ -1,0 +1,116 @@
+"""Qwen3 (per-head q/k RMSNorm, explicit head_dim, no qkv bias) equals transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peregrine.engine.cpu_decode import fusable
+from peregrine.models.loader import load_model
+from tests.conftest import write_hf_checkpoint
+from tests.models.parity import assert_greedy_matches, assert_logits_match, random_prompts
+
+# head_dim 32 is not hidden / heads (16): the explicit value must be used.
+QWEN3 = dict(head_dim=32, rope_theta=1000000.0)
+
+
+def test_logits_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    assert_logits_match(path, ref, random_prompts([7, 29]))
+
+
+def test_tied_mqa_logits_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", tie_word_embeddings=True,
+                                    num_key_value_heads=1, **QWEN3)
+    assert_logits_match(path, ref, random_prompts([12, 5]))
+
+
+def test_greedy_alone_batched_and_chunked_match_transformers(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    assert_greedy_matches(path, ref)
+
+
+def test_config_and_param_count(tmp_path):
+    path, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    loaded = load_model(path)
+    cfg = loaded.config
+    assert (cfg.architecture, cfg.head_dim, cfg.qk_norm, cfg.attention_bias) == (
+        "qwen3", 32, True, False)
+    assert cfg.sliding_window is None
+    assert cfg.num_params() == sum(p.numel() for p in ref.parameters())
+    assert loaded.model.layers[0].self_attn.q_norm.weight.shape == (32,)
+
+
+def test_fused_cpu_step_is_refused(tmp_path):
+    """The C++ step has no q/k norm: an int8 Qwen3 runs the eager layers instead."""
+    path, _ = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    net = load_model(path, quantization="int8").model
+    caches = [type("C", (), {"k_scale": None, "k": torch.zeros(1)})()]
+    reason = fusable(net, caches)
+    assert reason is not None and "qwen3" in reason
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b"])
+def test_shipped_config_builds(name):
+    from peregrine.models.config import ModelConfig
+    from peregrine.models.loader import _read_config
+    from peregrine.models.registry import resolve_model
+    cfg = ModelConfig.from_hf(_read_config(resolve_model(name).path), name)
+    assert cfg.architecture == "qwen3" and cfg.qk_norm and cfg.head_dim == 128
+    # the published sizes: 0.6B (0.44B without the tied embedding), 8.2B
+    billions = {"qwen3-0.6b": 0.596, "qwen3-8b": 8.19}[name]
+    assert abs(cfg.num_params() / 1e9 - billions) < 0.01
+
+
+def write_qwen3_gguf(path: str, ref: torch.nn.Module, tokenizer_meta: dict) -> None:
+    """`ref`'s float32 weights and hyper-parameters as llama.cpp names them for qwen3, with
+    a byte-level BPE tokenizer borrowed from another GGUF."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(path, "qwen3")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model(tokenizer_meta["tokenizer.ggml.model"])
+    w.add_token_list(list(tokenizer_meta["tokenizer.ggml.tokens"]))
+    w.add_token_merges(list(tokenizer_meta["tokenizer.ggml.merges"]))
+    w.add_eos_token_id(int(tokenizer_meta["tokenizer.ggml.eos_token_id"]))
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, p in ref.state_dict().items():
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            out = "output.weight"
+        else:
+            i, module = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            out = f"blk.{i}.{names[module]}.weight"
+        w.add_tensor(out, p.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_logits_match_transformers(tmp_path, smollm2_path):
+    from peregrine.models.gguf_file import GGUFFile
+    _, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
+    path = str(tmp_path / "qwen3.gguf")
+    write_qwen3_gguf(path, ref, GGUFFile(smollm2_path).metadata)
+    cfg = load_model(path).config
+    assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.vocab_size) == ("qwen3", True, 32,
+                                                                             256)
+    assert_logits_match(path, ref, random_prompts([7, 29]))
