@@ -269,6 +269,13 @@ class AsyncLLMEngine:
         with self._counts.lock:
             return self._counts.pending + self._counts.waiting
 
+    @property
+    def num_live(self) -> int:
+        """Requests accepted and not yet finished (queued to the thread, waiting or running)."""
+        with self._counts.lock:
+            pending = self._counts.pending
+        return pending + len(self._streams)  # len() of a dict is atomic; a snapshot suffices
+
     def stats(self) -> EngineStats | None:
         """The engine's stats after its latest step or command (None while loading)."""
         return self._stats
