@@ -34,6 +34,10 @@ class ServerArgs:
     keep_alive: float = 300.0
     """With several models: seconds an unpinned model stays loaded after its last request
     (Ollama's keep_alive); 0 or less: until evicted. A lone model always stays."""
+    fair_share: bool = True
+    """With several models: their engine steps take turns, one at a time, in weighted fair
+    order (each model's `share` in --models-config, default 1), so a saturated model cannot
+    starve a quiet one (--no-fair-share: the engines step at once and contend freely)."""
     max_queue_len: int = 256
     """Requests waiting beyond this get 429 with Retry-After (a completions request with
     several prompts counts each)."""

@@ -110,11 +110,10 @@ def _entry(table: dict[str, Any], base: EngineConfig, where: str) -> ModelEntry:
 
 
 def _check_names(entries: list[ModelEntry]) -> list[ModelEntry]:
-    seen: dict[str, str] = {}
-    for entry in entries:
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(entries):
         for n in entry.names:
-            if seen.get(n, entry.name) != entry.name:
+            if seen.setdefault(n, i) != i:
                 raise ValueError(f"two models are both called {n!r}: give each its own "
                                  "served_name (in a --models-config file)")
-            seen[n] = entry.name
     return entries

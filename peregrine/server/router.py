@@ -20,6 +20,7 @@ from typing import Literal
 
 from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
+from peregrine.engine.fair_share import FairArbiter
 from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError
 from peregrine.server.metrics import ServerMetrics
@@ -37,6 +38,14 @@ RETRY_AFTER_S = 5
 def new_engine(config: EngineConfig, metrics: ServerMetrics) -> AsyncLLMEngine:
     """An unstarted engine that reports to `metrics`."""
     return AsyncLLMEngine(config, observer=metrics)
+
+
+def fair_engines(arbiter: FairArbiter) -> EngineFactory:
+    """Engines whose steps take turns under `arbiter` (by their model's served name)."""
+    def make(config: EngineConfig, metrics: ServerMetrics) -> AsyncLLMEngine:
+        return AsyncLLMEngine(config, observer=metrics,
+                              step_turn=arbiter.turn_of(metrics.model_name))
+    return make
 
 
 class ModelSlot:
@@ -128,6 +137,8 @@ class ModelRouter:
         self.single = len(slots) == 1
         self._lock = asyncio.Lock()
         self._sweeper: asyncio.Task[None] | None = None
+        self.arbiter: FairArbiter | None = None
+        """The fair sharing of steps between the models (None: they step freely)."""
         budget = args.memory_budget
         for slot in self.preload:
             if budget is not None and slot.entry.memory_bytes > budget:
@@ -139,10 +150,19 @@ class ModelRouter:
 
     @classmethod
     def build(cls, entries: list[ModelEntry], args: ServerArgs,
-              factory: EngineFactory = new_engine,
+              factory: EngineFactory | None = None,
               clock: Callable[[], float] = time.monotonic) -> "ModelRouter":
-        """A router over new slots for `entries`."""
-        return cls([ModelSlot(e, args, factory) for e in entries], args, clock)
+        """A router over new slots for `entries`; by default on real engines, whose steps
+        take turns by share when there are several and --fair-share is on."""
+        arbiter = None
+        if factory is None:
+            factory = new_engine
+            if len(entries) > 1 and args.fair_share:
+                arbiter = FairArbiter({e.name: e.share for e in entries})
+                factory = fair_engines(arbiter)
+        router = cls([ModelSlot(e, args, factory) for e in entries], args, clock)
+        router.arbiter = arbiter
+        return router
 
     @property
     def default(self) -> ModelSlot:
