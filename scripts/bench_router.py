@@ -143,15 +143,16 @@ async def ttft(client: httpx.AsyncClient, model: str) -> float:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0,
             "stream": True}
     t0 = time.perf_counter()
+    first = None
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+        async for line in r.aiter_lines():  # read to the end: the request must finish
+            if (first is None and line.startswith("data: {")
+                    and json.loads(line[6:])["choices"][0]["text"]):
                 first = time.perf_counter() - t0
-                async for _ in r.aiter_lines():
-                    pass
-                return first
-    raise RuntimeError("no token came")
+    if first is None:
+        raise RuntimeError("no token came")
+    return first
 
 
 async def quiet_ttfts(url: str, requests: int, busy_streams: int) -> dict[str, Any]:
@@ -216,6 +217,7 @@ def main() -> None:
     print(f"machine: {m['cpu']} ({m['cores']} cores, {' '.join(m['simd'])}), "
           f"load average {m['load_average'][0]:.2f}")
     loads = load_unload(ns.rounds, not ns.skip_dummy)
+    save(m, ns, loads, [])
     print(f"\n{'model':<16}{'estimate MiB':>14}{'load s':>10}{'unload s':>10}"
           f"{'RSS +MiB loaded':>17}{'after unload':>14}")
     for r in loads:
@@ -230,12 +232,18 @@ def main() -> None:
         print(f"{r['mode']:<18}{statistics.median(r['ttft_alone_s']):>11.3f}"
               f"{statistics.median(r['ttft_busy_saturated_s']):>10.3f}"
               f"{max(r['ttft_busy_saturated_s']):>10.3f}{r['busy_tokens_per_s']:>12.1f}")
+    save(m, ns, loads, fair)
+    print(f"\nsaved {os.path.relpath(OUT, ROOT)}")
+
+
+def save(m: dict[str, Any], ns: argparse.Namespace, loads: list[dict[str, Any]],
+         fair: list[dict[str, Any]]) -> None:
+    """Write what was measured so far (the load section survives a failing second one)."""
     m["load_average_after"] = os.getloadavg()
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:
         json.dump({"machine": m, "args": vars(ns), "load_unload": loads, "fairness": fair},
                   f, indent=2)
-    print(f"\nsaved {os.path.relpath(OUT, ROOT)}")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,10 @@ class ModelRouter:
         """The least recently used idle, unpinned models whose unloading makes room for
         `target`; 503 with Retry-After when even all of them would not."""
         resident = self._resident(target)
+        now = self._clock()
+        for slot in resident:
+            if slot.busy:  # recency counts to the end of its last stream, not its route
+                slot.last_used = now
         idle = sorted((s for s in resident if s.state == "loaded" and not s.entry.pinned
                        and not s.busy), key=lambda s: s.last_used)
         victims: list[ModelSlot] = []

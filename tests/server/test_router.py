@@ -174,6 +174,9 @@ def test_metrics_carry_each_models_name_once_per_family(budget_server):
         assert ('peregrine:request_success_total{finished_reason="length",'
                 f'model_name="{model}"}}') in text
         assert f'peregrine:kv_cache_blocks{{model_name="{model}"}}' in text
+    # the two engines' steps took turns under the fair arbiter
+    busy = budget_server.app.state.peregrine.router.arbiter.busy_seconds
+    assert busy["smol"] > 0 and busy["tiny-b"] > 0
 
 
 def test_greedy_output_equals_serving_each_model_alone(budget_server, server, tiny_dirs):
