@@ -132,7 +132,17 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from peregrine.server.app import run_server
-    return run_server(ns, engine_config(ns))
+    from peregrine.server.model_entries import entries_from_file, entries_from_flags
+    given: list[str] = ns.model or []
+    models: list[str | None] = [*given] or [None]
+    ns.model = models[0]
+    config = engine_config(ns)
+    if len(models) == 1 and not ns.models_config:
+        return run_server(ns, config)
+    entries = entries_from_flags(models, config, ns.served_model_name) if given else []
+    if ns.models_config:
+        entries += entries_from_file(ns.models_config, config)
+    return run_server(ns, config, entries)
 
 
 def cmd_quantize(ns: argparse.Namespace) -> int:
@@ -206,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a playground")
     add_dataclass_args(p, ServerArgs, "server")
-    add_engine_args(p)
+    add_engine_args(p, exclude=("model",))
+    p.add_argument("--model", action="append", help=field_docs(EngineConfig)["model"]
+                   + " Repeat to serve several (docs/multi_model.md).")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ, AWQ) into a checkpoint "

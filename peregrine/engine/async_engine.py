@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -136,10 +137,14 @@ class AsyncLLMEngine:
     """Runs an LLMEngine on its own thread; coroutines add, stream and abort requests."""
 
     def __init__(self, config: EngineConfig, observer: EngineObserver | None = None,
-                 engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine) -> None:
+                 engine_factory: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+                 step_turn: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.config = config
         self.observer = observer
         self._factory = engine_factory
+        # Each step runs inside step_turn(): several engines' steps take turns through it
+        # (engine/fair_share.py); one engine alone steps freely.
+        self._step_turn = step_turn
         self.engine: LLMEngine | None = None
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
@@ -269,6 +274,13 @@ class AsyncLLMEngine:
         with self._counts.lock:
             return self._counts.pending + self._counts.waiting
 
+    @property
+    def num_live(self) -> int:
+        """Requests accepted and not yet finished (queued to the thread, waiting or running)."""
+        with self._counts.lock:
+            pending = self._counts.pending
+        return pending + len(self._streams)  # len() of a dict is atomic; a snapshot suffices
+
     def stats(self) -> EngineStats | None:
         """The engine's stats after its latest step or command (None while loading)."""
         return self._stats
@@ -324,7 +336,8 @@ class AsyncLLMEngine:
                     break
                 if engine.has_unfinished_requests():
                     steps = engine.num_steps
-                    self._step(engine)
+                    with self._step_turn():
+                        self._step(engine)
                     if engine.num_steps == steps:
                         self._wake.wait(_IDLE_STEP_WAIT_S)
                         self._wake.clear()

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,6 +42,8 @@ from peregrine.server.embeddings import EmbeddingService, create_embedding
 from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
+from peregrine.server.model_entries import ModelEntry, estimate_memory
+from peregrine.server.router import ModelRouter, ModelSlot, new_engine
 from peregrine.server.openapi import (NO_BODY_ERRORS, STORED_ERRORS, install,
                                       json_body, responses)
 from peregrine.server.responses_protocol import (InputItemList, ResponseDeleted,
@@ -119,14 +121,20 @@ def _validation_error(errors: Any) -> APIError:
 # --- the app ------------------------------------------------------------------------------------
 @dataclass
 class ServerState:
-    """Everything the routes need, stored on app.state.peregrine."""
+    """Everything the routes need, stored on app.state.peregrine; `metrics`, `ctx` and
+    `engine` are the default model's."""
 
     args: ServerArgs
-    engine: AsyncLLMEngine
+    router: ModelRouter
     metrics: ServerMetrics
     ctx: serving.ServingContext
     embeddings: EmbeddingService
     response_store: responses_api.ResponseStore
+
+    @property
+    def engine(self) -> AsyncLLMEngine:
+        """The default model's engine (the one it will load on, while unloaded)."""
+        return self.router.default.engine or self.ctx.engine
 
 
 def _check_api_key(request: Request) -> None:
@@ -145,22 +153,37 @@ def _check_api_key(request: Request) -> None:
                        headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(args: ServerArgs, config: EngineConfig) -> FastAPI:
-    """An app serving `config`'s model; the engine starts loading with the app's lifespan."""
-    names = [args.served_model_name or resolve_model(config.model, config.load_format).name]
-    if config.model and config.model not in names:
-        names.append(config.model)
-    holder: dict[str, AsyncLLMEngine] = {}
-    metrics = ServerMetrics(names[0], lambda: holder["engine"].stats())
-    engine = AsyncLLMEngine(config, observer=metrics)
-    holder["engine"] = engine
-    return build_app(args, engine, metrics, names)
+def create_app(args: ServerArgs, config: EngineConfig,
+               entries: list[ModelEntry] | None = None) -> FastAPI:
+    """An app serving `config`'s model, or several (`entries`, which estimates their
+    memory); engines start loading with the app's lifespan."""
+    if entries is None or len(entries) == 1:
+        if entries is None:
+            names = [args.served_model_name
+                     or resolve_model(config.model, config.load_format).name]
+            if config.model and config.model not in names:
+                names.append(config.model)
+            entries = [ModelEntry(names[0], config, names[1:])]
+        return build_router_app(args, ModelRouter.build(entries, args))
+    for entry in entries:
+        try:
+            entry.memory_bytes = entry.memory_bytes or estimate_memory(entry.config)
+        except Exception as e:  # noqa: BLE001 - an estimate missing is no reason to stop
+            logger.warning("cannot estimate the memory of %s: %s", entry.name, e)
+    return build_router_app(args, ModelRouter.build(entries, args))
 
 
 def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               model_names: list[str]) -> FastAPI:
-    """The FastAPI app around an (unstarted) async engine."""
-    ctx = serving.ServingContext(engine, metrics, model_names, args)
+    """The FastAPI app around one (unstarted) async engine."""
+    entry = ModelEntry(model_names[0], engine.config, model_names[1:])
+    slot = ModelSlot(entry, args, new_engine, engine, metrics)
+    return build_router_app(args, ModelRouter([slot], args))
+
+
+def build_router_app(args: ServerArgs, router: ModelRouter) -> FastAPI:
+    """The FastAPI app around the router's models (loaded with the app's lifespan)."""
+    ctx, metrics = router.default.ctx, router.default.metrics
     embeddings = EmbeddingService(ctx)
     store = responses_api.ResponseStore(args.responses_store_size)
     if args.semantic_cache:
@@ -168,21 +191,21 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        router.start()
         # Load the embedding model and read the cache now, not on the first request.
         opening = asyncio.ensure_future(ctx.cache.open()) if ctx.cache else None
         try:
             yield
         finally:
             # uvicorn has already waited (shutdown_timeout) for in-flight requests.
-            await asyncio.to_thread(engine.shutdown)
+            await router.shutdown()
             if opening is not None:
                 await opening
                 ctx.cache.close()
 
     app = FastAPI(title="peregrine", version=peregrine.__version__, lifespan=lifespan,
                   summary="OpenAI-compatible LLM server")
-    app.state.peregrine = ServerState(args, engine, metrics, ctx, embeddings, store)
+    app.state.peregrine = ServerState(args, router, metrics, ctx, embeddings, store)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodySizeLimit, max_bytes=args.max_request_bytes)
 
@@ -192,26 +215,32 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               responses=responses(CompletionResponse, stream=True))
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
-        return await serving.create_completion(ctx, req, request)
+        async with router.lease(req.model) as model:
+            return await serving.create_completion(model, req, request)
 
     @api.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
               responses=responses(ChatCompletionResponse, stream=True))
     async def chat_completions(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
-        return await serving.create_chat_completion(ctx, req, request)
+        async with router.lease(req.model) as model:
+            return await serving.create_chat_completion(model, req, request)
 
     @api.post("/v1/embeddings", openapi_extra=json_body(EmbeddingRequest),
               responses=responses(EmbeddingResponse))
     async def create_embeddings(request: Request) -> Response:
         req = await parse_body(request, EmbeddingRequest)
-        return await create_embedding(ctx, embeddings, req, request)
+        if embeddings.target(req.model) == "encoder":
+            return await create_embedding(ctx, embeddings, req, request)
+        async with router.lease(None):  # the default model pools its hidden states
+            return await create_embedding(ctx, embeddings, req, request)
 
     @api.post("/v1/messages", openapi_extra=json_body(MessagesRequest),
               responses=responses(MessagesResponse, stream=True, error=AnthropicError))
     async def anthropic_messages(request: Request) -> Response:
         try:
             req = await parse_body(request, MessagesRequest)
-            return await messages.create_message(ctx, req, request)
+            async with router.lease(req.model) as model:
+                return await messages.create_message(model, req, request)
         except APIError as e:
             _count_rejection(metrics, e)
             return messages.error_response(e)
@@ -220,8 +249,9 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               responses=responses(CountTokensResponse, error=AnthropicError))
     async def anthropic_count_tokens(request: Request) -> Response:
         try:
-            return await messages.count_tokens(ctx, await parse_body(request,
-                                                                     CountTokensRequest))
+            req = await parse_body(request, CountTokensRequest)
+            async with router.lease(req.model) as model:
+                return await messages.count_tokens(model, req)
         except APIError as e:
             _count_rejection(metrics, e)
             return messages.error_response(e)
@@ -230,7 +260,8 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               responses=responses(ResponseObject, stream=True))
     async def create_response(request: Request) -> Response:
         req = await parse_body(request, ResponsesRequest)
-        return await responses_api.create_response(ctx, store, req, request)
+        async with router.lease(req.model) as model:
+            return await responses_api.create_response(model, store, req, request)
 
     @api.get("/v1/responses/{response_id}",
              responses=responses(ResponseObject, STORED_ERRORS))
@@ -250,19 +281,30 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
-        cards = [ModelCard(id=ctx.model_name, root=engine.model_path,
-                           max_model_len=engine.context_limit if engine.is_ready else None)]
+        cards = [_card(slot) for slot in router.slots]
         if embeddings.model_name is not None:
             encoder = embeddings.encoder
             cards.append(ModelCard(id=embeddings.model_name, root=args.embedding_model,
-                                   max_model_len=encoder.max_seq_length if encoder else None))
+                                   max_model_len=encoder.max_seq_length if encoder else None,
+                                   state="loaded" if encoder else "unloaded", task="embed"))
         return ModelList(data=cards)
+
+    @api.post("/v1/models/{name}/load", responses=responses(ModelCard, NO_BODY_ERRORS))
+    async def load_model(name: str) -> ModelCard:
+        return _card(await router.load(name))
+
+    @api.post("/v1/models/{name}/unload", responses=responses(ModelCard, NO_BODY_ERRORS))
+    async def unload_model(name: str) -> ModelCard:
+        return _card(await router.unload(name))
 
     @api.post("/tokenize", openapi_extra=json_body(TokenizeRequest),
               responses=responses(TokenizeResponse))
     async def tokenize(request: Request) -> TokenizeResponse:
         req = await parse_body(request, TokenizeRequest)
-        ctx.check_model(req.model)
+        async with router.lease(req.model) as model:
+            return await _tokenize(model, req)
+
+    async def _tokenize(ctx: serving.ServingContext, req: TokenizeRequest) -> TokenizeResponse:
         tok = ctx.ready().tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(HTTPStatus.BAD_REQUEST, "give exactly one of prompt and messages",
@@ -272,7 +314,7 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
             ids = (await serving.render_chat(ctx, req.messages, req.add_generation_prompt,
                                              capped=False)).token_ids
         else:
-            ids = (await engine.tokenize([req.prompt or ""], req.add_special_tokens))[0]
+            ids = (await ctx.ready().tokenize([req.prompt or ""], req.add_special_tokens))[0]
         return TokenizeResponse(
             count=len(ids), max_model_len=ctx.ready().context_limit, tokens=ids,
             token_strs=[tok.id_to_token(i) for i in ids] if req.return_token_strs else None)
@@ -281,13 +323,13 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
               responses=responses(DetokenizeResponse))
     async def detokenize(request: Request) -> DetokenizeResponse:
         req = await parse_body(request, DetokenizeRequest)
-        ctx.check_model(req.model)
-        tok = ctx.ready().tokenizer
-        bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
-        if bad:
-            raise APIError(HTTPStatus.BAD_REQUEST, f"token ids must be in [0, "
-                           f"{tok.vocab_size}), got {bad[:5]}", param="tokens")
-        return DetokenizeResponse(prompt=await engine.detokenize(req.tokens))
+        async with router.lease(req.model) as model:
+            tok = model.ready().tokenizer
+            bad = [t for t in req.tokens if not 0 <= t < tok.vocab_size]
+            if bad:
+                raise APIError(HTTPStatus.BAD_REQUEST, f"token ids must be in [0, "
+                               f"{tok.vocab_size}), got {bad[:5]}", param="tokens")
+            return DetokenizeResponse(prompt=await model.ready().detokenize(req.tokens))
 
     app.include_router(api)
 
@@ -295,7 +337,8 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
              responses=responses(None, (HTTPStatus.SERVICE_UNAVAILABLE,),
                                  media_type="text/plain"))
     async def health() -> Response:
-        if not engine.is_ready:
+        engine = router.default.engine  # an unloaded default model (several models) is fine
+        if engine is not None and not engine.is_ready:
             try:
                 ctx.ready()
             except APIError as e:
@@ -304,7 +347,8 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
 
     @app.get("/metrics", responses=responses(None, (), media_type=CONTENT_TYPE))
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(ServerMetrics.render_all(s.metrics for s in router.slots),
+                        media_type=CONTENT_TYPE)
 
     @app.get("/version", responses=responses(VersionResponse, ()))
     async def version() -> VersionResponse:
@@ -323,6 +367,16 @@ def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
                   VersionResponse, ErrorResponse, ResponsesRequest, ResponseObject,
                   ResponseDeleted, InputItemList])
     return app
+
+
+def _card(slot: ModelSlot) -> ModelCard:
+    """A served model's entry in /v1/models."""
+    engine = slot.engine
+    ready = engine is not None and engine.is_ready
+    return ModelCard(id=slot.name, root=engine.model_path if ready else None,
+                     max_model_len=engine.context_limit if ready else None,
+                     aliases=slot.entry.aliases, state=slot.state, pinned=slot.entry.pinned,
+                     memory_bytes=slot.entry.memory_bytes or None)
 
 
 def _count_rejection(metrics: ServerMetrics, exc: APIError) -> None:
@@ -393,9 +447,10 @@ class _Server(uvicorn.Server):
     engine, so every stream still ends properly (finish_reason "abort", then [DONE]); a
     second signal aborts them at once."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, abort_all: Callable[[], None],
+                 grace: float) -> None:
         super().__init__(config)
-        self.engine = engine
+        self.abort_all = abort_all
         self.grace = grace
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -403,26 +458,30 @@ class _Server(uvicorn.Server):
             print(f"peregrine: shutting down: no new requests; in-flight ones get up to "
                   f"{self.grace:g}s to finish (Ctrl-C again aborts them)", file=sys.stderr,
                   flush=True)
-            timer = threading.Timer(self.grace, self.engine.abort_all)
+            timer = threading.Timer(self.grace, self.abort_all)
             timer.daemon = True
             timer.start()
         else:
-            self.engine.abort_all()
+            self.abort_all()
         super().handle_exit(sig, frame)
 
 
-def run_server(ns: argparse.Namespace, config: EngineConfig) -> int:
+def run_server(ns: argparse.Namespace, config: EngineConfig,
+               entries: list[ModelEntry] | None = None) -> int:
     """Serve until Ctrl-C / SIGTERM, then stop cleanly; returns the process exit status."""
     args = ServerArgs.from_namespace(ns)
-    app = create_app(args, config)  # resolves the model: a bad --model fails here, fast
+    app = create_app(args, config, entries)  # resolves the models: a bad one fails here
     state: ServerState = app.state.peregrine
     # uvicorn's own timeout is only a backstop: the engine aborts what is left at grace.
     server = _Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info" if ns.verbose else "warning",
         access_log=bool(ns.verbose), timeout_graceful_shutdown=args.shutdown_timeout + 10),
-        state.engine, args.shutdown_timeout)
+        state.router.abort_all, args.shutdown_timeout)
     url = f"http://{_display_host(args.host)}:{args.port}"
     print(f"peregrine: loading {state.ctx.model_name} ...", flush=True)
+    on_demand = [s.name for s in state.router.slots if s not in state.router.preload]
+    if on_demand:
+        print(f"peregrine: loaded on their first request: {', '.join(on_demand)}", flush=True)
     failed = threading.Event()
 
     def announce() -> None:

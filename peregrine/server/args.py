@@ -21,6 +21,23 @@ class ServerArgs:
     playground page stay open)."""
     served_model_name: str | None = None
     """The model's name in the API; default: the model's own name (e.g. smollm2-135m)."""
+    models_config: str | None = None
+    """A TOML file of the models to serve, with names, aliases, engine options and pinning
+    (docs/multi_model.md); they follow any given with --model (repeatable)."""
+    max_loaded_models: int | None = None
+    """With several models: most loaded at once; loading one more first unloads the least
+    recently used idle, unpinned one (none idle: 503 with Retry-After). Default: no limit."""
+    memory_budget: int | None = None
+    """With several models: bytes the loaded models' weights and KV pools may take together
+    (estimated before loading, peregrine/memory_model.py); enforced as --max-loaded-models
+    is. Default: no limit."""
+    keep_alive: float = 300.0
+    """With several models: seconds an unpinned model stays loaded after its last request
+    (Ollama's keep_alive); 0 or less: until evicted. A lone model always stays."""
+    fair_share: bool = True
+    """With several models: their engine steps take turns, one at a time, in weighted fair
+    order (each model's `share` in --models-config, default 1), so a saturated model cannot
+    starve a quiet one (--no-fair-share: the engines step at once and contend freely)."""
     max_queue_len: int = 256
     """Requests waiting beyond this get 429 with Retry-After (a completions request with
     several prompts counts each)."""
@@ -102,6 +119,10 @@ class ServerArgs:
             self.embedding_model = None
         if self.semantic_cache and self.embedding_model is None:
             raise ValueError("--semantic-cache needs an embedding model (--embedding-model)")
+        if self.max_loaded_models is not None and self.max_loaded_models < 1:
+            raise ValueError("--max-loaded-models must be >= 1")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError("--memory-budget must be > 0 bytes")
         if not 0 < self.semantic_cache_threshold <= 1:
             raise ValueError("--semantic-cache-threshold must be in (0, 1]")
 

@@ -132,6 +132,25 @@ SPEC_DECODE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] 
 ]
 
 
+class _Merged(Collector):
+    """Several registries read as one; same-named families are merged, since a family's
+    HELP and TYPE may appear only once in an exposition."""
+
+    def __init__(self, registries: list[CollectorRegistry]) -> None:
+        self._registries = registries
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for registry in self._registries:
+            for family in registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation,
+                                                            family.type, family.unit)
+                merged.samples.extend(family.samples)
+        return families.values()
+
+
 class ServerMetrics:
     """The registry of one server; also the engine's observer (called on the engine thread)."""
 
@@ -211,6 +230,12 @@ class ServerMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+    @staticmethod
+    def render_all(servers: "Iterable[ServerMetrics]") -> bytes:
+        """One exposition of several models' metrics (one registry each): a family the
+        models share is written once, with every model's samples under it."""
+        return generate_latest(_Merged([m.registry for m in servers]))
 
     def reject(self, reason: str) -> None:
         """Count a request refused by the server (queue full, bad input, bad key)."""

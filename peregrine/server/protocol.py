@@ -458,6 +458,11 @@ class ModelCard(BaseModel):
     owned_by: str = "peregrine"
     root: str | None = None
     max_model_len: int | None = None
+    aliases: list[str] = Field(default_factory=list)
+    state: Literal["loaded", "loading", "unloaded", "failed"] | None = None
+    pinned: bool = False
+    memory_bytes: int | None = None  # weights + KV pool, estimated before loading
+    task: Literal["generate", "embed"] = "generate"
 
 
 class ModelList(BaseModel):

@@ -78,9 +78,14 @@ class ServingContext:
     requests: RequestCoalescer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.requests = RequestCoalescer(self.engine, self.metrics,
-                                         enabled=self.args.request_coalescing)
+        self.use_engine(self.engine)
     cache: SemanticCache | None = None  # --semantic-cache
+
+    def use_engine(self, engine: AsyncLLMEngine) -> None:
+        """Serve with `engine` from now on (a model loaded again runs on a new engine)."""
+        self.engine = engine
+        self.requests = RequestCoalescer(engine, self.metrics,
+                                         enabled=self.args.request_coalescing)
 
     @property
     def model_name(self) -> str:

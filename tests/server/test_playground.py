@@ -99,3 +99,42 @@ def test_chat_streams_an_answer_and_stats_update(server, browser, tmp_path):
     print(f"playground screenshot: {path}")
     assert not errors, errors
     page.close()
+
+
+def test_model_picker_lists_the_models_and_sends_the_picked_one(browser, tmp_path_factory):
+    from peregrine.config import EngineConfig
+    from peregrine.server.app import create_app
+    from peregrine.server.args import ServerArgs
+    from peregrine.server.model_entries import ModelEntry
+
+    from tests.conftest import tiny_config_dir
+    from tests.server.conftest import serve
+
+    tiny = EngineConfig(model=tiny_config_dir(tmp_path_factory, vocab_size=49152),
+                        load_format="dummy", kv_cache_memory=0.05)
+    entries = [ModelEntry("smol", EngineConfig(kv_cache_memory=0.1)), ModelEntry("tiny", tiny)]
+    args = ServerArgs(embedding_model=None, keep_alive=0)
+    with serve(args, app=create_app(args, entries[0].config, entries)) as s:
+        page = browser.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_function(
+            "document.querySelectorAll('#model-picker option').length === 2", timeout=30_000)
+        options = page.eval_on_selector_all("#model-picker option", "os => os.map(o => o.value)")
+        assert options == ["smol", "tiny"]
+        assert "unloaded" in page.text_content("#model-picker option[value=tiny]")
+        page.select_option("#model-picker", "tiny")
+        assert page.text_content("#model-name") == "tiny"
+        page.evaluate("""() => {
+            const el = document.getElementById("max-tokens");
+            el.value = "16";
+            el.dispatchEvent(new Event("input"));
+        }""")
+        page.fill("#prompt", "Hello")
+        page.press("#prompt", "Enter")
+        page.locator(".msg.assistant .meta").last.wait_for(timeout=120_000)
+        # the answer came from tiny, which loaded for it
+        finished = [line for line in httpx.get(s.url + "/metrics").text.splitlines()
+                    if line.startswith("peregrine:request_success_total")]
+        assert any('model_name="tiny"' in line for line in finished), finished
+        assert not any('model_name="smol"' in line for line in finished), finished
+        page.close()

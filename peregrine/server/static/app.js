@@ -9,6 +9,7 @@ const els = {
   temperatureValue: $("temperature-value"), maxTokens: $("max-tokens"),
   maxTokensValue: $("max-tokens-value"), apiKey: $("api-key"), newChat: $("new-chat"),
   status: $("status"), statusDot: $("status-dot"), modelName: $("model-name"),
+  modelPicker: $("model-picker"),
 };
 
 const history = [];          // [{role, content}] of this conversation (system prompt excluded)
@@ -208,20 +209,55 @@ els.newChat.addEventListener("click", () => {
 });
 
 // --- live server stats from /metrics ---------------------------------------------------------
-// Prometheus text format: `name{label="v",...} value`; values of a name are summed over labels.
+// Prometheus text format: `name{label="v",...} value`; values of a name are summed over labels,
+// over the picked model's series only when the server serves several.
 function parseMetrics(text) {
   const values = new Map();
   const labels = {};
+  const picked = els.modelPicker.value;
   for (const line of text.split("\n")) {
     if (!line || line[0] === "#") continue;
     const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
     if (!m) continue;
-    values.set(m[1], (values.get(m[1]) || 0) + Number(m[3]));
     const model = m[2] && m[2].match(/model_name="([^"]*)"/);
+    if (picked && model && model[1] !== picked) continue;
+    values.set(m[1], (values.get(m[1]) || 0) + Number(m[3]));
     if (model) labels.model = model[1];
   }
   return { values, labels };
 }
+
+// --- the model picker, filled from /v1/models (generation models only) ------------------------
+async function loadModels() {
+  const headers = els.apiKey.value ? { Authorization: "Bearer " + els.apiKey.value } : {};
+  let data;
+  try {
+    const response = await fetch("/v1/models", { headers });
+    if (!response.ok) return;
+    data = (await response.json()).data.filter((m) => m.task !== "embed");
+  } catch (e) {
+    return;
+  }
+  const picker = els.modelPicker;
+  const keep = picker.value || localStorage.getItem("peregrine.model");
+  picker.replaceChildren(...data.map((m) => {
+    const option = document.createElement("option");
+    option.value = m.id;
+    option.textContent = m.state && m.state !== "loaded" ? `${m.id} (${m.state})` : m.id;
+    return option;
+  }));
+  if (data.some((m) => m.id === keep)) picker.value = keep;
+  picker.disabled = data.length < 2;
+  pickModel();
+}
+function pickModel() {
+  if (!els.modelPicker.value) return;
+  modelName = els.modelPicker.value;
+  els.modelName.textContent = modelName;
+  localStorage.setItem("peregrine.model", modelName);
+}
+els.modelPicker.addEventListener("change", () => { pickModel(); lastGen = null; });
+els.apiKey.addEventListener("change", loadModels);
 
 const fmt = new Intl.NumberFormat("en-US");
 let lastGen = null;
@@ -258,7 +294,9 @@ function setStatus(kind, text) {
 }
 
 let lastPoll = null;
+let polls = 0;
 async function poll() {
+  if (polls++ % 5 === 0) loadModels();  // states change as models load and unload
   try {
     const health = await fetch("/health");
     setStatus(health.ok ? "ready" : "loading", health.ok ? "ready" : "loading model…");
