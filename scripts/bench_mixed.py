@@ -63,8 +63,10 @@ def main() -> None:
     for fmt in CANDIDATES[:-1]:  # int8 is the top: mixed at its size would be all int8
         name = format_name(fmt)
         bits = uniform_bits(stats, fmt)
-        for label, choice in ((name, {s.name: name for s in stats}),
-                              (f"mixed @ {name}", plan(stats, bits))):
+        plans = [(name, {s.name: name for s in stats})]
+        if fmt != CANDIDATES[0]:  # at the smallest size every plan is the uniform one
+            plans.append((f"mixed @ {name}", plan(stats, bits)))
+        for label, choice in plans:
             q = apply_plan(copy.deepcopy(net), choice)
             ppl = perplexity(q, held_out, context=ns.context).ppl
             counts: dict[str, int] = {}

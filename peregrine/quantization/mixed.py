@@ -27,6 +27,7 @@ logger = logging.getLogger("peregrine")
 CANDIDATES: tuple[tuple[str, int | None], ...] = (
     ("int4", 256), ("int4", 128), ("int4", 64), ("int4", 32), ("int8", None))
 REFERENCE: tuple[str, int | None] = ("int4", 128)
+SENSITIVITY_FLOOR = 1e-6  # nats per token
 
 
 def format_name(fmt: tuple[str, int | None]) -> str:
@@ -52,8 +53,10 @@ class LayerStats:
     rel_error: dict[str, float] = field(default_factory=dict)  # weight MSE / REFERENCE's
 
     def loss(self, fmt: str) -> float:
-        """Predicted NLL rise of this linear in `fmt`."""
-        return max(self.sensitivity, 0.0) * self.rel_error[fmt]
+        """Predicted NLL rise of this linear in `fmt`. A sensitivity measured at or below
+        zero is noise around a small loss, not a gain: floored, so budget left over once
+        the sensitive linears are served still goes where the weight error falls most."""
+        return max(self.sensitivity, SENSITIVITY_FLOOR) * self.rel_error[fmt]
 
 
 def _planned_linears(net: LlamaForCausalLM) -> list[tuple[str, torch.nn.Module, str]]:

@@ -105,3 +105,10 @@ def test_a_mixed_checkpoint_loads_back_in_its_formats(tiny, tmp_path):
     cos = torch.nn.functional.cosine_similarity(
         logits(loaded, ids).flatten(), logits(float_net, ids).flatten(), dim=0)
     assert cos > 0.9
+
+
+def test_budget_left_after_the_sensitive_layers_is_still_spent():
+    stats = [layer("touchy", 0.5), layer("flat", 0.0, 20000), layer("noisy", -0.01, 20000)]
+    choice = plan(stats, uniform_bits(stats, ("int4", 32)))
+    # nothing measured against the two big ones, yet the budget upgrades them too
+    assert choice["flat"] != "int4-g256" and choice["noisy"] != "int4-g256"
