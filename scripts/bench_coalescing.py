@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.server.conftest import parse_metrics  # noqa: E402
+from peregrine.bench.launch import wait_until_healthy
 
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a "
         "lantern, a notebook and a thermos of strong tea. From the gallery he watched the "
@@ -66,16 +67,7 @@ class Server:
             [sys.executable, "-m", "peregrine.cli", "serve", "--port", str(self.port),
              "--kv-cache-memory", "0.25", "--embedding-model", "none", *flags],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 600
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_healthy(self.url, self.proc)
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(httpx.get(self.url + "/metrics", timeout=30).text)

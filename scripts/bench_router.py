@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 import httpx
+from peregrine.bench.launch import wait_until_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "bench-results", "router.json")
@@ -72,16 +73,7 @@ class Server:
             [sys.executable, "-m", "peregrine.cli", "serve", "--port", str(self.port),
              "--models-config", path, "--embedding-model", "none", "--keep-alive", "0",
              *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 600
-        while True:
-            assert self.proc.poll() is None, self.proc.stderr.read()
-            assert time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_healthy(self.url, self.proc)
 
     def rss(self) -> int:
         """The server's resident memory, bytes."""

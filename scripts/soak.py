@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import httpx
+from peregrine.bench.launch import wait_until_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -138,16 +139,7 @@ def soak(duration: float, workers: int, sample_every: float, extra_args: list[st
                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_healthy(url, server, timeout_s=300)
         tally = Tally()
         stop = threading.Event()
         samples: list[dict[str, float]] = []

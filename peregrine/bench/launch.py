@@ -169,3 +169,20 @@ class ServerProcess:
                 return "".join(f.readlines()[-n:])
         except OSError:
             return ""
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    """Block until a peregrine server started as `proc` answers /health with 200;
+    RuntimeError (with its stderr) if it exits or the time runs out first."""
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"the server at {url} did not become ready: {err}")
+        time.sleep(0.5)
