@@ -4,7 +4,8 @@ functions, and `peregrine estimate` predicts with the same ones, so the two cann
 
 Weights: a float linear stores [out, in] in the compute dtype; the quantized formats store
 what peregrine/layers/quant_formats.py describes (int8: 1 byte per weight + a float32
-scale per group or row; int4: packed nibbles + float16 scale and offset per group; nf4:
+scale per group or row; int4: packed nibbles + float16 scale and offset per group; int6 (GGUF
+5/6-bit blocks): 1 byte per weight + float32 scale and offset per group; nf4:
 packed nibbles + a float16 scale per group + 16 float32 levels; fp8: 1 byte + a float32
 scale per row). Embeddings, norms, biases and the rotary table stay float.
 
@@ -21,6 +22,7 @@ import torch
 
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import QT
+from peregrine.models.gguf_quants import BLOCK_FORMS
 
 KV_QUANTIZED = ("int8", "fp8")
 # Weights per scale of each load-time format when --quantization-group-size is unset
@@ -28,8 +30,6 @@ KV_QUANTIZED = ("int8", "fp8")
 DEFAULT_GROUP_SIZE: dict[str, int | None] = {"int8": None, "int4": 128, "nf4": 64, "fp8": None}
 # A GGUF file's Q4/Q8 blocks hold 32 weights: its own grid, whether kept or requantized.
 GGUF_GROUP_SIZE = 32
-# What a GGUF tensor type becomes when the file's blocks are kept (--quantization gguf).
-GGUF_NATIVE_METHOD = {QT.Q8_0: "int8", QT.Q4_0: "int4", QT.Q4_1: "int4"}
 
 
 # --- KV cache ----------------------------------------------------------------------------
@@ -136,6 +136,8 @@ class LinearFormat:
 
     method: str = "float"
     group_size: int | None = None
+    wide_scales: bool = False  # int4 with float32 scales/offsets (GGUF K-quants' d * sc)
+    offset: bool = False  # int8 with float32 per-group offsets (K-quant minimums)
 
 
 FLOAT = LinearFormat()
@@ -161,12 +163,19 @@ def lm_head_format(fmt: LinearFormat) -> LinearFormat:
 
 def gguf_native_format(qtypes: list[QT]) -> LinearFormat:
     """The format of a linear fused from GGUF tensors of types `qtypes` when the file's
-    blocks are kept: int8 (Q8_0) or int4 (Q4_0/Q4_1) with group 32, or float when the
-    tensors are not all of one of those kinds."""
-    methods = {GGUF_NATIVE_METHOD.get(t) for t in qtypes}
-    if len(methods) != 1 or None in methods:
+    blocks are kept: the narrowest kernel format that holds every part's integers as they
+    are (int4: at most 16 levels; int6: 64; int8 otherwise), groups of the smallest part's
+    group size; float when a part is not a block type."""
+    forms = [BLOCK_FORMS.get(t) for t in qtypes]
+    if not forms or None in forms:
         return FLOAT
-    return LinearFormat(methods.pop(), GGUF_GROUP_SIZE)
+    span = max(f.qmax - f.qmin for f in forms)
+    group = min(f.group for f in forms)
+    if span <= 15:
+        return LinearFormat("int4", group, wide_scales=not all(f.f16_exact for f in forms))
+    if span <= 63:
+        return LinearFormat("int6", group)
+    return LinearFormat("int8", group, offset=any(f.offset for f in forms))
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -191,9 +200,11 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
     if fmt.method == "float":
         return n * k * float_bytes
     if fmt.method == "int8":
-        return n * k + 4 * n * groups
+        return n * k + 4 * n * groups * (2 if fmt.offset else 1)
     if fmt.method == "int4":
-        return n * k // 2 + 2 * 2 * n * groups
+        return n * k // 2 + 2 * (4 if fmt.wide_scales else 2) * n * groups
+    if fmt.method == "int6":
+        return n * k + 2 * 4 * n * groups
     if fmt.method == "nf4":
         return n * k // 2 + 2 * n * groups + 16 * 4
     if fmt.method == "fp8":

@@ -23,6 +23,16 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_q4_k_m_path(smollm2_path: str, tmp_path_factory) -> str:
+    """SmolLM2-135M requantized into llama.cpp's Q4_K_M recipe (Q4_K, Q5_0, Q6_K and Q8_0
+    tensors) by peregrine's own K-quant writer: a file as people download them."""
+    from peregrine.quantization.kquants import write_recipe
+    path = str(tmp_path_factory.mktemp("kquants") / "smollm2-Q4_K_M.gguf")
+    write_recipe(smollm2_path, path, "Q4_K_M")
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2_path: str):
     """transformers' own model and tokenizer, loaded from the same GGUF (the reference)."""
     transformers = pytest.importorskip("transformers")

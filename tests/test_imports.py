@@ -14,6 +14,7 @@ LAYERS: list[list[str]] = [
     # foundations: settings, outputs, model files and configs, the tokenizer
     ["peregrine.config", "peregrine.outputs", "peregrine.models.errors",
      "peregrine.models.config", "peregrine.models.registry", "peregrine.models.gguf_file",
+     "peregrine.models.gguf_quants",
      "peregrine.models.tokenizer", "peregrine.memory_model"],
     # what a request asks for: grammar constraints and sampling parameters
     ["peregrine.structured", "peregrine.sampling_params"],

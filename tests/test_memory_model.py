@@ -39,6 +39,12 @@ def test_smollm2_weights_match_the_loaded_model(quantization):
     assert predicted == real  # every byte is accounted for, not just 95% of them
 
 
+def test_a_k_quant_file_kept_in_its_blocks_matches_the_loaded_model(smollm2_q4_k_m_path):
+    loaded = load_model(smollm2_q4_k_m_path, quantization="gguf", max_model_len=2048)
+    assert predicted_weight_bytes(loaded, "gguf", torch.float32, 2048) == \
+        held_weight_bytes(loaded.model)
+
+
 @pytest.mark.parametrize("shape", ["llama", "qwen2"])
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4", "nf4"])
 def test_dummy_config_weights_match_the_loaded_model(tmp_path_factory, shape, quantization):

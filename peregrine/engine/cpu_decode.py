@@ -2,7 +2,7 @@
 
 The CPU analogue of CUDA graphs. A step of a small model is ~40 eager torch ops per layer,
 each a few microseconds of dispatch, which on a 2-core CPU cost more than the arithmetic.
-When every linear of the model is int4 or int8 (GGUF Q4_0/Q4_1/Q8_0 blocks, or
+When every linear of the model is int4, int6 or int8 (a GGUF file's blocks, or
 `--quantization int4|int8`) and the KV cache is float32, `FusedDecodeRunner` runs all layers
 of a step in one OpenMP region of q8_decode.cpp (int8 dot products against activations
 quantized per 32 values).
@@ -22,17 +22,18 @@ import logging
 import torch
 
 from peregrine.attention_backend import AttentionMetadata, LayerCache
-from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
+from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
 from peregrine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("peregrine")
 
 
 def _weight(lin: QuantLinear) -> list[torch.Tensor | None]:
-    """(q, scale, offset, bias, group size) of an int4/int8 linear, as the kernel takes them."""
-    offset = lin.offset if isinstance(lin, Int4Linear) else None
+    """(q, scale, offset, bias, group size, kind) of an int4/int6/int8 linear, as the kernel
+    takes them."""
     bias = None if lin.bias is None else lin.bias.data.float().contiguous()
-    return [lin.qweight, lin.scale, offset, bias, torch.tensor(lin.group_size or 0)]
+    return [lin.qweight, lin.scale, getattr(lin, "offset", None), bias,
+            torch.tensor(lin.group_size or 0), torch.tensor(lin.kernel_kind)]
 
 
 def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
@@ -46,8 +47,8 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     for layer in model.layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                     layer.mlp.down_proj):
-            if not isinstance(lin, (Int4Linear, Int8Linear)):
-                return f"a linear is {type(lin).__name__}, not int4/int8"
+            if not isinstance(lin, (Int4Linear, Int6Linear, Int8Linear)):
+                return f"a linear is {type(lin).__name__}, not int4/int6/int8"
     return None
 
 

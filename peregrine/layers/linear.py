@@ -46,7 +46,8 @@ class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized; subclasses define the format."""
 
     method = ""  # the --quantization name of the format
-    int8_dot = False  # runs on q8_decode.cpp's int8 dot products (int4)
+    int8_dot = False  # runs on q8_decode.cpp's int8 dot products (int4, int6)
+    kernel_kind = -1  # q8_decode.cpp's weight kind (0 int4, 1 int8, 2 int6); -1: by dtype
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -87,7 +88,7 @@ class QuantLinear(nn.Module):
         from peregrine.kernels.cpu import q8_ops, quant_ops
         if self.int8_dot and x.dtype == torch.float32 and (q8 := q8_ops()) is not None:
             return q8.q8_linear(x, self.qweight, self.scale, getattr(self, "offset", None), None,
-                                self.group_size or 0)
+                                self.group_size or 0, self.kernel_kind)
         ops = quant_ops() if x.dtype == torch.float32 else None
         if ops is None:
             return F.linear(x, self.dequantize().to(x.dtype))
@@ -115,16 +116,24 @@ class Int8Linear(QuantLinear):
     method = "int8"
     # int8 weights against int8 activations need the sign trick (|w| . sign(x, w)), which
     # measured 2.5x slower on AVX2 than widening both to int16 (quant_linear.cpp's kernel):
-    # the 49k-row Q8_0 LM head of SmolLM2 takes 2.2 ms there against 5.5 ms (one thread).
-    int8_dot = False
+    # the 49k-row Q8_0 LM head of SmolLM2 takes 2.2 ms there against 5.5 ms (one thread):
+    # int8_dot (below) is off unless the format needs it.
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1], qweight.shape[0], bias)
         scale = scale.float().reshape(qweight.shape[0], -1)
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("offset", None if offset is None
+                             else offset.float().reshape(scale.shape).contiguous())
+
+    @property
+    def int8_dot(self) -> bool:
+        """GGUF K-quant rows fused with Q8_0 ones keep their minimums as offsets: those, and
+        groups of 16, exist only in the int8-dot kernel."""
+        return self.offset is not None or self.group_size == 16
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -133,7 +142,7 @@ class Int8Linear(QuantLinear):
         return cls(q, s, bias)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int8(self.qweight, self.scale, self.group_size)
+        return formats.dequantize_int8(self.qweight, self.scale, self.group_size, self.offset)
 
     def _cpu_kernel(self, ops, x: torch.Tensor) -> torch.Tensor:
         return ops.int8_linear(x, self.qweight, self.scale, self.group_size or 0)
@@ -149,12 +158,14 @@ class Int4Linear(QuantLinear):
     int8_dot = True
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16
+                 ) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias)
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
-        self.register_buffer("scale", scale.half().contiguous())
-        self.register_buffer("offset", offset.half().contiguous())
+        # float32 only for GGUF K-quants, whose scales (d * sc) float16 would round
+        self.register_buffer("scale", scale.to(scale_dtype).contiguous())
+        self.register_buffer("offset", offset.to(scale_dtype).contiguous())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -169,6 +180,28 @@ class Int4Linear(QuantLinear):
 
     def _cpu_dequantize(self, ops) -> torch.Tensor:
         return ops.int4_dequantize(self.qweight, self.scale, self.offset, self.group_size or 0)
+
+
+class Int6Linear(QuantLinear):
+    """GGUF's 5- and 6-bit weights (Q5_0/1, Q5_K, Q6_K) one per byte, w = scale * q + offset
+    with q in 0..63: unsigned, so the int8-dot kernel multiplies them as they are."""
+
+    method = "int6"
+    int8_dot = True
+    kernel_kind = 2
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        if qweight.numel() and (qweight.min() < 0 or qweight.max() > 63):
+            raise ValueError("int6 weights must lie in 0..63")
+        self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
+        self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("offset", offset.float().contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return formats.dequantize_int8(self.qweight, self.scale, self.group_size, self.offset)
 
 
 class NF4Linear(QuantLinear):

@@ -3,14 +3,17 @@
 Every format stores an [N, K] weight (N outputs, K inputs) so that the CPU kernels and the
 Triton kernels read the same tensors:
 
-    int8  q int8 [N, K],       scale f32 [N, S]                   w = scale * q
-    int4  q uint8 [N, K/2],    scale, offset f16 [N, S]           w = scale * q + offset, q in 0..15
+    int8  q int8 [N, K],       scale f32 [N, S] (offset f32)      w = scale * q (+ offset)
+    int4  q uint8 [N, K/2],    scale, offset f16 or f32 [N, S]    w = scale * q + offset, q in 0..15
+    int6  q uint8 [N, K],      scale, offset f32 [N, S]           w = scale * q + offset, q in 0..63
     nf4   q uint8 [N, K/2],    scale f16 [N, S]                   w = scale * NF4[q]
     fp8   q float8_e4m3fn [N, K], scale f32 [N]                   w = scale * q
 
 K is a multiple of 32. A group of G weights along K shares a scale; G is 32 times a power
 of two and need not divide K (the last group of a row is then shorter; SmolLM2's K = 576 is
-4.5 groups of 128): S = ceil(K / G). One scale per row (per-channel int8) is S = 1. Asymmetric int4 (min/max) and GGUF Q4_1 fit `scale * q + offset`
+4.5 groups of 128), or 16 (GGUF K-quants' Q2_K, Q3_K, Q6_K): S = ceil(K / G). One scale
+per row (per-channel int8) is S = 1. float32 scales and int6 and offsets on int8 come from
+GGUF K-quants (models/gguf_native.py), whose scales are products not exact in float16. Asymmetric int4 (min/max) and GGUF Q4_1 fit `scale * q + offset`
 directly; symmetric int4 and GGUF Q4_0 are offset = -8 * scale. 4-bit values are packed in
 GGUF's order: in each run of 32 weights, byte i holds weight i (low nibble) and i + 16 (high)."""
 
@@ -48,6 +51,8 @@ def infer_group_size(k: int, num_scales: int) -> int | None:
     """The group size that gives `num_scales` groups per row of K weights (None: one)."""
     if num_scales == 1:
         return None
+    if num_scales * 16 == k:
+        return 16
     g = 32
     while -(-k // g) > num_scales:
         g *= 2
@@ -162,9 +167,10 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- reference dequantization ----------------------------------------------------------------
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, group_size: int | None
-                    ) -> torch.Tensor:
-    return q.float() * expand_groups(scale, q.shape[1], group_size)
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, group_size: int | None,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    w = q.float() * expand_groups(scale, q.shape[1], group_size)
+    return w if offset is None else w + expand_groups(offset, q.shape[1], group_size)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Reading GGUF files: metadata, tensors, and dequantization of F32/F16/BF16/Q8_0/Q4_0/Q4_1.
+"""Reading GGUF files: metadata, tensors, and dequantization (F32/F16/BF16 and the block
+types of gguf_quants.py: Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K, IQ4_NL/XS).
 
 The header parser is ours: the `gguf` package's reader builds a numpy view per string and
 takes seconds on a 49k-token vocabulary; this one reads the same header in a fraction of
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from peregrine.models.errors import ModelLoadError
+from peregrine.models.gguf_quants import BLOCK_FORMS, unpack
 
 try:
     import gguf
@@ -24,8 +26,7 @@ except ImportError as e:  # pragma: no cover - gguf is a hard dependency
     raise ImportError("the `gguf` package is required: pip install gguf") from e
 
 QT = gguf.GGMLQuantizationType
-QK = 32  # values per block in Q8_0 / Q4_0 / Q4_1
-SUPPORTED_TYPES = {QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1}
+SUPPORTED_TYPES = {QT.F32, QT.F16, QT.BF16, *BLOCK_FORMS}
 _MAGIC = b"GGUF"
 # GGUF value types -> struct formats of the scalar ones (8: string, 9: array).
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -136,15 +137,16 @@ class GGUFFile:
     def dequantize(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor `name` as a float tensor of its logical shape."""
         t = self.tensors[name]
-        return dequantize(t.data, t.qtype, t.shape).to(dtype)
+        return dequantize(t.data, t.qtype, t.shape, name).to(dtype)
 
 
 def dequantize(data: np.ndarray, qtype: "gguf.GGMLQuantizationType",
-               shape: tuple[int, ...]) -> torch.Tensor:
+               shape: tuple[int, ...], name: str = "") -> torch.Tensor:
     """Float32 values of raw GGUF tensor data of type `qtype` and logical `shape`."""
     if qtype not in SUPPORTED_TYPES:
-        raise ModelLoadError(f"unsupported GGUF tensor type {qtype.name}; peregrine reads "
-                             f"{sorted(t.name for t in SUPPORTED_TYPES)}")
+        what = f"tensor {name} has" if name else "tensor of"
+        raise ModelLoadError(f"unsupported GGUF type: {what} type {qtype.name}; peregrine "
+                             f"reads {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
     raw = torch.from_numpy(np.array(data)).reshape(-1).view(torch.uint8)  # copy: mmap is read-only
     if qtype == QT.F32:
         return raw.view(torch.float32).reshape(shape)
@@ -152,39 +154,8 @@ def dequantize(data: np.ndarray, qtype: "gguf.GGMLQuantizationType",
         return raw.view(torch.float16).reshape(shape).float()
     if qtype == QT.BF16:
         return raw.view(torch.bfloat16).reshape(shape).float()
-    return dequantize_blocks(raw, qtype).reshape(shape)
-
-
-def split_blocks(raw: torch.Tensor, qtype: "gguf.GGMLQuantizationType"
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Split raw bytes into (scale d [N], min m [N] or None, quants q [N, 32] as int16).
-
-    Q8_0: value = d * q (q int8). Q4_0: value = d * (q - 8). Q4_1: value = d * q + m.
-    In Q4 blocks, byte i holds element i in its low nibble and element i + 16 in its high."""
-    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
-    blocks = raw.reshape(-1, block_bytes)
-    d = blocks[:, 0:2].contiguous().view(torch.float16).float().reshape(-1)
-    if qtype == QT.Q8_0:
-        return d, None, blocks[:, 2:].contiguous().view(torch.int8).to(torch.int16)
-    m = None
-    if qtype == QT.Q4_1:
-        m = blocks[:, 2:4].contiguous().view(torch.float16).float().reshape(-1)
-        nibbles = blocks[:, 4:]
-    else:
-        nibbles = blocks[:, 2:]
-    q = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=1).to(torch.int16)
-    if qtype == QT.Q4_0:
-        q = q - 8
-    return d, m, q
-
-
-def dequantize_blocks(raw: torch.Tensor, qtype: "gguf.GGMLQuantizationType") -> torch.Tensor:
-    """Flat float32 values of a run of Q8_0 / Q4_0 / Q4_1 blocks."""
-    d, m, q = split_blocks(raw, qtype)
-    out = q.float() * d[:, None]
-    if m is not None:
-        out += m[:, None]
-    return out.reshape(-1)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return unpack(raw, qtype, (rows, shape[-1])).dequantize().reshape(shape)
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:

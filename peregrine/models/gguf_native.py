@@ -1,9 +1,13 @@
-"""Keep a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks quantized: repack them into our int8 and
-int4 layouts (group size 32) instead of dequantizing to float.
+"""Keep a GGUF file's quantized blocks: repack them into the kernels' int4 / int6 / int8
+layouts instead of dequantizing to float.
 
-Q8_0 (w = d * q) is Int8Linear with one scale per 32 weights; Q4_1 (w = d * q + m) is
-Int4Linear with scale d and offset m; Q4_0 (w = d * (q - 8)) is offset -8 d. The loader's
-fusions carry over: Q/K rows are un-permuted (a pure row permutation of the blocks) and
+Every block type unpacks to w = scale * q (+ offset) per group of 16 or 32 weights
+(models/gguf_quants.py). A fused linear (q/k/v, gate/up) may mix types (llama.cpp's _M
+recipes give attn_v and some ffn_down more bits): its parts take the narrowest format that
+holds all their integers unchanged (memory_model.gguf_native_format), signed parts shifted
+to unsigned where the format is unsigned (q - qmin, offset qmin * scale: exact, qmin is a
+power of two). Q4_0/Q4_1 stay int4 with float16 scales and Q8_0 int8, as stored; K-quant
+scales (d * sc) keep float32. The loader's fusions carry over: Q/K rows are un-permuted and
 q/k/v and gate/up are concatenated along the output dimension."""
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import logging
 import numpy as np
 import torch
 
-from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
-from peregrine.memory_model import gguf_native_format
-from peregrine.models.config import ModelConfig
-from peregrine.models.gguf_file import QT, GGUFFile, split_blocks, unpermute_rope_rows
+from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
 from peregrine.layers.quant_formats import pack_int4
+from peregrine.memory_model import LinearFormat, gguf_native_format
+from peregrine.models.config import ModelConfig
+from peregrine.models.gguf_file import QT, GGUFFile, unpermute_rope_rows
+from peregrine.models.gguf_quants import BLOCK_FORMS, Unpacked, unpack
 
 logger = logging.getLogger("peregrine")
 
@@ -28,44 +33,56 @@ _FUSED = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
           "mlp.down_proj": ("ffn_down",)}
 
 
-def _blocks(f: GGUFFile, name: str, cfg: ModelConfig
-            ) -> tuple[QT, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(type, q [N, K] int16, d [N, K/32], m [N, K/32] or None) of one tensor, rows
-    un-permuted like the float loader does."""
+def _unpacked(f: GGUFFile, name: str, cfg: ModelConfig) -> Unpacked:
+    """One tensor's integers, scales and offsets, rows un-permuted like the float loader."""
     t = f.tensors[name]
-    n, k = t.shape
-    raw = torch.from_numpy(np.array(t.data)).reshape(-1)
-    d, m, q = split_blocks(raw, t.qtype)
-    q, d = q.reshape(n, k), d.reshape(n, k // 32)
-    m = None if m is None else m.reshape(n, k // 32)
+    u = unpack(torch.from_numpy(np.array(t.data)).reshape(-1), t.qtype, t.shape)
     if cfg.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
         heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
-        q, d = unpermute_rope_rows(q, heads), unpermute_rope_rows(d, heads)
-        m = None if m is None else unpermute_rope_rows(m, heads)
-    return t.qtype, q, d, m
+        u = Unpacked(unpermute_rope_rows(u.q, heads), unpermute_rope_rows(u.scale, heads),
+                     None if u.offset is None else unpermute_rope_rows(u.offset, heads), u.group)
+    return u
+
+
+def _in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor | None]:
+    """(q, scale, offset or None) of one part in `fmt`'s group size and integer range."""
+    rep = u.group // fmt.group_size
+    scale = u.scale.repeat_interleave(rep, dim=1)
+    offset = None if u.offset is None else u.offset.repeat_interleave(rep, dim=1)
+    q, qmin = u.q, BLOCK_FORMS[qtype].qmin
+    if fmt.method in ("int4", "int6") and qmin < 0:  # unsigned formats: shift, offset it back
+        q, offset = q - qmin, qmin * scale
+    if offset is None and (fmt.method != "int8" or fmt.offset):
+        offset = torch.zeros_like(scale)
+    return q, scale, offset
+
+
+def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
+    """One quantized linear from unpacked GGUF tensors stacked along its rows."""
+    fmt = gguf_native_format([t for _, t in parts])
+    if fmt.method == "float":
+        raise ValueError(f"not GGUF block types: {[t.name for _, t in parts]}")
+    conv = [_in_format(u, t, fmt) for u, t in parts]
+    q = torch.cat([c[0] for c in conv])
+    scale = torch.cat([c[1] for c in conv])
+    offset = None if conv[0][2] is None else torch.cat([c[2] for c in conv])
+    if fmt.method == "int8":
+        return Int8Linear(q.to(torch.int8), scale, offset=offset)
+    if fmt.method == "int6":
+        return Int6Linear(q.to(torch.uint8), scale, offset)
+    # Q4_0/Q4_1 scales and offsets (d, m, -8 d) are exact in float16, as the file stores them
+    return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset,
+                      scale_dtype=torch.float32 if fmt.wide_scales else torch.float16)
 
 
 def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | None:
-    """One quantized linear from GGUF tensors fused along rows; None when they are not all
-    of one kind (int8 vs int4) of quantized type."""
-    fmt = gguf_native_format([f.tensors[n].qtype for n in names])
-    if fmt.method == "float":
+    """One quantized linear from GGUF tensors fused along rows; None when a part is not a
+    block type."""
+    qtypes = [f.tensors[n].qtype for n in names]
+    if gguf_native_format(qtypes).method == "float":
         return None
-    parts = [_blocks(f, n, cfg) for n in names]
-    if fmt.method == "int8":
-        q = torch.cat([p[1] for p in parts]).to(torch.int8)
-        d = torch.cat([p[2] for p in parts])
-        return Int8Linear(q, d)
-    qs, scales, offsets = [], [], []
-    for qtype, q, d, m in parts:
-        if qtype == QT.Q4_0:  # split_blocks returned q - 8
-            q, m = q + 8, -8.0 * d
-        qs.append(q)
-        scales.append(d)
-        offsets.append(m)
-    q = torch.cat(qs).to(torch.uint8)
-    # d and m come from float16 fields, and -8 d is exact in float16: no rounding here
-    return Int4Linear(pack_int4(q), torch.cat(scales).half(), torch.cat(offsets).half())
+    return native_linear([(_unpacked(f, n, cfg), t) for n, t in zip(names, qtypes)])
 
 
 def gguf_module_tensors(cfg: ModelConfig) -> dict[str, list[str]]:
@@ -83,13 +100,13 @@ def gguf_module_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, list[QT]]:
 
 
 def gguf_quantized_linears(f: GGUFFile, cfg: ModelConfig) -> dict[str, QuantLinear]:
-    """Our module name -> quantized linear for every linear of the file that is stored in
-    Q8_0 / Q4_0 / Q4_1 (others stay float and are left out)."""
+    """Our module name -> quantized linear for every linear of the file stored in block
+    types (float ones are left out)."""
     out: dict[str, QuantLinear] = {}
     for module, names in gguf_module_tensors(cfg).items():
         lin = _linear(f, names, cfg)
         if lin is None:
-            logger.info("%s: not in one quantized GGUF type, kept float", module)
+            logger.info("%s: not in GGUF block types, kept float", module)
         else:
             out[module] = lin
     return out

@@ -79,29 +79,46 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     with torch.device("meta"):
         net = model_class(cfg)(cfg, max_positions=max_len)
     net = _materialize(net, device, dtype, cfg)
+    native = None
+    if quantization == "gguf":
+        from peregrine.models.gguf_native import gguf_quantized_linears
+        native = gguf_quantized_linears(gguf_file, cfg)
     if source.format == "gguf":
-        load_weights(net, gguf_tensors(gguf_file, cfg))
+        load_weights(net, gguf_tensors(gguf_file, cfg, _kept_in_blocks(native, gguf_file, cfg)))
     elif prequantized:
         load_quantized(net, source.path, hf_cfg)
     elif source.format == "hf":
         load_weights(net, safetensors_tensors(source.path))
     else:
         init_dummy_weights(net, seed)
-    _quantize(net, quantization, quant_group_size, quant_symmetric, gguf_file, cfg)
+    _quantize(net, quantization, quant_group_size, quant_symmetric, gguf_file is not None,
+              native)
     return LoadedModel(net.eval(), cfg, tok, source, gguf_file)
 
 
+def _kept_in_blocks(native: dict | None, f: GGUFFile | None, cfg: ModelConfig) -> set[str]:
+    """GGUF tensors that only feed linears kept in their blocks: not worth dequantizing (the
+    float parameters they would fill are replaced right after loading). A tied embedding
+    still feeds the embedding lookup."""
+    if not native:
+        return set()
+    from peregrine.models.gguf_native import gguf_module_tensors
+    tensors = gguf_module_tensors(cfg)
+    return {t for module in native if module != "lm_head" or not cfg.tie_word_embeddings
+            for t in tensors[module]}
+
+
 def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
-              symmetric: bool, gguf_file: GGUFFile | None, cfg: ModelConfig) -> None:
-    """Swap the linears for quantized ones: GGUF blocks as stored, or round-to-nearest."""
+              symmetric: bool, gguf_source: bool, native: dict | None) -> None:
+    """Swap the linears for quantized ones: GGUF blocks as stored (`native`), or
+    round-to-nearest."""
     from peregrine.quantization.apply import QuantSpec, quantize_model, replace_linears
     if quantization in ("none", "auto"):
         return
-    if quantization == "gguf":
-        from peregrine.models.gguf_native import gguf_quantized_linears
-        replace_linears(net, gguf_quantized_linears(gguf_file, cfg))
+    if native is not None:
+        replace_linears(net, native)
         return
-    group_size = default_group_size(quantization, group_size, gguf_file is not None)
+    group_size = default_group_size(quantization, group_size, gguf_source)
     quantize_model(net, QuantSpec(quantization, group_size, symmetric))
 
 
@@ -182,8 +199,10 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def gguf_tensors(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, TensorSource]]:
-    """(Hugging Face name, lazy float tensor) for every tensor of a GGUF file."""
+def gguf_tensors(f: GGUFFile, cfg: ModelConfig, kept: set[str] = frozenset()
+                 ) -> Iterator[tuple[str, TensorSource]]:
+    """(Hugging Face name, lazy float tensor) for every tensor of a GGUF file; tensors in
+    `kept` (kept in their blocks elsewhere) come as zeros of their shape, not dequantized."""
     for name in f.tensors:
         hf = gguf_to_hf_name(name)
         if hf is None:
@@ -193,6 +212,8 @@ def gguf_tensors(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, TensorSou
             heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
 
         def get(name: str = name, heads: int | None = heads) -> torch.Tensor:
+            if name in kept:
+                return torch.zeros(()).expand(f.tensors[name].shape)
             t = f.dequantize(name)
             return t if heads is None else unpermute_rope_rows(t, heads)
         yield hf, get

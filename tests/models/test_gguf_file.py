@@ -97,14 +97,14 @@ def test_unsupported_architecture(tmp_path):
         load_model(str(path))
 
 
-def test_unsupported_tensor_type(tmp_path):
-    path = tmp_path / "q6k.gguf"
-    q = np.zeros((2, 210), np.uint8)  # two Q6_K blocks of raw bytes
-    write_gguf(path, tensors={"w": (q, QT.Q6_K)})
-    with pytest.raises(ModelLoadError, match="unsupported GGUF tensor type Q6_K"):
-        GGUFFile(str(path)).dequantize("w")
+def test_unsupported_tensor_type_names_the_tensor_and_its_type(tmp_path):
+    path = tmp_path / "iq2.gguf"
+    q = np.zeros((2, 66), np.uint8)  # two IQ2_XXS blocks of raw bytes
+    write_gguf(path, tensors={"blk.0.ffn_down.weight": (q, QT.IQ2_XXS)})
+    with pytest.raises(ModelLoadError, match="tensor blk.0.ffn_down.weight has type IQ2_XXS"):
+        GGUFFile(str(path)).dequantize("blk.0.ffn_down.weight")
 
 
 def test_dequantize_rejects_unknown_type():
-    with pytest.raises(ModelLoadError, match="Q5_K"):
-        dequantize(np.zeros(176, np.uint8), QT.Q5_K, (1, 256))
+    with pytest.raises(ModelLoadError, match="IQ2_XXS"):
+        dequantize(np.zeros(66, np.uint8), QT.IQ2_XXS, (1, 256))

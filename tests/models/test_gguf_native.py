@@ -1,11 +1,12 @@
-"""GGUF Q8_0/Q4_1 blocks repacked into our layouts hold exactly the file's weights."""
+"""A GGUF file's blocks repacked into our layouts hold the file's weights: Q8_0/Q4_1 exactly,
+K-quant mixes (Q4_K_M) to float rounding, served through the fused step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peregrine.layers.linear import Int4Linear, Int8Linear
+from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear
 from peregrine.models.loader import gguf_config, load_model
 from peregrine.models.gguf_file import GGUFFile
 from peregrine.models.gguf_native import gguf_quantized_linears
@@ -47,3 +48,33 @@ def test_gguf_quantization_needs_a_gguf_file(tiny_model_dir):
     from peregrine.models.errors import ModelLoadError
     with pytest.raises(ModelLoadError, match="GGUF"):
         load_model(tiny_model_dir, load_format="dummy", quantization="gguf")
+
+
+def test_a_q4_k_m_file_is_kept_in_its_blocks(smollm2_q4_k_m_path):
+    f = GGUFFile(smollm2_q4_k_m_path)
+    types = {t.qtype.name for t in f.tensors.values()}
+    assert {"Q4_K", "Q5_0", "Q6_K", "Q8_0"} <= types  # the recipe's mix, rows of 576 fall back
+    cfg = gguf_config(f)
+    mods = gguf_quantized_linears(f, cfg)
+    assert len(mods) == 30 * 4 + 1
+    # layer 0 is one of the recipe's "more bits" layers: attn_v and ffn_down in Q6_K
+    assert isinstance(mods["layers.0.mlp.down_proj"], Int6Linear)  # Q6_K: 6 bits, groups of 16
+    assert mods["layers.0.mlp.down_proj"].group_size == 16
+    assert isinstance(mods["layers.4.mlp.down_proj"], Int4Linear)  # Q4_K
+    assert mods["layers.4.mlp.down_proj"].scale.dtype == torch.float32  # d * sc: not f16-exact
+    assert isinstance(mods["layers.4.mlp.gate_up_proj"], Int6Linear)  # Q5_0 (K = 576)
+    assert isinstance(mods["layers.0.self_attn.qkv_proj"], Int8Linear)  # Q5_0 q/k + Q8_0 v
+    floats = dict(load_model(smollm2_q4_k_m_path, quantization="none").model.named_modules())
+    for name in ("layers.0.self_attn.qkv_proj", "layers.0.mlp.down_proj",
+                 "layers.4.mlp.down_proj", "layers.4.mlp.gate_up_proj", "lm_head"):
+        # the same weights as the float loader's, up to float rounding of the shifted grids
+        torch.testing.assert_close(mods[name].dequantize(), floats[name].weight.float(),
+                                   rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_q4_k_m_file_serves_through_the_fused_step(smollm2_q4_k_m_path):
+    from peregrine import LLM, SamplingParams
+    llm = LLM(model=smollm2_q4_k_m_path, kv_cache_memory=0.05)
+    assert llm.engine.runner.fused is not None
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
+    assert "Paris" in out[0].outputs[0].text

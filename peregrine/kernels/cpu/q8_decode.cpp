@@ -4,10 +4,14 @@
 // llama.cpp's Q8 activations), and each block of 32 weights is one `maddubs` against them:
 // 32 multiply-adds in one instruction, so a 2-core CPU keeps up with its memory.
 //
-// Weight formats (K a multiple of 32, group size G = 32 * 2^gshift, S = ceil(K / G)):
-//   int4  q uint8 [N, K/2], scale/offset f16 [N, S]:  w = scale * q + offset
+// Weight formats (K a multiple of 32, group size G = 16 or 32 * 2^gshift, S = ceil(K / G)):
+//   int4  q uint8 [N, K/2], scale/offset f16 or f32 [N, S]:  w = scale * q + offset
 //         (GGUF's Q4_0/Q4_1 layout: in each run of 32, byte i = weight i | weight i+16 << 4)
-//   int8  q int8 [N, K], scale f32 [N, S]:            w = scale * q
+//   int6  q uint8 [N, K] below 64, scale/offset f32 [N, S]:   w = scale * q + offset
+//         (GGUF Q5_x / Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
+//   int8  q int8 [N, K], scale f32 [N, S], offset f32 or none: w = scale * q (+ offset)
+// G = 16 (K-quants' Q2_K, Q3_K, Q6_K) gives each half of a 32-block its own scale: the two
+// halves are accumulated separately (lanes of `lo` hold first halves, `hi` second halves).
 //
 // Activation layout ("pair-interleaved"): blocks go in pairs (A, B) of 64 bytes,
 //   [A 0..15 | B 0..15 | A 16..31 | B 16..31],
@@ -34,6 +38,7 @@ namespace {
 
 constexpr int kInt4 = 0;
 constexpr int kInt8 = 1;
+constexpr int kInt6 = 2;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -60,12 +65,12 @@ inline void split(int64_t n, int tid, int nth, int64_t align, int64_t& lo, int64
 
 // Quantized rows of x: per row `npair * 64` int8 (pair-interleaved, zero-padded to an even
 // number of blocks), `npair * 8` expanded block scales (4 lanes per block) and the scaled
-// block sums d * sum(q) (for int4's offsets).
+// block sums d * sum(q) (for the weights' offsets), whole and per half block (group 16).
 struct QX {
   int64_t K = 0, nb = 0, npair = 0;
   std::vector<int8_t> q;
   std::vector<float> de;
-  std::vector<float> s;  // rows of nb8 (zero-padded to a multiple of 8)
+  std::vector<float> s, sl, sh;  // rows of nb8 (zero-padded to a multiple of 8)
   int64_t nb8 = 0;
   void resize(int64_t M, int64_t K_) {
     K = K_;
@@ -75,11 +80,22 @@ struct QX {
     q.resize(static_cast<size_t>(M * npair * 64));
     de.resize(static_cast<size_t>(M * npair * 8));
     s.assign(static_cast<size_t>(M * nb8), 0.0f);
+    sl.assign(static_cast<size_t>(M * nb8), 0.0f);
+    sh.assign(static_cast<size_t>(M * nb8), 0.0f);
   }
   const int8_t* qrow(int64_t m) const { return q.data() + m * npair * 64; }
   const float* derow(int64_t m) const { return de.data() + m * npair * 8; }
   const float* srow(int64_t m) const { return s.data() + m * nb8; }
+  const float* slrow(int64_t m) const { return sl.data() + m * nb8; }
+  const float* shrow(int64_t m) const { return sh.data() + m * nb8; }
 };
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  return _mm_cvtsi128_si32(s4);
+}
 
 // Quantize row m of x (K floats) into qx.
 void quantize_row(const float* x, QX& qx, int64_t m) {
@@ -87,6 +103,8 @@ void quantize_row(const float* x, QX& qx, int64_t m) {
   int8_t* qr = qx.q.data() + m * qx.npair * 64;
   float* de = qx.de.data() + m * qx.npair * 8;
   float* sr = qx.s.data() + m * qx.nb8;
+  float* slr = qx.sl.data() + m * qx.nb8;
+  float* shr = qx.sh.data() + m * qx.nb8;
   for (int64_t b = 0; b < qx.npair * 2; ++b) {
     int8_t* dst = qr + (b / 2) * 64 + (b % 2) * 16;
     if (b >= qx.nb) {  // padding block of an odd count: zeros
@@ -106,10 +124,8 @@ void quantize_row(const float* x, QX& qx, int64_t m) {
     const __m256 id = _mm256_set1_ps(d != 0.0f ? 1.0f / d : 0.0f);
     __m256i q[4];
     for (int t = 0; t < 4; ++t) q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], id));
-    __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-    s4 = _mm_hadd_epi32(s4, s4);
-    s4 = _mm_hadd_epi32(s4, s4);
+    const int32_t sum_lo = hsum_i32(_mm256_add_epi32(q[0], q[1]));
+    const int32_t sum_hi = hsum_i32(_mm256_add_epi32(q[2], q[3]));
     // packs works within 128-bit lanes: the permute restores element order
     const __m256i w16a = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
     const __m256i w16b = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
@@ -117,7 +133,9 @@ void quantize_row(const float* x, QX& qx, int64_t m) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(w8));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm256_extracti128_si256(w8, 1));
     for (int l = 0; l < 4; ++l) de[4 * b + l] = d;
-    sr[b] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+    sr[b] = d * static_cast<float>(sum_lo + sum_hi);
+    slr[b] = d * static_cast<float>(sum_lo);
+    shr[b] = d * static_cast<float>(sum_hi);
   }
 }
 
@@ -127,18 +145,36 @@ void quantize_row(const float* x, QX& qx, int64_t m) {
 struct QW {
   int kind = kInt4;
   int64_t N = 0, K = 0, S = 0;
-  int gshift = 0;
+  int gshift = 0;      // block b (32 weights) uses scale column b >> gshift (G >= 32)
+  bool half = false;   // G = 16: block b uses columns 2b (first half) and 2b + 1
+  bool f16 = false;    // scale and offset stored as float16 (else float32)
   const uint8_t* q = nullptr;
-  const void* scale = nullptr;      // f16 (int4) or f32 (int8)
-  const uint16_t* offset = nullptr;  // f16, int4 only
-  const float* bias = nullptr;       // [N] or null
+  const void* scale = nullptr;
+  const void* offset = nullptr;  // same dtype as scale, or null (int8 only)
+  const float* bias = nullptr;   // [N] or null
+  // scale / offset column j of row n as a float
+  inline float sc(int64_t n, int64_t j) const {
+    return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(scale)[n * S + j])
+               : static_cast<const float*>(scale)[n * S + j];
+  }
+  inline float of(int64_t n, int64_t j) const {
+    if (!offset) return 0.0f;
+    return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(offset)[n * S + j])
+               : static_cast<const float*>(offset)[n * S + j];
+  }
 };
 
 // Block b (32 weights) of a row uses scale column b >> gshift; G = 0 means one per row.
 int group_shift(int64_t G) {
-  TORCH_CHECK(G == 0 || (G % 32 == 0 && ((G / 32) & (G / 32 - 1)) == 0),
-              "group size must be 0 (per row) or 32 times a power of two, got ", G);
-  return G == 0 ? 62 : __builtin_ctzll(G / 32);
+  TORCH_CHECK(G == 0 || G == 16 || (G % 32 == 0 && ((G / 32) & (G / 32 - 1)) == 0),
+              "group size must be 0 (per row), 16 or 32 times a power of two, got ", G);
+  return G == 0 ? 62 : G == 16 ? 0 : __builtin_ctzll(G / 32);
+}
+
+// The kind a weight's dtype implies when none is given: uint8 -> int4, int8 -> int8.
+int infer_kind(const torch::Tensor& q, int64_t kind) {
+  if (kind >= 0) return static_cast<int>(kind);
+  return q.scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
 }
 
 QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
@@ -146,26 +182,36 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
            int64_t G) {
   QW w;
   w.kind = kind;
+  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6, "unknown weight kind ", kind);
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.device().is_cpu(),
               "quantized weights must be contiguous CPU tensors");
+  TORCH_CHECK(q.dim() == 2, "q must be 2-D");
   w.N = q.size(0);
+  w.f16 = scale.scalar_type() == torch::kFloat16;
+  TORCH_CHECK(w.f16 || scale.scalar_type() == torch::kFloat32, "scale must be float16/32");
   if (kind == kInt4) {
-    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kFloat16,
-                "int4 weights: q uint8 [N, K/2], scale/offset float16 [N, S]");
-    TORCH_CHECK(offset.has_value() && offset->sizes() == scale.sizes() &&
-                offset->scalar_type() == torch::kFloat16 && offset->is_contiguous(),
-                "int4 weights need a float16 offset shaped like the scale");
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8, "int4 weights: q uint8 [N, K/2]");
+    TORCH_CHECK(offset.has_value(), "int4 weights need an offset shaped like the scale");
     w.K = q.size(1) * 2;
-    w.offset = reinterpret_cast<const uint16_t*>(offset->data_ptr());
+  } else if (kind == kInt6) {
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && !w.f16 && offset.has_value(),
+                "int6 weights: q uint8 [N, K] below 64, scale and offset float32 [N, S]");
+    w.K = q.size(1);
   } else {
-    TORCH_CHECK(q.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kFloat32,
+    TORCH_CHECK(q.scalar_type() == torch::kInt8 && !w.f16,
                 "int8 weights: q int8 [N, K], scale float32 [N, S]");
     w.K = q.size(1);
+  }
+  if (offset.has_value()) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->scalar_type() == scale.scalar_type()
+                && offset->is_contiguous(), "the offset must be shaped and typed like the scale");
+    w.offset = offset->data_ptr();
   }
   TORCH_CHECK(w.K % 32 == 0, "K must be a multiple of 32");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == w.N, "scale must be [N, S]");
   w.S = scale.size(1);
   w.gshift = group_shift(G);
+  w.half = G == 16;
   TORCH_CHECK(w.S == (G == 0 ? 1 : (w.K + G - 1) / G), "scale must be [N, ceil(K / G)]");
   w.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
   w.scale = scale.data_ptr();
@@ -177,37 +223,26 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
   return w;
 }
 
-// Row n's per-block scales (and int4 offsets) as floats, zero-padded to a multiple of 8.
-inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob) {
+// Row n's per-block scales and offsets as floats, zero-padded to a multiple of 8: whole
+// blocks into (sb, ob), or with G = 16 first halves into (sb, ob) and second into (sb2, ob2).
+inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob, float* sb2,
+                       float* ob2) {
   const int64_t nb = w.K / 32;
-  if (w.kind == kInt4) {
-    const uint16_t* s = static_cast<const uint16_t*>(w.scale) + n * w.S;
-    const uint16_t* o = w.offset + n * w.S;
-    if (w.gshift == 0) {
-      int64_t b = 0;
-      for (; b + 8 <= nb; b += 8) {
-        _mm256_storeu_ps(sb + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + b))));
-        _mm256_storeu_ps(ob + b, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(o + b))));
-      }
-      for (; b < nb; ++b) {
-        sb[b] = _cvtsh_ss(s[b]);
-        ob[b] = _cvtsh_ss(o[b]);
-      }
+  for (int64_t b = 0; b < nb; ++b) {
+    if (w.half) {
+      sb[b] = w.sc(n, 2 * b);
+      ob[b] = w.of(n, 2 * b);
+      sb2[b] = w.sc(n, 2 * b + 1);
+      ob2[b] = w.of(n, 2 * b + 1);
     } else {
-      for (int64_t b = 0; b < nb; ++b) {
-        sb[b] = _cvtsh_ss(s[b >> w.gshift]);
-        ob[b] = _cvtsh_ss(o[b >> w.gshift]);
-      }
-    }
-  } else {
-    const float* s = static_cast<const float*>(w.scale) + n * w.S;
-    if (w.gshift == 0) {
-      std::memcpy(sb, s, sizeof(float) * nb);
-    } else {
-      for (int64_t b = 0; b < nb; ++b) sb[b] = s[b >> w.gshift];
+      sb[b] = w.sc(n, b >> w.gshift);
+      ob[b] = w.of(n, b >> w.gshift);
     }
   }
-  for (int64_t b = nb; b < nb8; ++b) sb[b] = ob[b] = 0.0f;
+  for (int64_t b = nb; b < nb8; ++b) {
+    sb[b] = ob[b] = 0.0f;
+    if (w.half) sb2[b] = ob2[b] = 0.0f;
+  }
 }
 
 // Pair p of an int4 row: [A 0..15 | B 0..15] (lo) and [A 16..31 | B 16..31] (hi), unsigned.
@@ -223,9 +258,9 @@ inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __
   hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
 }
 
-// Pair p of an int8 row in the same arrangement (signed).
-inline void int8_pair(const int8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
-  const int8_t* a = row + p * 64;
+// Pair p of a one-byte-per-weight row (int8 or int6) in the same arrangement.
+inline void byte_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
+  const uint8_t* a = row + p * 64;
   if (2 * p + 1 < nb) {
     lo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(a + 32),
                              reinterpret_cast<const __m128i*>(a));
@@ -244,16 +279,19 @@ inline __m256 pair_scales(__m256 sv, int k) {
   return _mm256_permutevar8x32_ps(sv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[k])));
 }
 
-// Where a row's block scales (and int4 offsets) are read from, 8 blocks at a time: the
-// stored float16/float32 values directly (group size 32, and the row's last 8-wide load
-// stays inside the tensor: what it reads past the row's end meets zero x blocks, but
-// memory past the tensor may hold NaN bit patterns and NaN * 0 is NaN), else a float copy
-// expanded per block and zero-padded.
+// Where a row's block scales and offsets are read from, 8 blocks at a time: the stored
+// values directly (group size 32, and the row's last 8-wide load stays inside the tensor:
+// what it reads past the row's end meets zero x blocks, but memory past the tensor may hold
+// NaN bit patterns and NaN * 0 is NaN), else a float copy expanded per block and
+// zero-padded. With G = 16, s2/o2 hold the second halves' scales and offsets.
 struct RowScales {
   const uint16_t* s16 = nullptr;
   const uint16_t* o16 = nullptr;
   const float* s32 = nullptr;
   const float* o32 = nullptr;
+  const float* s2 = nullptr;
+  const float* o2 = nullptr;
+  inline bool has_offset() const { return o16 || o32; }
   inline __m256 scale8(int64_t b) const {
     return s16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + b)))
                : _mm256_loadu_ps(s32 + b);
@@ -266,40 +304,66 @@ struct RowScales {
 
 inline RowScales row_scales_of(const QW& w, int64_t n, float* buf, int64_t nb8) {
   RowScales r;
-  const int64_t nb = w.K / 32;
-  const bool direct = w.gshift == 0 && (w.N - n) * w.S >= nb8;
-  if (direct && w.kind == kInt4) {
+  const bool direct = !w.half && w.gshift == 0 && (w.N - n) * w.S >= nb8;
+  if (direct && w.f16) {
     r.s16 = static_cast<const uint16_t*>(w.scale) + n * w.S;
-    r.o16 = w.offset + n * w.S;
+    if (w.offset) r.o16 = static_cast<const uint16_t*>(w.offset) + n * w.S;
   } else if (direct) {
     r.s32 = static_cast<const float*>(w.scale) + n * w.S;
+    if (w.offset) r.o32 = static_cast<const float*>(w.offset) + n * w.S;
   } else {
-    row_scales(w, n, nb8, buf, buf + nb8);
+    row_scales(w, n, nb8, buf, buf + nb8, buf + 2 * nb8, buf + 3 * nb8);
     r.s32 = buf;
-    r.o32 = buf + nb8;
+    if (w.offset) r.o32 = buf + nb8;
+    if (w.half) {
+      r.s2 = buf + 2 * nb8;
+      if (w.offset) r.o2 = buf + 3 * nb8;
+    }
   }
   return r;
 }
 
+// Sum of 32 products of a weight half-pair (lo or hi: 16 weights of block A, 16 of B)
+// with the matching int8 x, as 8 int32 lanes (4 per block). Signed int8 weights go through
+// the sign trick (|w| . sign(x, w)); int4/int6 are unsigned and go straight into maddubs.
+template <int KIND>
+inline __m256i half_dot(__m256i w, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if (KIND == kInt8) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+                             ones);
+  }
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+}
+
 // y[m0 + j, n0 + i] for RN rows of W and MT rows of x: each pair of weight blocks is
 // unpacked once and used MT times, each pair of x blocks loaded once and used RN times.
-template <int KIND, int RN, int MT>
+template <int KIND, bool HALF, int RN, int MT>
 void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int64_t ldy,
                 float* buf) {
   const int64_t nb = w.K / 32, npair = x.npair, nb8 = (nb + 7) / 8 * 8;
   const __m256i ones = _mm256_set1_epi16(1);
   RowScales rs[RN];
-  for (int i = 0; i < RN; ++i) rs[i] = row_scales_of(w, n0 + i, buf + i * 2 * nb8, nb8);
+  for (int i = 0; i < RN; ++i) rs[i] = row_scales_of(w, n0 + i, buf + i * 4 * nb8, nb8);
   __m256 acc[RN][MT];
   for (int i = 0; i < RN; ++i)
     for (int j = 0; j < MT; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t p8 = 0; p8 < npair; p8 += 4) {
     const int64_t b8 = 2 * p8;
-    __m256 sv[RN];
+    __m256 sv[RN], sv2[RN];
     for (int i = 0; i < RN; ++i) {
       sv[i] = rs[i].scale8(b8);
-      if (KIND == kInt4) {  // offsets: sum over blocks of offset * d * sum(q)
-        const __m256 ov = rs[i].offset8(b8);
+      if (HALF) sv2[i] = _mm256_loadu_ps(rs[i].s2 + b8);
+      if (!rs[i].has_offset()) continue;
+      // offsets: sum over groups of offset * d * sum(q)
+      const __m256 ov = rs[i].offset8(b8);
+      if (HALF) {
+        const __m256 ov2 = _mm256_loadu_ps(rs[i].o2 + b8);
+        for (int j = 0; j < MT; ++j) {
+          acc[i][j] = _mm256_fmadd_ps(ov, _mm256_loadu_ps(x.slrow(m0 + j) + b8), acc[i][j]);
+          acc[i][j] = _mm256_fmadd_ps(ov2, _mm256_loadu_ps(x.shrow(m0 + j) + b8), acc[i][j]);
+        }
+      } else {
         for (int j = 0; j < MT; ++j)
           acc[i][j] = _mm256_fmadd_ps(ov, _mm256_loadu_ps(x.srow(m0 + j) + b8), acc[i][j]);
       }
@@ -311,28 +375,34 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
         if (KIND == kInt4) {
           int4_pair(w.q + (n0 + i) * (w.K / 2), p, nb, lo[i], hi[i]);
         } else {
-          int8_pair(reinterpret_cast<const int8_t*>(w.q) + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
+          byte_pair(w.q + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
         }
       }
-      __m256 ws[RN];
-      for (int i = 0; i < RN; ++i) ws[i] = pair_scales(sv[i], static_cast<int>(p - p8));
+      __m256 ws[RN], ws2[RN];
+      for (int i = 0; i < RN; ++i) {
+        ws[i] = pair_scales(sv[i], static_cast<int>(p - p8));
+        if (HALF) ws2[i] = pair_scales(sv2[i], static_cast<int>(p - p8));
+      }
       for (int j = 0; j < MT; ++j) {
         const int8_t* xq = x.qrow(m0 + j) + p * 64;
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
         const __m256 de = _mm256_loadu_ps(x.derow(m0 + j) + p * 8);
         for (int i = 0; i < RN; ++i) {
+          if (HALF) {
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(lo[i], x0)),
+                                        _mm256_mul_ps(ws[i], de), acc[i][j]);
+            acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(hi[i], x1)),
+                                        _mm256_mul_ps(ws2[i], de), acc[i][j]);
+            continue;
+          }
           __m256i s32;
-          if (KIND == kInt4) {
-            // int4 lanes are at most 2 * 15 * 127: two of them still fit in 16 bits
+          if (KIND == kInt8) {  // lanes reach 2 * 128 * 127: add in 32 bits
+            s32 = _mm256_add_epi32(half_dot<KIND>(lo[i], x0), half_dot<KIND>(hi[i], x1));
+          } else {
+            // int4 / int6 lanes are at most 2 * 63 * 127: two of them still fit in 16 bits
             s32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], x0),
                                                      _mm256_maddubs_epi16(hi[i], x1)), ones);
-          } else {  // signed weights: |w| against x with w's sign; lanes reach 2 * 128 * 127
-            s32 = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(lo[i], lo[i]),
-                                                       _mm256_sign_epi8(x0, lo[i])), ones),
-                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(hi[i], hi[i]),
-                                                       _mm256_sign_epi8(x1, hi[i])), ones));
           }
           acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(ws[i], de),
                                       acc[i][j]);
@@ -346,7 +416,7 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
   }
 }
 
-template <int KIND>
+template <int KIND, bool HALF>
 void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
                      int64_t ldy, float* buf) {
   // A band of W rows stays in L1 while every tile of x passes over it.
@@ -354,25 +424,35 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
   for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
     const int64_t b1 = std::min(n1, b0 + kBand);
     if (M == 1) {
-      // int8 rows need twice the registers of int4 ones (the sign trick): two at a time
-      constexpr int RN = KIND == kInt4 ? 4 : 2;
+      // int8 rows (the sign trick) and split halves need twice the registers: two at a time
+      constexpr int RN = KIND != kInt8 && !HALF ? 4 : 2;
       int64_t n = b0;
-      for (; n + RN <= b1; n += RN) qgemm_tile<KIND, RN, 1>(w, x, 0, n, y, ldy, buf);
-      for (; n < b1; ++n) qgemm_tile<KIND, 1, 1>(w, x, 0, n, y, ldy, buf);
+      for (; n + RN <= b1; n += RN) qgemm_tile<KIND, HALF, RN, 1>(w, x, 0, n, y, ldy, buf);
+      for (; n < b1; ++n) qgemm_tile<KIND, HALF, 1, 1>(w, x, 0, n, y, ldy, buf);
       continue;
     }
     // four rows of x (L1) against each row of the band (L1), then the next four rows
     int64_t m = 0;
     for (; m + 4 <= M; m += 4)
-      for (int64_t n = b0; n < b1; ++n) qgemm_tile<KIND, 1, 4>(w, x, m, n, y, ldy, buf);
+      for (int64_t n = b0; n < b1; ++n) qgemm_tile<KIND, HALF, 1, 4>(w, x, m, n, y, ldy, buf);
     for (int64_t n = b0; n < b1; ++n) {
       switch (M - m) {
-        case 1: qgemm_tile<KIND, 1, 1>(w, x, m, n, y, ldy, buf); break;
-        case 2: qgemm_tile<KIND, 1, 2>(w, x, m, n, y, ldy, buf); break;
-        case 3: qgemm_tile<KIND, 1, 3>(w, x, m, n, y, ldy, buf); break;
+        case 1: qgemm_tile<KIND, HALF, 1, 1>(w, x, m, n, y, ldy, buf); break;
+        case 2: qgemm_tile<KIND, HALF, 1, 2>(w, x, m, n, y, ldy, buf); break;
+        case 3: qgemm_tile<KIND, HALF, 1, 3>(w, x, m, n, y, ldy, buf); break;
         default: break;
       }
     }
+  }
+}
+
+template <int KIND>
+void qgemm_rows_half(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy, float* buf) {
+  if (w.half) {
+    qgemm_rows_kind<KIND, true>(w, x, M, n0, n1, y, ldy, buf);
+  } else {
+    qgemm_rows_kind<KIND, false>(w, x, M, n0, n1, y, ldy, buf);
   }
 }
 
@@ -380,11 +460,14 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
 void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
                 int64_t ldy) {
   const int64_t nb8 = (w.K / 32 + 7) / 8 * 8;
-  std::vector<float> buf(static_cast<size_t>(8 * nb8 + 8));  // 4 rows of scales + offsets
+  // 4 rows of (scales, offsets) for whole blocks or both halves
+  std::vector<float> buf(static_cast<size_t>(16 * nb8 + 8));
   if (w.kind == kInt4) {
-    qgemm_rows_kind<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
+    qgemm_rows_half<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
+  } else if (w.kind == kInt6) {
+    qgemm_rows_half<kInt6>(w, x, M, n0, n1, y, ldy, buf.data());
   } else {
-    qgemm_rows_kind<kInt8>(w, x, M, n0, n1, y, ldy, buf.data());
+    qgemm_rows_half<kInt8>(w, x, M, n0, n1, y, ldy, buf.data());
   }
 }
 
@@ -733,11 +816,12 @@ class Decoder {
  private:
   static QW take(const std::vector<c10::optional<torch::Tensor>>& t, std::vector<torch::Tensor>& keep,
                  int64_t N, int64_t K) {
-    TORCH_CHECK(t.size() == 5, "a weight is (q, scale, offset or None, bias or None, "
-                "group size as a tensor)");
+    TORCH_CHECK(t.size() == 5 || t.size() == 6, "a weight is (q, scale, offset or None, bias "
+                "or None, group size as a tensor[, kind as a tensor])");
     TORCH_CHECK(t[0].has_value() && t[1].has_value() && t[4].has_value(),
                 "a weight needs q, scale and group size");
-    const int kind = t[0]->scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
+    const int kind = infer_kind(*t[0], t.size() == 6 && t[5].has_value() ? t[5]->item<int64_t>()
+                                                                         : -1);
     QW w = make_qw(kind, *t[0], *t[1], t[2], t[3], t[4]->item<int64_t>());
     TORCH_CHECK(w.N == N && w.K == K, "weight shape [", w.N, ", ", w.K, "], expected [", N,
                 ", ", K, "]");
@@ -756,9 +840,9 @@ class Decoder {
 // y = x W^T (+ bias) for a float32 x [M, K] and a quantized W, parallel over W's rows.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                         c10::optional<torch::Tensor> offset, c10::optional<torch::Tensor> bias,
-                        int64_t G) {
+                        int64_t G, int64_t kind_arg) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
-  const int kind = q.scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
+  const int kind = infer_kind(q, kind_arg);
   const QW w = make_qw(kind, q, scale, offset, bias, G);
   TORCH_CHECK(x.size(1) == w.K, "x and the weight disagree on K");
   auto xc = x.contiguous();
@@ -785,10 +869,11 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_linear", &q8_linear, "y = x W^T (+ b): W int4 (q uint8, scale, offset) or int8 "
-        "(q int8, scale f32), x quantized to int8 per 32 values",
+  m.def("q8_linear", &q8_linear, "y = x W^T (+ b): W int4 (q uint8 packed, scale, offset), "
+        "int6 (q uint8 < 64, scale, offset; kind=2) or int8 (q int8, scale f32, offset or "
+        "None), x quantized to int8 per 32 values",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
-        py::arg("bias") = py::none(), py::arg("group_size") = 32);
+        py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1);
   py::class_<Decoder>(m, "Decoder")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
       .def("add_layer", &Decoder::add_layer)
