@@ -164,7 +164,8 @@ class LoRALinear(nn.Module):
             h = xs[start:end] @ self.lora_a[slot, :n * r].t()
             for j, (bt, off, size) in enumerate(zip(bts, self.offsets, self.slices)):
                 if self.targets[slot][j]:
-                    delta[start:end, off:off + size] += h[:, j * r:(j + 1) * r] @ bt[slot, :r]
+                    delta[start:end, off:off + size].addmm_(h[:, j * r:(j + 1) * r],
+                                                            bt[slot, :r])
         if gather:
             y.index_add_(0, batch.rows, delta)
 
