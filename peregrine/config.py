@@ -104,6 +104,20 @@ class EngineConfig:
     ngram_max: int = 4
     """`ngram`: the longest suffix looked up first (vLLM's prompt_lookup_max)."""
 
+    # --- LoRA adapters (docs/lora.md) ----------------------------------------------------
+    enable_lora: bool = False
+    """Serve LoRA adapters on this model: requests name one (`lora_request`, or an
+    adapter's name as `model` on the server) and run in the same batches as the base
+    model's. Steps then run the eager modules: the fused CPU step and CUDA graphs compute
+    no adapter deltas."""
+    max_loras: int = 1
+    """Adapters resident at once (slots). A step runs requests of at most this many distinct
+    adapters; a request whose adapter finds no free slot waits, and the least recently
+    used adapter without running requests is evicted for it."""
+    max_lora_rank: int = 16
+    """Largest adapter rank accepted; every slot is this wide (its memory: 2 x rank x
+    (in + out) values per targeted linear)."""
+
     # --- energy and cost (docs/cost.md) --------------------------------------------------
     power_source: Literal["auto", "nvml", "rapl", "model", "off"] = "auto"
     """Where each step's joules come from. `auto`: the GPU's NVML energy counter
@@ -168,6 +182,12 @@ class EngineConfig:
             raise ValueError(f"power_watts must be > 0, got {self.power_watts}")
         if self.price_per_hour < 0:
             raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.enable_lora and self.speculative is not None:
+            raise ValueError("enable_lora does not combine with speculative decoding yet")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")
@@ -224,6 +244,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str,
             kwargs["choices"] = list(args)
         else:
             base = next((a for a in (args or (hint,)) if a is not type(None)), str)
+            if typing.get_origin(base) is list:  # --flag a b c
+                kwargs["nargs"] = "+"
+                base = typing.get_args(base)[0]
             kwargs["type"] = base if base in (int, float, str) else str
         flags.add_argument(flag, **kwargs)
 

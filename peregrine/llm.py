@@ -10,6 +10,7 @@ import torch
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import LLMEngine, PromptType
 from peregrine.layers.pooling import PoolingType
+from peregrine.lora.request import LoRARequest
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -32,21 +33,29 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 priority: Seq[int] | None = None) -> list[RequestOutput]:
+                 priority: Seq[int] | None = None,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
         """Run every prompt to completion; one RequestOutput per prompt, in order.
 
         A prompt is a string, {"prompt_token_ids": [...]} or {"prompt": "..."}; no chat
-        template is applied (use `chat`)."""
+        template is applied (use `chat`). `lora_request`: one adapter for every prompt, or
+        one per prompt (None: the base model); needs enable_lora=True."""
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        loras = (list(lora_request) if isinstance(lora_request, (list, tuple))
+                 else [lora_request] * len(prompts))
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora requests for {len(prompts)} prompts")
         ids = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 req = self.engine.add_request(None, prompt, p,
-                                              priority=priority[i] if priority else 0)
+                                              priority=priority[i] if priority else 0,
+                                              lora_request=loras[i])
                 ids.append(req.request_id)
         except Exception:
             for rid in ids:
@@ -56,13 +65,15 @@ class LLM:
 
     def chat(self, messages: Messages | Seq[Messages],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None
+             ) -> list[RequestOutput]:
         """Apply the chat template to each conversation and generate the assistant's turn."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.engine.tokenizer
         prompts = [{"prompt": tok.apply_chat_template(c, add_generation_prompt),
                     "prompt_token_ids": tok.encode_chat(c, add_generation_prompt)} for c in convs]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request=lora_request)
 
     def embed(self, prompts: str | list[int] | Seq[str | list[int]],
               pooling: PoolingType = "last", normalize: bool = True) -> torch.Tensor:
@@ -77,9 +88,11 @@ class LLM:
 
     # --- driving the loop by hand ---------------------------------------------------------------
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
+                    request_id: str | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> str:
         """Queue one request; returns its id."""
-        return self.engine.add_request(request_id, prompt, params, priority).request_id
+        return self.engine.add_request(request_id, prompt, params, priority,
+                                       lora_request=lora_request).request_id
 
     def step(self) -> list[RequestOutput]:
         """One engine step; outputs of the requests it advanced."""

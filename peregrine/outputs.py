@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from peregrine.lora.request import LoRARequest
+
 
 @dataclass
 class Logprob:
@@ -59,3 +61,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    lora_request: LoRARequest | None = None  # the adapter it ran with (None: the base model)

@@ -15,7 +15,7 @@ LAYERS: list[list[str]] = [
     ["peregrine.config", "peregrine.outputs", "peregrine.models.errors",
      "peregrine.models.config", "peregrine.models.registry", "peregrine.models.gguf_file",
      "peregrine.models.gguf_quants",
-     "peregrine.models.tokenizer", "peregrine.memory_model"],
+     "peregrine.models.tokenizer", "peregrine.memory_model", "peregrine.lora.request"],
     # what a request asks for: grammar constraints and sampling parameters
     ["peregrine.structured", "peregrine.sampling_params"],
     # the attention contract: KV layout, attention metadata, the backend interface
@@ -24,6 +24,8 @@ LAYERS: list[list[str]] = [
     ["peregrine.layers"],
     # models and loading them (quantizing on load, quantized checkpoints)
     ["peregrine.models", "peregrine.quantization.apply", "peregrine.quantization.checkpoint"],
+    # LoRA adapters: reading PEFT files, mapping them onto the model's linears, slots
+    ["peregrine.lora"],
     # proposers: tokens and block tables in, draft tokens out
     ["peregrine.spec_decode"],
     # the step's state: sequences, their KV blocks, the batch the scheduler hands on

@@ -24,6 +24,7 @@ import torch
 from peregrine.config import EngineConfig
 from peregrine.engine.llm_engine import EngineStats, LLMEngine, PromptType, StepFailedError
 from peregrine.layers.pooling import PoolingType
+from peregrine.lora.request import LoRARequest
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import RequestOutput
 from peregrine.sampling_params import SamplingParams
@@ -98,6 +99,7 @@ class _Add:
     params: SamplingParams
     priority: int
     arrival_time: float
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -244,15 +246,17 @@ class AsyncLLMEngine:
 
     # --- requests -----------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          priority: int = 0) -> RequestStream:
-        """Queue a request and wait until the engine accepted it; ValueError if it did not."""
+                          priority: int = 0, lora_request: LoRARequest | None = None
+                          ) -> RequestStream:
+        """Queue a request (with `lora_request`: on that adapter) and wait until the engine
+        accepted it; ValueError if it did not."""
         if not self.is_ready:
             raise EngineNotReadyError("the model is still loading" if self._accepting
                                       else "the server is shutting down")
         stream = RequestStream(request_id, asyncio.get_running_loop())
         with self._counts.lock:
             self._counts.pending += 1
-        self._send(_Add(stream, prompt, params, priority, time.monotonic()))
+        self._send(_Add(stream, prompt, params, priority, time.monotonic(), lora_request))
         try:
             await stream.added
         except asyncio.CancelledError:
@@ -385,7 +389,8 @@ class AsyncLLMEngine:
             self._counts.pending -= 1
         try:
             engine.add_request(stream.request_id, command.prompt, command.params,
-                               priority=command.priority, arrival_time=command.arrival_time)
+                               priority=command.priority, arrival_time=command.arrival_time,
+                               lora_request=command.lora_request)
         except Exception as e:  # noqa: BLE001 - bad requests go back to their handler
             stream.resolve_added(e)
             return

@@ -55,3 +55,4 @@ class ModelInput:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to sample from
     sample_rows: list[int]  # batch entries that sample (1 + their drafts rows each)
+    lora_slots: torch.Tensor | None = None  # [T] adapter slot per token, -1: base (LoRA on)

@@ -23,6 +23,7 @@ import torch
 
 from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
+from peregrine.layers.lora import LoRALinear
 from peregrine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("peregrine")
@@ -38,6 +39,9 @@ def _weight(lin: QuantLinear) -> list[torch.Tensor | None]:
 
 def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     """Why the fused step cannot run this model, or None when it can."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        return ("LoRA is enabled: the fused step computes no adapter deltas, so every step "
+                "runs the eager modules")
     if not model.supports_fused_cpu_decode:
         return (f"{model.config.architecture} layers (q/k norms, Gemma norms) are not the "
                 "fused step's Llama layers")

@@ -71,7 +71,9 @@ class KVCacheManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[-1] if hashes else None
+            # The chain starts from the adapter's name: K/V computed under one adapter
+            # (or none) are never another's.
+            parent = hashes[-1] if hashes else seq.request.lora_name
             hashes.append(hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs]))))
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:

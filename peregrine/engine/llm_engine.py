@@ -24,6 +24,10 @@ from peregrine.engine.scheduler import Scheduler
 from peregrine.engine.sequence import Request, RequestTimes, Sequence
 from peregrine.energy import EnergyAccountant, make_meter
 from peregrine.layers.pooling import PoolingType, normalize as normalize_rows, pool_flat
+from peregrine.lora.adapter import LoRAAdapter
+from peregrine.lora.errors import AdapterBusyError
+from peregrine.lora.manager import LoRAManager
+from peregrine.lora.request import LoRARequest
 from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
 from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -101,8 +105,11 @@ class LLMEngine:
         self.context_limit = min(self.max_model_len, num_blocks * config.block_size)
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.proposer = build_proposer(config, self.loaded.model, self.kv_caches, num_blocks)
+        # Wraps the linears before the runner decides how steps run (no fused step then).
+        self.lora = (LoRAManager(self.loaded.model, config.max_loras, config.max_lora_rank,
+                                 device, dtype) if config.enable_lora else None)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size,
-                                  self.proposer)
+                                  self.proposer, self.lora)
         self.spec_stats = SpecDecodeStats()
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
@@ -141,8 +148,10 @@ class LLMEngine:
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | None = None, priority: int = 0,
-                    arrival_time: float | None = None) -> Request:
-        """Validate and queue a request; ValueError says what is wrong with it."""
+                    arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> Request:
+        """Validate and queue a request; ValueError says what is wrong with it. With
+        `lora_request` it runs with that adapter (read from disk on its first use)."""
         # A copy: the engine fills in max_tokens, and callers reuse one object for many prompts.
         params = params.clone() if params is not None else SamplingParams()
         params.validate(self.config.max_logprobs)
@@ -186,9 +195,12 @@ class LLMEngine:
         # Compiled before anything is queued: an invalid schema or regex refuses the request.
         matchers = (self._grammar_matchers(params.structured, params.num_sequences)
                     if params.structured is not None else None)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         times = RequestTimes(arrival_time if arrival_time is not None else time.monotonic())
         req = Request(request_id, text, ids, params, priority, times,
-                      eos_token_ids=list(self.tokenizer.eos_token_ids))
+                      eos_token_ids=list(self.tokenizer.eos_token_ids),
+                      lora_request=lora_request)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None]  # the first prompt token has no logprob
         if params.use_beam_search:
@@ -235,6 +247,28 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    # --- LoRA adapters ----------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter (once per name); InvalidAdapterError (a ValueError)
+        says why it cannot be served."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
+        return self.lora.add(lora_request)
+
+    def remove_lora(self, name: str) -> None:
+        """Forget an adapter; AdapterNotFoundError if unknown, AdapterBusyError while
+        requests use it."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
+        users = [r.request_id for r in self.requests.values() if r.lora_name == name]
+        if users:
+            raise AdapterBusyError(f"LoRA adapter {name!r} has {len(users)} live requests")
+        self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        """The names of the adapters this engine has read."""
+        return [] if self.lora is None else list(self.lora.adapters)
+
     # --- the loop -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One step: schedule, propose drafts, run the model once, process what it sampled."""
@@ -244,6 +278,8 @@ class LLMEngine:
         if batch.is_empty:
             return []
         try:
+            if self.lora is not None:  # the running requests' adapters, in slots
+                self.lora.activate(self.scheduler.running_loras())
             batch = self.propose(batch)
             sampled = self.runner.execute(batch)
             return self.postprocess(batch, sampled)
@@ -444,6 +480,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             outputs=outs, finished=req.is_finished, prompt_logprobs=req.prompt_logprobs,
+            lora_request=req.lora_request,
             num_cached_tokens=max(s.num_cached_tokens for s in req.seqs),
             metrics=RequestMetrics(
                 t.arrival, t.first_scheduled, t.first_token, t.last_token, t.finished,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from peregrine.attention_backend import (AttentionMetadata, LayerCache, block_table_tensor,
@@ -11,6 +13,7 @@ from peregrine.engine.batch import ModelInput, ScheduledBatch
 from peregrine.engine.cpu_decode import FusedDecodeRunner, fused_decode_runner
 from peregrine.engine.cuda_graphs import DecodeGraphRunner
 from peregrine.engine.kv_cache import copy_kv_blocks
+from peregrine.lora.manager import LoRAManager
 from peregrine.models.llama import LlamaForCausalLM
 from peregrine.sampling.sampler import SamplerOutput
 from peregrine.sampling.step import StepSampler
@@ -23,7 +26,7 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM,
                  kv_caches: list[LayerCache], block_size: int,
-                 proposer: Proposer | None = None) -> None:
+                 proposer: Proposer | None = None, lora: LoRAManager | None = None) -> None:
         self.config = config
         self.model = model
         self.kv_caches = kv_caches
@@ -34,13 +37,14 @@ class ModelRunner:
         self.sampler = StepSampler(model.config.vocab_size, self.device, config.seed)
         self.proposer = proposer  # sees every batch, to keep a draft model's cache in step
         self.masker = GrammarMasker(model.config.vocab_size)
+        self.lora = lora  # set: each row runs with its request's adapter (its slot)
         self.graphs: DecodeGraphRunner | None = None
         self.fused: FusedDecodeRunner | None = None
         if self.device.type == "cpu" and not config.enforce_eager:
             self.fused = fused_decode_runner(model, kv_caches)
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = backend == "triton"
-        if self.device.type == "cuda" and not config.enforce_eager and triton:
+        if self.device.type == "cuda" and not config.enforce_eager and triton and lora is None:
             max_len = config.max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphRunner(model, kv_caches, config.max_num_seqs, max_len,
                                             block_size, self.device)
@@ -54,7 +58,8 @@ class ModelRunner:
         # Grammar masks (a row per logits row, drafts included); None if nothing is constrained.
         masks = self.masker.start([batch.seqs[i].matcher for i in inp.sample_rows],
                                   [batch.drafts[i] for i in inp.sample_rows])
-        hidden = self.forward(inp)
+        with nullcontext() if self.lora is None else self.lora.batch(inp.lora_slots):
+            hidden = self.forward(inp)
         if self.proposer is not None:
             self.proposer.observe(inp.input_ids, inp.positions, inp.meta)
         return self.sampler(batch, inp, hidden, masks, self.model.compute_logits)
@@ -104,5 +109,9 @@ class ModelRunner:
         dev = self.to_device
         meta = AttentionMetadata.build(starts, seq_lens, batch.num_decodes, slot_mapping, table,
                                        dev)
+        lora_slots = None
+        if self.lora is not None:
+            per_entry = torch.tensor([self.lora.slot_of(s.request.lora_name) for s in batch.seqs])
+            lora_slots = per_entry[seq_index]
         return ModelInput(dev(torch.tensor(ids)), dev(positions), meta,
-                          dev(torch.tensor(logits_indices)), sample_rows)
+                          dev(torch.tensor(logits_indices)), sample_rows, lora_slots)

@@ -47,6 +47,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by Sequence.sort_key
         self.num_preemptions = 0
         self.num_spec = config.num_speculative_tokens if config.speculative else 0
+        self.max_loras = config.max_loras if config.enable_lora else 0
 
     # --- queues --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -71,6 +72,10 @@ class Scheduler:
 
     def live_sequences(self) -> list[Sequence]:
         return self.running + self.waiting
+
+    def running_loras(self) -> set[str]:
+        """The adapters of the running sequences (at most max_loras)."""
+        return {s.request.lora_name for s in self.running} - {None}
 
     # --- one step -------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -103,9 +108,15 @@ class Scheduler:
             # A static/dynamic batch is admitted whole even when this step's budget covers
             # only part of its prompts; the rest are prefilled in the following steps.
             whole_batch = self.config.batching != "continuous"
-            while (self.waiting and len(self.running) < self.config.max_num_seqs
+            loras = self.running_loras()
+            i = 0  # waiting sequences whose adapter finds no slot are passed over
+            while (i < len(self.waiting) and len(self.running) < self.config.max_num_seqs
                    and (budget > 0 or whole_batch)):
-                seq = self.waiting[0]
+                seq = self.waiting[i]
+                lora = seq.request.lora_name
+                if lora is not None and lora not in loras and len(loras) >= self.max_loras:
+                    i += 1
+                    continue
                 # Prompt logprobs need the logits of every prompt position: no cache skip.
                 fresh = seq.num_computed_tokens == 0 and not seq.collects_prompt_logprobs
                 hits = self.kv.lookup_prefix(seq) if fresh else []
@@ -120,7 +131,9 @@ class Scheduler:
                 if seq.num_preemptions == 0:
                     self.kv.record_lookup(seq.num_tokens, len(hits) * self.kv.block_size)
                     seq.num_cached_tokens = len(hits) * self.kv.block_size
-                self.waiting.pop(0)
+                self.waiting.pop(i)
+                if lora is not None:
+                    loras.add(lora)
                 seq.status = SequenceStatus.RUNNING
                 bisect.insort(self.running, seq, key=Sequence.sort_key)
                 if seq.request.times.first_scheduled is None:

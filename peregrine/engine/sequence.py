@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from peregrine.lora.request import LoRARequest
 from peregrine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -143,6 +144,12 @@ class Request:
     prompt_tensor: torch.Tensor | None = None  # prompt ids on the device (repetition penalty)
     energy_joules: float = 0.0  # its token share of the energy of every step it was in
     cost_usd: float = 0.0  # its token share of those steps' wall time x price_per_hour
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
+
+    @property
+    def lora_name(self) -> str | None:
+        """The adapter's name, None for the base model."""
+        return None if self.lora_request is None else self.lora_request.lora_name
 
     def prompt_ids_on(self, device: torch.device) -> torch.Tensor:
         """The prompt token ids as a tensor on `device`, built once per request."""

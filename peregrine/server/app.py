@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import peregrine
 from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
+from peregrine.lora.request import LoRARequest
 from peregrine.models.registry import resolve_model
 from peregrine.server import messages, serving
 from peregrine.server import responses as responses_api
@@ -41,6 +43,8 @@ from peregrine.server.args import ServerArgs
 from peregrine.server.embeddings import EmbeddingService, create_embedding
 from peregrine.server.errors import APIError, error_response
 from peregrine.server.limits import BodySizeLimit, check_json
+from peregrine.server.lora import (LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
+                                   parse_lora_modules)
 from peregrine.server.metrics import CONTENT_TYPE, ServerMetrics
 from peregrine.server.model_entries import ModelEntry, estimate_memory
 from peregrine.server.router import ModelRouter, ModelSlot, new_engine
@@ -156,21 +160,28 @@ def _check_api_key(request: Request) -> None:
 def create_app(args: ServerArgs, config: EngineConfig,
                entries: list[ModelEntry] | None = None) -> FastAPI:
     """An app serving `config`'s model, or several (`entries`, which estimates their
-    memory); engines start loading with the app's lifespan."""
-    if entries is None or len(entries) == 1:
-        if entries is None:
-            names = [args.served_model_name
-                     or resolve_model(config.model, config.load_format).name]
-            if config.model and config.model not in names:
-                names.append(config.model)
-            entries = [ModelEntry(names[0], config, names[1:])]
-        return build_router_app(args, ModelRouter.build(entries, args))
-    for entry in entries:
-        try:
-            entry.memory_bytes = entry.memory_bytes or estimate_memory(entry.config)
-        except Exception as e:  # noqa: BLE001 - an estimate missing is no reason to stop
-            logger.warning("cannot estimate the memory of %s: %s", entry.name, e)
-    return build_router_app(args, ModelRouter.build(entries, args))
+    memory), and the --lora-modules adapters; engines start loading with the app's
+    lifespan."""
+    if entries is None:
+        names = [args.served_model_name or resolve_model(config.model, config.load_format).name]
+        if config.model and config.model not in names:
+            names.append(config.model)
+        entries = [ModelEntry(names[0], config, names[1:])]
+    elif len(entries) > 1:
+        for entry in entries:
+            try:
+                entry.memory_bytes = entry.memory_bytes or estimate_memory(entry.config)
+            except Exception as e:  # noqa: BLE001 - an estimate missing is no reason to stop
+                logger.warning("cannot estimate the memory of %s: %s", entry.name, e)
+    adapters = parse_lora_modules(args.lora_modules or [])
+    for _, base in adapters:  # an adapter's model serves adapters
+        entry = next((e for e in entries if base in e.names), None) if base else entries[0]
+        if entry is not None and not entry.config.enable_lora:
+            entry.config = dataclasses.replace(entry.config, enable_lora=True)
+    router = ModelRouter.build(entries, args)
+    for request, base in adapters:
+        router.add_adapter(request, base)
+    return build_router_app(args, router)
 
 
 def build_app(args: ServerArgs, engine: AsyncLLMEngine, metrics: ServerMetrics,
@@ -282,6 +293,8 @@ def build_router_app(args: ServerArgs, router: ModelRouter) -> FastAPI:
     @api.get("/v1/models", responses=responses(ModelList, NO_BODY_ERRORS))
     async def models() -> ModelList:
         cards = [_card(slot) for slot in router.slots]
+        for slot in router.slots:
+            cards.extend(_adapter_card(slot, ctx) for ctx in slot.adapters.values())
         if embeddings.model_name is not None:
             encoder = embeddings.encoder
             cards.append(ModelCard(id=embeddings.model_name, root=args.embedding_model,
@@ -296,6 +309,25 @@ def build_router_app(args: ServerArgs, router: ModelRouter) -> FastAPI:
     @api.post("/v1/models/{name}/unload", responses=responses(ModelCard, NO_BODY_ERRORS))
     async def unload_model(name: str) -> ModelCard:
         return _card(await router.unload(name))
+
+    @api.post("/v1/load_lora_adapter", openapi_extra=json_body(LoadLoRAAdapterRequest),
+              responses=responses(None, media_type="text/plain"))
+    async def load_lora_adapter(request: Request) -> PlainTextResponse:
+        req = await parse_body(request, LoadLoRAAdapterRequest)
+        try:
+            lora = LoRARequest(req.lora_name, req.lora_path)
+        except ValueError as e:
+            raise APIError(HTTPStatus.BAD_REQUEST, str(e), param="lora_name") from None
+        await router.load_adapter(lora, req.base_model_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @api.post("/v1/unload_lora_adapter", openapi_extra=json_body(UnloadLoRAAdapterRequest),
+              responses=responses(None, media_type="text/plain"))
+    async def unload_lora_adapter(request: Request) -> PlainTextResponse:
+        req = await parse_body(request, UnloadLoRAAdapterRequest)
+        await router.unload_adapter(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed "
+                                 "successfully.")
 
     @api.post("/tokenize", openapi_extra=json_body(TokenizeRequest),
               responses=responses(TokenizeResponse))
@@ -365,7 +397,8 @@ def build_router_app(args: ServerArgs, router: ModelRouter) -> FastAPI:
                   EmbeddingRequest, CompletionResponse, ChatCompletionResponse,
                   EmbeddingResponse, ModelList, TokenizeResponse, DetokenizeResponse,
                   VersionResponse, ErrorResponse, ResponsesRequest, ResponseObject,
-                  ResponseDeleted, InputItemList])
+                  ResponseDeleted, InputItemList, LoadLoRAAdapterRequest,
+                  UnloadLoRAAdapterRequest])
     return app
 
 
@@ -377,6 +410,16 @@ def _card(slot: ModelSlot) -> ModelCard:
                      max_model_len=engine.context_limit if ready else None,
                      aliases=slot.entry.aliases, state=slot.state, pinned=slot.entry.pinned,
                      memory_bytes=slot.entry.memory_bytes or None)
+
+
+def _adapter_card(slot: ModelSlot, ctx: serving.ServingContext) -> ModelCard:
+    """A LoRA adapter's entry in /v1/models: a model whose parent is its base model."""
+    lora = ctx.lora_request
+    assert lora is not None
+    engine = slot.engine
+    ready = engine is not None and engine.is_ready
+    return ModelCard(id=lora.lora_name, root=lora.lora_path, parent=slot.name,
+                     max_model_len=engine.context_limit if ready else None, state=slot.state)
 
 
 def _count_rejection(metrics: ServerMetrics, exc: APIError) -> None:

@@ -21,6 +21,10 @@ class ServerArgs:
     playground page stay open)."""
     served_model_name: str | None = None
     """The model's name in the API; default: the model's own name (e.g. smollm2-135m)."""
+    lora_modules: list[str] | None = None
+    """LoRA adapters to serve, each as a model of its own name on the default model:
+    `name=path` (a PEFT directory) or vLLM's JSON `{"name": ..., "path": ...,
+    "base_model_name": ...}`; turns on --enable-lora for its model (docs/lora.md)."""
     models_config: str | None = None
     """A TOML file of the models to serve, with names, aliases, engine options and pinning
     (docs/multi_model.md); they follow any given with --model (repeatable)."""

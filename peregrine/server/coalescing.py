@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from peregrine.engine.async_engine import AsyncLLMEngine, RequestStream
 from peregrine.engine.llm_engine import PromptType
+from peregrine.lora.request import LoRARequest
 from peregrine.outputs import CompletionOutput, RequestOutput
 from peregrine.sampling_params import SamplingParams
 from peregrine.structured.grammar import StructuredOutputs
@@ -96,8 +97,9 @@ class RequestCoalescer:
     one engine request; `enabled=False` passes every call straight to the engine."""
 
     def __init__(self, engine: AsyncLLMEngine, observer: CoalescingObserver | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, lora_request: LoRARequest | None = None) -> None:
         self.engine = engine
+        self.lora_request = lora_request  # every request added runs on this adapter
         self.observer = observer
         self.enabled = enabled
         self._in_flight: dict[Hashable, _Group] = {}
@@ -113,7 +115,8 @@ class RequestCoalescer:
         """Like AsyncLLMEngine.add_request; an identical deterministic request in flight is
         joined instead of starting a new engine request."""
         if not self.enabled:
-            return await self.engine.add_request(request_id, prompt, params, priority)
+            return await self.engine.add_request(request_id, prompt, params, priority,
+                                                 lora_request=self.lora_request)
         if request_id in self._by_client:
             raise ValueError(f"request id {request_id!r} is already in flight")
         key = coalescing_key(prompt, params)
@@ -171,7 +174,7 @@ class RequestCoalescer:
         """Add the engine request, then fan its outputs out to the attached clients."""
         try:
             stream = await self.engine.add_request(group.engine_id, group.prompt, group.params,
-                                                   priority)
+                                                   priority, lora_request=self.lora_request)
         except BaseException as e:
             self._forget(group)
             for request_id in group.clients:

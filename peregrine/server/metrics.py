@@ -3,7 +3,9 @@
 Names follow vLLM's (`vllm:` becomes `peregrine:`) so existing dashboards translate. Each
 app has its own CollectorRegistry, so several servers (tests) can live in one process.
 Request metrics are observed on the engine thread as outputs come out of a step; engine
-gauges are read from the latest EngineStats snapshot when /metrics is scraped."""
+gauges are read from the latest EngineStats snapshot when /metrics is scraped. A request
+run on a LoRA adapter is labelled with the adapter's name (its `model` in the API), so its
+latencies and lengths are series of their own beside the base model's."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ def length_buckets(max_len: int) -> list[int]:
 class _Track:
     """What the metrics remember about a live request between two steps."""
 
+    model: str  # its model_name label: the served model's, or its LoRA adapter's
     tokens: int = 0
     last_token_time: float | None = None
 
@@ -162,9 +165,11 @@ class ServerMetrics:
         reg = self.registry
 
         def histogram(name: str, doc: str, buckets: Iterable[float]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, registry=reg,
-                             buckets=tuple(buckets)).labels(model_name)
+            family = Histogram(PREFIX + name, doc, labels, registry=reg, buckets=tuple(buckets))
+            family.labels(model_name)  # the served model's series exist from the start
+            return family
 
+        # Per request, labelled by request (a LoRA adapter's requests by its name).
         self.ttft = histogram("time_to_first_token_seconds",
                               "Arrival to first generated token.", _LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds",
@@ -218,7 +223,7 @@ class ServerMetrics:
         self.cache_lookup = histogram("semantic_cache_lookup_seconds", "Time to look a request "
                                       "up (embedding, search, verification).",
                                       (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                       0.25, 0.5, 1.0))
+                                       0.25, 0.5, 1.0)).labels(model_name)
         self._cache_entries = Gauge(PREFIX + "semantic_cache_entries", "Answers in the cache.",
                                     labels, registry=reg).labels(model_name)
         self._cache_bytes = Gauge(PREFIX + "semantic_cache_bytes", "Bytes of questions, "
@@ -280,39 +285,47 @@ class ServerMetrics:
     def on_outputs(self, outputs: list[RequestOutput]) -> None:
         """Observe token latencies of every request a step advanced; close finished ones."""
         for out in outputs:
-            track = self._live.setdefault(out.request_id, _Track())
+            track = self._live.get(out.request_id)
+            if track is None:
+                lora = out.lora_request
+                track = self._live[out.request_id] = _Track(
+                    self.model_name if lora is None else lora.lora_name)
             m = out.metrics
             tokens = sum(len(o.token_ids) for o in out.outputs)
             if m is not None and tokens > track.tokens and m.last_token_time is not None:
                 if track.last_token_time is None:
                     if m.first_token_time is not None:
-                        self.ttft.observe(m.first_token_time - m.arrival_time)
+                        self.ttft.labels(track.model).observe(m.first_token_time
+                                                              - m.arrival_time)
                 else:
-                    self.itl.observe(m.last_token_time - track.last_token_time)
+                    self.itl.labels(track.model).observe(m.last_token_time
+                                                         - track.last_token_time)
                 track.tokens, track.last_token_time = tokens, m.last_token_time
             if out.finished:
                 self._live.pop(out.request_id, None)
-                self._observe_finished(out)
+                self._observe_finished(out, track.model)
 
     def on_failed(self, request_ids: list[str]) -> None:
         """Count requests that an engine failure ended."""
         for request_id in request_ids:
-            self._live.pop(request_id, None)
-            self.finished.labels(self.model_name, "error").inc()
+            track = self._live.pop(request_id, None)
+            model = self.model_name if track is None else track.model
+            self.finished.labels(model, "error").inc()
 
-    def _observe_finished(self, out: RequestOutput) -> None:
+    def _observe_finished(self, out: RequestOutput, model: str) -> None:
         reasons = [o.finish_reason for o in out.outputs]
         reason = "abort" if "abort" in reasons else (reasons[0] or "abort")
-        self.finished.labels(self.model_name, reason).inc()
-        self.prompt_len.observe(len(out.prompt_token_ids))
-        self.gen_len.observe(sum(len(o.token_ids) for o in out.outputs))
+        self.finished.labels(model, reason).inc()
+        self.prompt_len.labels(model).observe(len(out.prompt_token_ids))
+        self.gen_len.labels(model).observe(sum(len(o.token_ids) for o in out.outputs))
         m = out.metrics
         if m is None:
             return
         if m.finished_time is not None:
-            self.e2e.observe(m.finished_time - m.arrival_time)
+            self.e2e.labels(model).observe(m.finished_time - m.arrival_time)
         if m.first_scheduled_time is not None:
-            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+            self.queue_time.labels(model).observe(m.first_scheduled_time - m.arrival_time)
         longest = max(len(o.token_ids) for o in out.outputs)
         if longest > 1 and m.first_token_time is not None and m.last_token_time is not None:
-            self.tpot.observe((m.last_token_time - m.first_token_time) / (longest - 1))
+            self.tpot.labels(model).observe((m.last_token_time - m.first_token_time)
+                                            / (longest - 1))

@@ -463,6 +463,7 @@ class ModelCard(BaseModel):
     pinned: bool = False
     memory_bytes: int | None = None  # weights + KV pool, estimated before loading
     task: Literal["generate", "embed"] = "generate"
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
 
 
 class ModelList(BaseModel):

@@ -5,7 +5,10 @@ least recently used idle model that is not pinned; idle models unload after --ke
 A model is busy while a route holds it (a lease, from routing until the response is
 built) or its engine has live requests (a stream outlives its route); a busy or loading
 model is never unloaded. Decisions to load and unload run one at a time under a lock; the
-waits for loads run outside it, so other models keep being served meanwhile."""
+waits for loads run outside it, so other models keep being served meanwhile.
+
+A LoRA adapter is served as a model of its own name on its base model (docs/lora.md): its
+requests route to the base model's engine, tagged with the adapter, and share its batches."""
 
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from typing import Literal
 from peregrine.config import EngineConfig
 from peregrine.engine.async_engine import AsyncLLMEngine
 from peregrine.engine.fair_share import FairArbiter
+from peregrine.lora.adapter import LoRAAdapter
+from peregrine.lora.errors import AdapterBusyError, AdapterNotFoundError, InvalidAdapterError
+from peregrine.lora.request import LoRARequest
 from peregrine.server.args import ServerArgs
 from peregrine.server.errors import APIError
 from peregrine.server.metrics import ServerMetrics
@@ -61,6 +67,8 @@ class ModelSlot:
         # The engine the next load starts; the context points at it while unloaded.
         self._spare = engine or factory(entry.config, self.metrics)
         self.ctx = ServingContext(self._spare, self.metrics, entry.names, args)
+        self.adapters: dict[str, ServingContext] = {}  # LoRA adapters served on it, by name
+        self.adapter_leases: dict[str, int] = {}
         self.engine: AsyncLLMEngine | None = None
         self.loading: asyncio.Future[None] | None = None
         self.leases = 0
@@ -96,7 +104,7 @@ class ModelSlot:
         engine, self._spare = self._spare, None
         assert engine is not None
         self.engine = engine
-        self.ctx.use_engine(engine)
+        self._use_engine(engine)
         self.last_used = clock()
         began = time.perf_counter()
         engine.start()
@@ -114,8 +122,25 @@ class ModelSlot:
         assert engine is not None
         self.engine, self.loading = None, None
         self._spare = self._factory(self.entry.config, self.metrics)
-        self.ctx.use_engine(self._spare)
+        self._use_engine(self._spare)
         return engine
+
+    def _use_engine(self, engine: AsyncLLMEngine) -> None:
+        self.ctx.use_engine(engine)
+        for ctx in self.adapters.values():
+            ctx.use_engine(engine)
+
+    def add_adapter(self, request: LoRARequest, args: ServerArgs) -> None:
+        """Serve `request`'s adapter on this model under its own name."""
+        engine = self.engine or self._spare
+        assert engine is not None
+        self.adapters[request.lora_name] = ServingContext(
+            engine, self.metrics, [request.lora_name], args, lora_request=request)
+        self.adapter_leases[request.lora_name] = 0
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`."""
+        del self.adapters[name], self.adapter_leases[name]
 
 
 class ModelRouter:
@@ -136,6 +161,9 @@ class ModelRouter:
         # (as a single-model server always did). Several: requests wait for their model.
         self.single = len(slots) == 1
         self._lock = asyncio.Lock()
+        self._adapter_lock = asyncio.Lock()
+        self.adapters: dict[str, ModelSlot] = {}
+        """LoRA adapters served as models, by name: the model each runs on."""
         self._sweeper: asyncio.Task[None] | None = None
         self.arbiter: FairArbiter | None = None
         """The fair sharing of steps between the models (None: they step freely)."""
@@ -176,26 +204,34 @@ class ModelRouter:
 
     # --- routing -----------------------------------------------------------------------------
     def resolve(self, name: str | None) -> ModelSlot:
-        """The slot `name` (a served name or alias; none: the default) routes to; 404 if none."""
+        """The slot `name` (a served name or alias, or a LoRA adapter's name: its base model;
+        none: the default) routes to; 404 if none."""
         if not name:
             return self.default
-        slot = self._by_name.get(name)
+        slot = self._by_name.get(name) or self.adapters.get(name)
         if slot is None:
-            served = ", ".join(f"`{s.name}`" for s in self.slots)
+            served = ", ".join(f"`{n}`" for n in [*(s.name for s in self.slots),
+                                                  *self.adapters])
             raise APIError(HTTPStatus.NOT_FOUND, f"The model `{name}` does not exist; this "
                            f"server serves {served}.", param="model", code="model_not_found")
         return slot
 
     @asynccontextmanager
     async def lease(self, name: str | None) -> AsyncIterator[ServingContext]:
-        """The serving context of `name`'s model, loaded (on demand) and held busy meanwhile."""
+        """The serving context of `name`'s model (or adapter), loaded (on demand) and held
+        busy meanwhile."""
         slot = self.resolve(name)
+        adapter = name if name in slot.adapters else None
         slot.leases += 1
+        if adapter is not None:
+            slot.adapter_leases[adapter] += 1
         try:
             await self._ensure_loaded(slot, wait=not self.single)
-            yield slot.ctx
+            yield slot.ctx if adapter is None else slot.adapters[adapter]
         finally:
             slot.leases -= 1
+            if adapter is not None:
+                slot.adapter_leases[adapter] -= 1
             slot.last_used = self._clock()
 
     async def _ensure_loaded(self, slot: ModelSlot, wait: bool) -> None:
@@ -260,6 +296,72 @@ class ModelRouter:
             await asyncio.to_thread(gc.collect)  # the weights go now, not at some later GC
             slot.unload_seconds = time.perf_counter() - began
             logger.info("unloaded %s in %.2fs", slot.name, slot.unload_seconds)
+
+    # --- LoRA adapters --------------------------------------------------------------------------
+    def add_adapter(self, request: LoRARequest, base: str | None = None) -> ModelSlot:
+        """Serve an adapter as a model named after it, on model `base` (default: the default
+        model); its files are checked now (ValueError), its fit to the model on first use."""
+        slot = self._adapter_base(request.lora_name, base)
+        LoRAAdapter.load(request.lora_name, request.lora_path, slot.entry.config.max_lora_rank)
+        slot.add_adapter(request, self.args)
+        self.adapters[request.lora_name] = slot
+        return slot
+
+    def _adapter_base(self, name: str, base: str | None) -> ModelSlot:
+        if name in self._by_name or name in self.adapters:
+            raise InvalidAdapterError(f"a model or LoRA adapter named {name!r} is already "
+                                      "served")
+        slot = self.resolve(base)
+        if not slot.entry.config.enable_lora:
+            raise InvalidAdapterError(f"{slot.name} serves no LoRA adapters: start it with "
+                                      "--enable-lora")
+        return slot
+
+    async def load_adapter(self, request: LoRARequest, base: str | None = None) -> ModelSlot:
+        """POST /v1/load_lora_adapter: serve an adapter from now on; 400 in OpenAI's shape
+        when it cannot be (name taken, bad path or config, rank over --max-lora-rank, or
+        the base model's shapes when it is loaded)."""
+        async with self._adapter_lock:
+            try:
+                slot = self._adapter_base(request.lora_name, base)
+                if slot.state == "loaded":  # the engine reads it and checks it fits
+                    assert slot.engine is not None
+                    await slot.engine.call(lambda e: e.add_lora(request))
+                else:
+                    await asyncio.to_thread(LoRAAdapter.load, request.lora_name,
+                                            request.lora_path, slot.entry.config.max_lora_rank)
+            except (InvalidAdapterError, ValueError) as e:
+                raise APIError(HTTPStatus.BAD_REQUEST, str(e), param="lora_path",
+                               code="invalid_lora_adapter") from None
+            slot.add_adapter(request, self.args)
+            self.adapters[request.lora_name] = slot
+            logger.info("serving LoRA adapter %s on %s", request.lora_name, slot.name)
+            return slot
+
+    async def unload_adapter(self, name: str) -> None:
+        """POST /v1/unload_lora_adapter: stop serving an adapter; 404 if it is not served,
+        409 while it has requests."""
+        async with self._adapter_lock:
+            slot = self.adapters.get(name)
+            if slot is None:
+                raise APIError(HTTPStatus.NOT_FOUND, f"The LoRA adapter `{name}` is not loaded.",
+                               param="lora_name", code="lora_adapter_not_found")
+            busy = APIError(HTTPStatus.CONFLICT, f"The LoRA adapter `{name}` has requests in "
+                            "flight; retry when they are done.", code="lora_adapter_busy",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+            if slot.adapter_leases[name]:
+                raise busy
+            if slot.state == "loaded":
+                assert slot.engine is not None
+                try:
+                    await slot.engine.call(lambda e: e.remove_lora(name))
+                except AdapterNotFoundError:
+                    pass  # not used since the model (re)loaded: nothing to free
+                except AdapterBusyError:
+                    raise busy from None
+            slot.remove_adapter(name)
+            del self.adapters[name]
+            logger.info("stopped serving LoRA adapter %s", name)
 
     # --- admin and keep-alive ------------------------------------------------------------------
     async def load(self, name: str) -> ModelSlot:

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from peregrine.engine.async_engine import (AsyncLLMEngine, EngineNotReadyError,
                                            RequestFailedError, RequestStream)
+from peregrine.lora.request import LoRARequest
 from peregrine.models.errors import PromptTooLongError
 from peregrine.models.tokenizer import Tokenizer
 from peregrine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -80,12 +81,14 @@ class ServingContext:
     def __post_init__(self) -> None:
         self.use_engine(self.engine)
     cache: SemanticCache | None = None  # --semantic-cache
+    lora_request: LoRARequest | None = None  # an adapter served as a model: its requests'
 
     def use_engine(self, engine: AsyncLLMEngine) -> None:
         """Serve with `engine` from now on (a model loaded again runs on a new engine)."""
         self.engine = engine
         self.requests = RequestCoalescer(engine, self.metrics,
-                                         enabled=self.args.request_coalescing)
+                                         enabled=self.args.request_coalescing,
+                                         lora_request=self.lora_request)
 
     @property
     def model_name(self) -> str:

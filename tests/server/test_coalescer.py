@@ -33,7 +33,7 @@ class FakeEngine:
         self.tokens: dict[str, list[int]] = {}
 
     async def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
-                          priority: int = 0) -> RequestStream:
+                          priority: int = 0, lora_request: Any = None) -> RequestStream:
         self.log.append(("add", request_id))
         if self.gate is not None:
             await self.gate.wait()
