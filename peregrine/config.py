@@ -91,6 +91,18 @@ class EngineConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU. None: torch's default (all cores)."""
 
+    # --- parallelism (docs/distributed.md) ------------------------------------------------
+    tensor_parallel_size: int = 1
+    """Processes that split every layer (Megatron: attention heads, MLP columns, vocabulary)
+    and all-reduce twice per layer. Rank 0 is this process; the others are started and
+    stopped by the engine."""
+    pipeline_parallel_size: int = 1
+    """Processes that split the layers into contiguous stages, a step's micro-batches flowing
+    through them in turn (combined with tensor_parallel_size: tp x pp processes)."""
+    distributed_timeout: float = 60.0
+    """Seconds a rank waits in one collective or transfer before the step fails (a stuck
+    worker); a crashed worker is reported at once."""
+
     # --- speculative decoding ------------------------------------------------------------
     speculative: str | None = None
     """None (off), `ngram` (prompt lookup), `draft:<model>` (a smaller model with the same
@@ -168,6 +180,15 @@ class EngineConfig:
             raise ValueError(f"power_watts must be > 0, got {self.power_watts}")
         if self.price_per_hour < 0:
             raise ValueError(f"price_per_hour must be >= 0, got {self.price_per_hour}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
+        if self.world_size > 1 and spec is not None and spec.startswith("layers:"):
+            raise ValueError("speculative=layers:<k> runs the target's first layers in this "
+                             "process alone; use ngram or draft:<model> with tensor or "
+                             "pipeline parallelism")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")
@@ -185,6 +206,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs on: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def token_budget(self) -> int:

@@ -23,6 +23,7 @@ import torch
 
 from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
+from peregrine.layers.parallel_linear import is_parallel
 from peregrine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("peregrine")
@@ -37,6 +38,9 @@ def _weight(lin: QuantLinear) -> list[torch.Tensor | None]:
 
 def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     """Why the fused step cannot run this model, or None when it can."""
+    if is_parallel(model):
+        return ("the model is split over ranks (tensor/pipeline parallel): the fused step runs "
+                "every layer in one C++ call and cannot all-reduce or hand over mid-model")
     if not model.supports_fused_cpu_decode:
         return (f"{model.config.architecture} layers (q/k norms, Gemma norms) are not the "
                 "fused step's Llama layers")

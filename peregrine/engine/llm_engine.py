@@ -13,6 +13,7 @@ import torch
 
 from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.config import EngineConfig
+from peregrine.distributed.executor import DistributedExecutor, RankStats
 from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.beam_search import BeamSearch, BeamSearchState
 from peregrine.engine.detokenizer import IncrementalDetokenizer
@@ -25,7 +26,7 @@ from peregrine.engine.sequence import Request, RequestTimes, Sequence
 from peregrine.energy import EnergyAccountant, make_meter
 from peregrine.layers.pooling import PoolingType, normalize as normalize_rows, pool_flat
 from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
-from peregrine.models.loader import LoadedModel, load_model
+from peregrine.models.loader import LoadedModel, load_model_for
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling.sampler import SamplerOutput, TokenLogprobs
 from peregrine.sampling_params import SamplingParams
@@ -63,6 +64,9 @@ class EngineStats:
     cost_usd_total: float = 0.0  # 0 without a price_per_hour
     tokens_per_kwh: float = 0.0  # tokens computed (prompt + generated) per kWh, since start
     tokens_per_usd: float = 0.0  # tokens computed per dollar of device time, since start
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ranks: list[RankStats] | None = None  # per-rank step time; None in one process
 
 
 class StepFailedError(RuntimeError):
@@ -82,19 +86,27 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         device, dtype = config.torch_device, config.torch_dtype
         t0 = time.perf_counter()
-        self.loaded = loaded or load_model(
-            config.model, load_format=config.load_format, dtype=dtype, device=device,
-            tokenizer=config.tokenizer, max_model_len=config.max_model_len, seed=config.seed,
-            quantization=config.quantization, quant_group_size=config.quantization_group_size,
-            quant_symmetric=config.quantization_symmetric)
-        self.load_time = time.perf_counter() - t0
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-
-        num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.kv_caches = allocate_kv_pool(self.model_config, num_blocks, config.block_size,
-                                          dtype, device, config.kv_cache_dtype)
+        # Tensor/pipeline parallel: workers start loading while this process does (rank 0).
+        self.executor = DistributedExecutor(config) if config.world_size > 1 else None
+        try:
+            self.loaded = loaded or load_model_for(config)
+            self.load_time = time.perf_counter() - t0
+            self.model_config = self.loaded.config
+            self.tokenizer = self.loaded.tokenizer
+            self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+            # The pool holds this rank's layers and KV heads; the block count is the same
+            # on every rank (the driver's scheduler hands out the block ids).
+            kv_config = (self.model_config if self.executor is None
+                         else self.executor.shard(self.loaded.model))
+            num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+            self.kv_caches = allocate_kv_pool(kv_config, num_blocks, config.block_size,
+                                              dtype, device, config.kv_cache_dtype)
+            if self.executor is not None:
+                self.executor.start(self.loaded.model, self.kv_caches, num_blocks)
+        except BaseException:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
         # Most tokens (prompt + output) one sequence can hold: the context, or the KV pool.
@@ -102,7 +114,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv, self.max_model_len)
         self.proposer = build_proposer(config, self.loaded.model, self.kv_caches, num_blocks)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size,
-                                  self.proposer)
+                                  self.proposer, self.executor)
         self.spec_stats = SpecDecodeStats()
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
@@ -128,6 +140,9 @@ class LLMEngine:
         cfg = self.config
         per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype,
                                    self.model_config.head_dim)
+        if cfg.torch_device.type == "cuda" and self.executor is not None:
+            raise ValueError("set num_kv_blocks with tensor/pipeline parallelism on GPUs: the "
+                             "memory profile runs in one process")
         if cfg.torch_device.type == "cuda":
             budget = gpu_kv_budget(self.loaded.model, cfg, self.max_model_len)
             if budget <= 0:
@@ -286,8 +301,8 @@ class LLMEngine:
             flat = torch.tensor([t for ids in chunk for t in ids])
             positions = torch.cat([torch.arange(n) for n in lens])
             meta = AttentionMetadata.prefill_only(lens, self.config.torch_device)
-            hidden = self.runner.model(self.runner.to_device(flat),
-                                       self.runner.to_device(positions), meta)
+            hidden = self.runner.run_model(self.runner.to_device(flat),
+                                           self.runner.to_device(positions), meta)
             out.append(pool_flat(hidden, lens, methods[start:end]).cpu())
             start = end
         pooled = torch.cat(out)
@@ -463,6 +478,9 @@ class LLMEngine:
             last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             spec_decode=self.spec_stats if self.proposer is not None else None,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            pipeline_parallel_size=self.config.pipeline_parallel_size,
+            ranks=self.executor.rank_stats() if self.executor is not None else None,
             **self._energy_stats())
 
     def _energy_stats(self) -> dict[str, Any]:
@@ -472,6 +490,12 @@ class LLMEngine:
         return {"energy_source": e.source, "energy_joules_total": e.joules_total,
                 "cost_usd_total": e.cost_usd_total, "tokens_per_kwh": e.tokens_per_kwh,
                 "tokens_per_usd": e.tokens_per_usd}
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of tensor/pipeline parallelism (nothing to do in one
+        process); the engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def check_invariants(self) -> None:
         """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""
