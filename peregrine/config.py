@@ -185,6 +185,9 @@ class EngineConfig:
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
         if self.distributed_timeout <= 0:
             raise ValueError(f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
+        if self.world_size > 1 and self.num_kv_blocks is None and self.torch_device.type == "cuda":
+            raise ValueError("set num_kv_blocks with tensor/pipeline parallelism on GPUs: the "
+                             "memory profile runs in one process")
         if self.world_size > 1 and spec is not None and spec.startswith("layers:"):
             raise ValueError("speculative=layers:<k> runs the target's first layers in this "
                              "process alone; use ngram or draft:<model> with tensor or "

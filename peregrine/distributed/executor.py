@@ -182,11 +182,10 @@ class DistributedExecutor:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] of final hidden states, by the vocabulary-parallel LM
         head of the first stage's ranks (the driver's alone without tensor parallelism)."""
-        if self.layout.tp == 1:
-            return self.model.compute_logits(hidden)
         self._check()
         t0, comm0 = time.perf_counter(), self.groups.comm_seconds
-        self._send(LogitsRequest(to_wire(hidden)), self.conns[:self.layout.tp - 1])
+        if self.layout.tp > 1:
+            self._send(LogitsRequest(to_wire(hidden)), self.conns[:self.layout.tp - 1])
         t1 = time.perf_counter()
         logits = self._guarded(lambda: self.model.compute_logits(hidden))
         self._account(t0, t1, comm0, step=False)

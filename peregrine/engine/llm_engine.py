@@ -26,7 +26,7 @@ from peregrine.engine.sequence import Request, RequestTimes, Sequence
 from peregrine.energy import EnergyAccountant, make_meter
 from peregrine.layers.pooling import PoolingType, normalize as normalize_rows, pool_flat
 from peregrine.memory_model import kv_dtype_bytes, num_blocks_for_memory
-from peregrine.models.loader import LoadedModel, load_model_for
+from peregrine.models.loader import LoadedModel, load_model
 from peregrine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from peregrine.sampling.sampler import SamplerOutput, TokenLogprobs
 from peregrine.sampling_params import SamplingParams
@@ -86,27 +86,26 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         device, dtype = config.torch_device, config.torch_dtype
         t0 = time.perf_counter()
-        # Tensor/pipeline parallel: workers start loading while this process does (rank 0).
+        self.loaded = loaded or load_model(
+            config.model, load_format=config.load_format, dtype=dtype, device=device,
+            tokenizer=config.tokenizer, max_model_len=config.max_model_len, seed=config.seed,
+            quantization=config.quantization, quant_group_size=config.quantization_group_size,
+            quant_symmetric=config.quantization_symmetric)
+        self.load_time = time.perf_counter() - t0
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+
+        # Tensor/pipeline parallel: start the workers, keep rank 0's part of the model; the
+        # pool holds this rank's layers and KV heads, as many blocks as on every rank.
         self.executor = DistributedExecutor(config) if config.world_size > 1 else None
-        try:
-            self.loaded = loaded or load_model_for(config)
-            self.load_time = time.perf_counter() - t0
-            self.model_config = self.loaded.config
-            self.tokenizer = self.loaded.tokenizer
-            self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-            # The pool holds this rank's layers and KV heads; the block count is the same
-            # on every rank (the driver's scheduler hands out the block ids).
-            kv_config = (self.model_config if self.executor is None
-                         else self.executor.shard(self.loaded.model))
-            num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-            self.kv_caches = allocate_kv_pool(kv_config, num_blocks, config.block_size,
-                                              dtype, device, config.kv_cache_dtype)
-            if self.executor is not None:
-                self.executor.start(self.loaded.model, self.kv_caches, num_blocks)
-        except BaseException:
-            if self.executor is not None:
-                self.executor.shutdown()
-            raise
+        kv_config = (self.model_config if self.executor is None
+                     else self.executor.shard(self.loaded.model))
+        num_blocks = config.num_kv_blocks or self._blocks_for_budget()
+        self.kv_caches = allocate_kv_pool(kv_config, num_blocks, config.block_size,
+                                          dtype, device, config.kv_cache_dtype)
+        if self.executor is not None:
+            self.executor.start(self.loaded.model, self.kv_caches, num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
         # Most tokens (prompt + output) one sequence can hold: the context, or the KV pool.
@@ -140,9 +139,6 @@ class LLMEngine:
         cfg = self.config
         per_value = kv_dtype_bytes(cfg.kv_cache_dtype, cfg.torch_dtype,
                                    self.model_config.head_dim)
-        if cfg.torch_device.type == "cuda" and self.executor is not None:
-            raise ValueError("set num_kv_blocks with tensor/pipeline parallelism on GPUs: the "
-                             "memory profile runs in one process")
         if cfg.torch_device.type == "cuda":
             budget = gpu_kv_budget(self.loaded.model, cfg, self.max_model_len)
             if budget <= 0:

@@ -77,6 +77,12 @@ def test_stats_say_the_parallel_sizes_and_where_each_rank_spends_a_step(engines)
     for r in stats.ranks:
         assert r.steps > 0 and r.step_seconds > 0
         assert 0 <= r.comm_seconds <= r.step_seconds
+    from peregrine.server.metrics import _EngineCollector
+    samples = {(m.name, s.labels.get("rank")): s.value
+               for m in _EngineCollector(lambda: stats, "tiny").collect() for s in m.samples}
+    assert samples[("peregrine:tensor_parallel_size", None)] == 2
+    assert samples[("peregrine:pipeline_parallel_size", None)] == 1
+    assert samples[("peregrine:rank_step_seconds", "1")] == stats.ranks[1].step_seconds
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
