@@ -13,7 +13,7 @@ import pytest
 
 from peregrine import LLM
 from peregrine.distributed.executor import WorkerFailedError
-from peregrine.distributed.messages import StepMessage, decode, encode, to_wire
+from peregrine.distributed.messages import StepMessage, decode, encode, from_wire, to_wire
 from peregrine.engine.llm_engine import StepFailedError
 from tests.conftest import tiny_config_dir
 from tests.distributed.conftest import greedy_tokens, within
@@ -55,7 +55,6 @@ class _Corrupting:
     def send_bytes(self, data: bytes) -> None:
         msg = decode(data)
         if isinstance(msg, StepMessage):
-            from peregrine.distributed.messages import from_wire
             msg.positions = to_wire(from_wire(msg.positions) + 10**6)
             data = encode(msg)
         self._conn.send_bytes(data)
