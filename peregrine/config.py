@@ -91,6 +91,18 @@ class EngineConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU. None: torch's default (all cores)."""
 
+    # --- parallelism (docs/distributed.md) ------------------------------------------------
+    tensor_parallel_size: int = 1
+    """Processes that split every layer (Megatron: attention heads, MLP columns, vocabulary)
+    and all-reduce twice per layer. Rank 0 is this process; the others are started and
+    stopped by the engine."""
+    pipeline_parallel_size: int = 1
+    """Processes that split the layers into contiguous stages, a step's micro-batches flowing
+    through them in turn (combined with tensor_parallel_size: tp x pp processes)."""
+    distributed_timeout: float = 60.0
+    """Seconds a rank waits in one collective or transfer before the step fails (a stuck
+    worker); a crashed worker is reported at once."""
+
     # --- speculative decoding ------------------------------------------------------------
     speculative: str | None = None
     """None (off), `ngram` (prompt lookup), `draft:<model>` (a smaller model with the same
@@ -188,6 +200,21 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.enable_lora and self.speculative is not None:
             raise ValueError("enable_lora does not combine with speculative decoding yet")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be > 0 s, got {self.distributed_timeout}")
+        if self.world_size > 1 and self.num_kv_blocks is None and self.torch_device.type == "cuda":
+            raise ValueError("set num_kv_blocks with tensor/pipeline parallelism on GPUs: the "
+                             "memory profile runs in one process")
+        if self.world_size > 1 and spec is not None and spec.startswith("layers:"):
+            raise ValueError("speculative=layers:<k> runs the target's first layers in this "
+                             "process alone; use ngram or draft:<model> with tensor or "
+                             "pipeline parallelism")
+        if self.world_size > 1 and self.enable_lora:
+            raise ValueError("enable_lora does not combine with tensor or pipeline parallelism "
+                             "yet: the adapters' deltas are not split over ranks")
         if self.num_speculative_tokens < 1:
             raise ValueError("num_speculative_tokens must be >= 1, got "
                              f"{self.num_speculative_tokens}")
@@ -205,6 +232,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs on: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def token_budget(self) -> int:

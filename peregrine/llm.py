@@ -102,6 +102,10 @@ class LLM:
         """Abort a request and free its blocks."""
         self.engine.abort_request(request_id)
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor/pipeline parallelism; else nothing)."""
+        self.engine.shutdown()
+
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         pending = set(ids)

@@ -34,6 +34,8 @@ LAYERS: list[list[str]] = [
     ["peregrine.sampling"],
     # power meters and the attribution of each step's energy and cost
     ["peregrine.energy"],
+    # tensor and pipeline parallelism: sharding the model, worker processes, the driver's side
+    ["peregrine.distributed"],
     ["peregrine.engine"],
     # entry points: offline API, server, offline quantization tools, benchmarks, estimates,
     # CLI

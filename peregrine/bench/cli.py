@@ -325,7 +325,11 @@ def bench_peak(ns: argparse.Namespace, cfg: EngineConfig | None = None):
 def _env(ns: argparse.Namespace, cfg: EngineConfig | None = None) -> dict[str, Any]:
     from peregrine.bench.env import environment
     gpu = cfg is not None and cfg.torch_device.type == "cuda"
-    return environment(ns.threads, gpu, getattr(ns, "argv", None))
+    env = environment(ns.threads, gpu, getattr(ns, "argv", None))
+    if cfg is not None:
+        env["tensor_parallel_size"] = cfg.tensor_parallel_size
+        env["pipeline_parallel_size"] = cfg.pipeline_parallel_size
+    return env
 
 
 def finish(ns: argparse.Namespace, result: dict[str, Any]) -> None:

@@ -92,6 +92,12 @@ def _load_label(run: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _parallel_label(env: dict[str, Any]) -> str | None:
+    """'tensor parallel 2 x pipeline parallel 1' when the engine ran on several processes."""
+    tp, pp = env.get("tensor_parallel_size", 1), env.get("pipeline_parallel_size", 1)
+    return None if tp * pp == 1 else f"tensor parallel {tp} x pipeline parallel {pp}"
+
+
 def env_line(env: dict[str, Any] | None) -> str:
     """Machine, versions and date in one line."""
     if not env:
@@ -100,6 +106,7 @@ def env_line(env: dict[str, Any] | None) -> str:
     mem = env.get("memory_gib")
     bits = [f"{env.get('cores')}-core {env.get('cpu')} ({flags})",
             f"{mem:.0f} GiB" if mem else None, f"{env.get('threads')} threads",
+            _parallel_label(env),
             f"torch {env.get('torch')}", f"transformers {env.get('transformers')}",
             f"llama-cpp-python {env.get('llama_cpp_python')}" if env.get("llama_cpp_python")
             else None, f"peregrine {env.get('peregrine_commit')}",

@@ -355,6 +355,7 @@ class AsyncLLMEngine:
             self._abort(engine, request_id)
         self._fail_pending(EngineNotReadyError("the server is shutting down"))
         self._publish(engine)
+        engine.shutdown()  # worker processes of a parallel engine
 
     def _drain(self, engine: LLMEngine) -> bool:
         """Apply every queued command; False once a stop command arrived."""

@@ -24,6 +24,7 @@ import torch
 from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
 from peregrine.layers.lora import LoRALinear
+from peregrine.layers.parallel_linear import is_parallel
 from peregrine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("peregrine")
@@ -42,6 +43,9 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         return ("LoRA is enabled: the fused step computes no adapter deltas, so every step "
                 "runs the eager modules")
+    if is_parallel(model):
+        return ("the model is split over ranks (tensor/pipeline parallel): the fused step runs "
+                "every layer in one C++ call and cannot all-reduce or hand over mid-model")
     if not model.supports_fused_cpu_decode:
         return (f"{model.config.architecture} layers (q/k norms, Gemma norms) are not the "
                 "fused step's Llama layers")

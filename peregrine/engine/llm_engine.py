@@ -13,6 +13,7 @@ import torch
 
 from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.config import EngineConfig
+from peregrine.distributed.executor import DistributedExecutor, RankStats
 from peregrine.engine.batch import ScheduledBatch
 from peregrine.engine.beam_search import BeamSearch, BeamSearchState
 from peregrine.engine.detokenizer import IncrementalDetokenizer
@@ -67,6 +68,9 @@ class EngineStats:
     cost_usd_total: float = 0.0  # 0 without a price_per_hour
     tokens_per_kwh: float = 0.0  # tokens computed (prompt + generated) per kWh, since start
     tokens_per_usd: float = 0.0  # tokens computed per dollar of device time, since start
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ranks: list[RankStats] | None = None  # per-rank step time; None in one process
 
 
 class StepFailedError(RuntimeError):
@@ -96,9 +100,16 @@ class LLMEngine:
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
 
+        # Tensor/pipeline parallel: start the workers, keep rank 0's part of the model; the
+        # pool holds this rank's layers and KV heads, as many blocks as on every rank.
+        self.executor = DistributedExecutor(config) if config.world_size > 1 else None
+        kv_config = (self.model_config if self.executor is None
+                     else self.executor.shard(self.loaded.model))
         num_blocks = config.num_kv_blocks or self._blocks_for_budget()
-        self.kv_caches = allocate_kv_pool(self.model_config, num_blocks, config.block_size,
+        self.kv_caches = allocate_kv_pool(kv_config, num_blocks, config.block_size,
                                           dtype, device, config.kv_cache_dtype)
+        if self.executor is not None:
+            self.executor.start(self.loaded.model, self.kv_caches, num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  self.model_config.sliding_window)
         # Most tokens (prompt + output) one sequence can hold: the context, or the KV pool.
@@ -109,7 +120,7 @@ class LLMEngine:
         self.lora = (LoRAManager(self.loaded.model, config.max_loras, config.max_lora_rank,
                                  device, dtype) if config.enable_lora else None)
         self.runner = ModelRunner(config, self.loaded.model, self.kv_caches, config.block_size,
-                                  self.proposer, self.lora)
+                                  self.proposer, self.lora, self.executor)
         self.spec_stats = SpecDecodeStats()
         self.formatter = LogprobFormatter(self.tokenizer)
         self.beams = BeamSearch(self.scheduler, self.kv, self.tokenizer, self.formatter,
@@ -322,8 +333,8 @@ class LLMEngine:
             flat = torch.tensor([t for ids in chunk for t in ids])
             positions = torch.cat([torch.arange(n) for n in lens])
             meta = AttentionMetadata.prefill_only(lens, self.config.torch_device)
-            hidden = self.runner.model(self.runner.to_device(flat),
-                                       self.runner.to_device(positions), meta)
+            hidden = self.runner.run_model(self.runner.to_device(flat),
+                                           self.runner.to_device(positions), meta)
             out.append(pool_flat(hidden, lens, methods[start:end]).cpu())
             start = end
         pooled = torch.cat(out)
@@ -500,6 +511,9 @@ class LLMEngine:
             last_step_tokens=self.last_step_tokens, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             spec_decode=self.spec_stats if self.proposer is not None else None,
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            pipeline_parallel_size=self.config.pipeline_parallel_size,
+            ranks=self.executor.rank_stats() if self.executor is not None else None,
             **self._energy_stats())
 
     def _energy_stats(self) -> dict[str, Any]:
@@ -509,6 +523,12 @@ class LLMEngine:
         return {"energy_source": e.source, "energy_joules_total": e.joules_total,
                 "cost_usd_total": e.cost_usd_total, "tokens_per_kwh": e.tokens_per_kwh,
                 "tokens_per_usd": e.tokens_per_usd}
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of tensor/pipeline parallelism (nothing to do in one
+        process); the engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def check_invariants(self) -> None:
         """Assert the KV pool's bookkeeping matches the live sequences (tests call this)."""

@@ -9,6 +9,7 @@ import torch
 from peregrine.attention_backend import (AttentionMetadata, LayerCache, block_table_tensor,
                                          get_attention_backend, resolve_attention_backend)
 from peregrine.config import EngineConfig
+from peregrine.distributed.executor import DistributedExecutor
 from peregrine.engine.batch import ModelInput, ScheduledBatch
 from peregrine.engine.cpu_decode import FusedDecodeRunner, fused_decode_runner
 from peregrine.engine.cuda_graphs import DecodeGraphRunner
@@ -26,7 +27,8 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, model: LlamaForCausalLM,
                  kv_caches: list[LayerCache], block_size: int,
-                 proposer: Proposer | None = None, lora: LoRAManager | None = None) -> None:
+                 proposer: Proposer | None = None, lora: LoRAManager | None = None,
+                 executor: DistributedExecutor | None = None) -> None:
         self.config = config
         self.model = model
         self.kv_caches = kv_caches
@@ -36,6 +38,7 @@ class ModelRunner:
         model.set_attention_backend(get_attention_backend(backend, self.device))
         self.sampler = StepSampler(model.config.vocab_size, self.device, config.seed)
         self.proposer = proposer  # sees every batch, to keep a draft model's cache in step
+        self.executor = executor  # tensor/pipeline parallel: runs the forward on every rank
         self.masker = GrammarMasker(model.config.vocab_size)
         self.lora = lora  # set: each row runs with its request's adapter (its slot)
         self.graphs: DecodeGraphRunner | None = None
@@ -44,7 +47,8 @@ class ModelRunner:
             self.fused = fused_decode_runner(model, kv_caches)
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = backend == "triton"
-        if self.device.type == "cuda" and not config.enforce_eager and triton and lora is None:
+        if (self.device.type == "cuda" and not config.enforce_eager and triton and lora is None
+                and not executor):
             max_len = config.max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphRunner(model, kv_caches, config.max_num_seqs, max_len,
                                             block_size, self.device)
@@ -59,10 +63,15 @@ class ModelRunner:
         masks = self.masker.start([batch.seqs[i].matcher for i in inp.sample_rows],
                                   [batch.drafts[i] for i in inp.sample_rows])
         with nullcontext() if self.lora is None else self.lora.batch(inp.lora_slots):
-            hidden = self.forward(inp)
+            if self.executor is None:
+                hidden, logits = self.forward(inp), self.model.compute_logits
+            else:
+                hidden = self.executor.forward(inp.input_ids, inp.positions, inp.meta,
+                                               batch.block_copies)
+                logits = self.executor.compute_logits
         if self.proposer is not None:
             self.proposer.observe(inp.input_ids, inp.positions, inp.meta)
-        return self.sampler(batch, inp, hidden, masks, self.model.compute_logits)
+        return self.sampler(batch, inp, hidden, masks, logits)
 
     def forward(self, inp: ModelInput) -> torch.Tensor:
         """Hidden states of the batch: a CUDA graph replay for a pure decode step that fits
@@ -72,6 +81,14 @@ class ModelRunner:
         if self.fused is not None:
             return self.fused.run(inp.input_ids, inp.positions, inp.meta)
         return self.model(inp.input_ids, inp.positions, inp.meta, self.kv_caches)
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states of whole sequences without the KV cache (embeddings), on
+        every rank when the model is split."""
+        if self.executor is not None:
+            return self.executor.forward(input_ids, positions, meta, [])
+        return self.model(input_ids, positions, meta)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """A host tensor on the engine's device; on a GPU through pinned memory, without

@@ -15,7 +15,9 @@ IGNORED_ENGINE_FLAGS = ("tokenizer", "load_format", "seed", "num_kv_blocks", "kv
                         "enable_prefix_caching", "batching", "batch_wait_ms",
                         "attention_backend", "max_logprobs", "speculative",
                         "num_speculative_tokens", "ngram_min", "ngram_max",
-                        "quantization_symmetric", "power_source", "power_watts")
+                        "quantization_symmetric", "power_source", "power_watts",
+                        # its own --tensor-parallel-size (None: the fewest devices that fit)
+                        "tensor_parallel_size", "pipeline_parallel_size", "distributed_timeout")
 
 
 def add_estimate_parser(sub: Any) -> None:
@@ -43,7 +45,7 @@ def add_estimate_parser(sub: Any) -> None:
 
 
 def cmd_estimate(ns: argparse.Namespace) -> int:
-    names = set(EngineConfig.field_names()) - {"extra"}
+    names = set(EngineConfig.field_names()) - {"extra", "tensor_parallel_size"}
     config = EngineConfig(**{k: v for k, v in vars(ns).items() if k in names})
     opts = EstimateOptions(tensor_parallel_size=ns.tensor_parallel_size,
                            prompt_len=ns.prompt_len, output_len=ns.output_len,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from peregrine.config import EngineConfig
 from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
@@ -94,6 +95,17 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     _quantize(net, quantization, quant_group_size, quant_symmetric, gguf_file is not None,
               native)
     return LoadedModel(net.eval(), cfg, tok, source, gguf_file)
+
+
+def load_model_for(config: EngineConfig, device: torch.device | None = None) -> LoadedModel:
+    """`load_model` with the model options of an engine's config (on `device`, default the
+    config's)."""
+    return load_model(
+        config.model, load_format=config.load_format, dtype=config.torch_dtype,
+        device=device or config.torch_device, tokenizer=config.tokenizer,
+        max_model_len=config.max_model_len, seed=config.seed, quantization=config.quantization,
+        quant_group_size=config.quantization_group_size,
+        quant_symmetric=config.quantization_symmetric)
 
 
 def _kept_in_blocks(native: dict | None, f: GGUFFile | None, cfg: ModelConfig) -> set[str]:

@@ -17,6 +17,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from peregrine.distributed.executor import RankStats
 from peregrine.engine.llm_engine import EngineStats
 from peregrine.outputs import RequestOutput
 
@@ -79,6 +80,11 @@ class _EngineCollector(Collector):
             for j, rate in enumerate(s.spec_decode.per_position_acceptance):
                 per_pos.add_metric([self._model, str(j)], rate)
             yield per_pos
+        for name, doc, read in RANK_METRICS if s.ranks else ():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name", "rank"])
+            for r in s.ranks:
+                family.add_metric([self._model, str(r.rank)], read(r))
+            yield family
         if s.energy_source is not None:
             info = GaugeMetricFamily(PREFIX + "energy_source_info", "Where energy_joules "
                                      "comes from: nvml or rapl (measured), model (stated "
@@ -109,6 +115,17 @@ ENGINE_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
      lambda s: s.prompt_tokens_total),
     ("counter", "generation_tokens", "Tokens generated.", lambda s: s.generation_tokens_total),
     ("counter", "engine_steps", "Engine steps run.", lambda s: s.num_steps),
+    ("gauge", "tensor_parallel_size", "Processes splitting every layer (docs/distributed.md).",
+     lambda s: s.tensor_parallel_size),
+    ("gauge", "pipeline_parallel_size", "Processes holding contiguous stages of the layers.",
+     lambda s: s.pipeline_parallel_size),
+]
+# Per rank of a parallel engine: (name, help, what to read from its RankStats).
+RANK_METRICS: list[tuple[str, str, Callable[[RankStats], float]]] = [
+    ("rank_step_seconds", "Mean busy time of a rank per step since start (compute, "
+     "communication and step messages).", lambda r: r.step_seconds),
+    ("rank_comm_seconds", "Mean time of a rank per step in collectives and transfers, waiting "
+     "for slower ranks included.", lambda r: r.comm_seconds),
 ]
 # Exported when the engine meters energy (power_source is not off); docs/cost.md.
 ENERGY_METRICS: list[tuple[str, str, str, Callable[[EngineStats], float]]] = [
