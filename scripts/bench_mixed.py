@@ -144,9 +144,16 @@ def _plot(rows: list[dict], base: float, path: str) -> None:
     for ax, key, label in ((axes[0], "bits", "bits per weight (scales included)"),
                            (axes[1], "decode_tok_s", "single-stream decode tok/s (2 threads)")):
         for kind, marker in (("uniform", "o"), ("mixed", "s")):
-            pts = [(r[key], r["ppl"]) for r in rows if r["plan"] != "float32"
+            pts = [(r[key], r["ppl"], r["bits"]) for r in rows if r["plan"] != "float32"
                    and r["plan"].startswith("mixed") == (kind == "mixed")]
-            ax.plot(*zip(*sorted(pts)), marker=marker, label=kind)
+            xs, ys, bits = zip(*sorted(pts))
+            # along bits a frontier (a line); along tok/s points, each labelled with its bits
+            ax.plot(xs, ys, marker=marker, label=kind,
+                    linestyle="-" if key == "bits" else "none")
+            if key != "bits":
+                for x, y, b in pts:
+                    ax.annotate(f"{b:.2f}", (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
         ax.axhline(base, color="gray", linestyle="--", label="float32")
         ax.set_xlabel(label)
         ax.legend()
