@@ -4,8 +4,9 @@ functions, and `peregrine estimate` predicts with the same ones, so the two cann
 
 Weights: a float linear stores [out, in] in the compute dtype; the quantized formats store
 what peregrine/layers/quant_formats.py describes (int8: 1 byte per weight + a float32
-scale per group or row; int4: packed nibbles + float16 scale and offset per group; int6 (GGUF
-5/6-bit blocks): 1 byte per weight + float32 scale and offset per group; nf4:
+scale per group or row; int4: packed nibbles + float16 scale and offset per group; int5 (GGUF
+5-bit blocks): nibbles + a bit plane + scale and offset per group; int6 (GGUF 6-bit blocks):
+1 byte per weight + float32 scale and offset per group; nf4:
 packed nibbles + a float16 scale per group + 16 float32 levels; fp8: 1 byte + a float32
 scale per row). Embeddings, norms, biases and the rotary table stay float.
 
@@ -136,7 +137,7 @@ class LinearFormat:
 
     method: str = "float"
     group_size: int | None = None
-    wide_scales: bool = False  # int4 with float32 scales/offsets (GGUF K-quants' d * sc)
+    wide_scales: bool = False  # int4/int5: float32 scales/offsets (GGUF K-quants' d * sc)
     offset: bool = False  # int8 with float32 per-group offsets (K-quant minimums)
 
 
@@ -171,8 +172,11 @@ def gguf_native_format(qtypes: list[QT]) -> LinearFormat:
         return FLOAT
     span = max(f.qmax - f.qmin for f in forms)
     group = min(f.group for f in forms)
+    exact16 = all(f.f16_exact for f in forms)
     if span <= 15:
-        return LinearFormat("int4", group, wide_scales=not all(f.f16_exact for f in forms))
+        return LinearFormat("int4", group, wide_scales=not exact16)
+    if span <= 31:
+        return LinearFormat("int5", group, wide_scales=not exact16)
     if span <= 63:
         return LinearFormat("int6", group)
     return LinearFormat("int8", group, offset=any(f.offset for f in forms))
@@ -205,6 +209,8 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
         return n * k // 2 + 2 * (4 if fmt.wide_scales else 2) * n * groups
     if fmt.method == "int6":
         return n * k + 2 * 4 * n * groups
+    if fmt.method == "int5":
+        return n * k // 2 + n * k // 8 + 2 * (4 if fmt.wide_scales else 2) * n * groups
     if fmt.method == "nf4":
         return n * k // 2 + 2 * n * groups + 16 * 4
     if fmt.method == "fp8":

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from peregrine.attention_backend import AttentionMetadata, LayerCache
-from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
+from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear, QuantLinear
 from peregrine.layers.lora import LoRALinear
 from peregrine.layers.parallel_linear import is_parallel
 from peregrine.models.llama import LlamaForCausalLM
@@ -55,8 +55,8 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     for layer in model.layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                     layer.mlp.down_proj):
-            if not isinstance(lin, (Int4Linear, Int6Linear, Int8Linear)):
-                return f"a linear is {type(lin).__name__}, not int4/int6/int8"
+            if not isinstance(lin, (Int4Linear, Int5Linear, Int6Linear, Int8Linear)):
+                return f"a linear is {type(lin).__name__}, not int4/int5/int6/int8"
     return None
 
 

@@ -182,9 +182,35 @@ class Int4Linear(QuantLinear):
         return ops.int4_dequantize(self.qweight, self.scale, self.offset, self.group_size or 0)
 
 
+class Int5Linear(QuantLinear):
+    """GGUF's 5-bit weights (Q5_0, Q5_1, Q5_K) as the file packs them: low nibbles plus a
+    plane of fifth bits, w = scale * q + offset with q in 0..31 (see quant_formats)."""
+
+    method = "int5"
+    int8_dot = True
+    kernel_kind = 3
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
+                 ) -> None:
+        super().__init__(qweight.shape[1] // 5 * 8, qweight.shape[0], bias)
+        self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
+        self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
+        self.register_buffer("scale", scale.to(scale_dtype).contiguous())
+        self.register_buffer("offset", offset.to(scale_dtype).contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return formats.dequantize_int8(formats.unpack_int5(self.qweight), self.scale.float(),
+                                       self.group_size, self.offset.float())
+
+    def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
+
+
 class Int6Linear(QuantLinear):
-    """GGUF's 5- and 6-bit weights (Q5_0/1, Q5_K, Q6_K) one per byte, w = scale * q + offset
-    with q in 0..63: unsigned, so the int8-dot kernel multiplies them as they are."""
+    """GGUF's 6-bit weights (Q6_K, and 5-bit ones fused with them) one per byte,
+    w = scale * q + offset with q in 0..63: unsigned, so the int8-dot kernel multiplies them
+    as they are."""
 
     method = "int6"
     int8_dot = True

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peregrine.layers.comm import ParallelGroup
-from peregrine.layers.linear import (FP8Linear, Int4Linear, Int6Linear, Int8Linear, Linear,
-                                     NF4Linear, QuantLinear)
+from peregrine.layers.linear import (FP8Linear, Int4Linear, Int5Linear, Int6Linear,
+                                     Int8Linear, Linear, NF4Linear, QuantLinear)
 
 AnyLinear = Linear | QuantLinear
 
@@ -58,6 +58,9 @@ def slice_rows(lin: AnyLinear, rows: torch.Tensor) -> AnyLinear:
                           offset=None if lin.offset is None else lin.offset[rows])
     if isinstance(lin, Int6Linear):
         return Int6Linear(lin.qweight[rows], lin.scale[rows], lin.offset[rows], bias)
+    if isinstance(lin, Int5Linear):
+        return Int5Linear(lin.qweight[rows], lin.scale[rows], lin.offset[rows], bias,
+                          scale_dtype=lin.scale.dtype)
     if isinstance(lin, Int4Linear):
         return Int4Linear(lin.qweight[rows], lin.scale[rows], lin.offset[rows], bias,
                           scale_dtype=lin.scale.dtype)
@@ -78,7 +81,8 @@ def slice_columns(lin: AnyLinear, start: int, end: int) -> AnyLinear:
     without bias (a row-parallel layer adds it once, after the all-reduce)."""
     if isinstance(lin, Linear):
         return linear_from(lin.weight.data[:, start:end], None)
-    if not isinstance(lin, (Int8Linear, Int6Linear, Int4Linear, NF4Linear, FP8Linear)):
+    if not isinstance(lin, (Int8Linear, Int6Linear, Int5Linear, Int4Linear, NF4Linear,
+                            FP8Linear)):
         raise ValueError(f"cannot split a {type(lin).__name__} across ranks")
     if start % 32 or (end % 32 and end != lin.in_features):
         raise ValueError(f"columns [{start}, {end}) of a quantized weight do not fall on its "
@@ -101,6 +105,11 @@ def slice_columns(lin: AnyLinear, start: int, end: int) -> AnyLinear:
         return Int8Linear(lin.qweight[:, start:end], scale, offset=offset)
     if isinstance(lin, Int6Linear):
         return Int6Linear(lin.qweight[:, start:end], scale, offset)
+    if isinstance(lin, Int5Linear):  # nibbles, then the fifth-bit plane (8 weights a byte)
+        k = lin.in_features
+        nib, bits = lin.qweight[:, :k // 2], lin.qweight[:, k // 2:]
+        packed = torch.cat([nib[:, start // 2:end // 2], bits[:, start // 8:end // 8]], dim=1)
+        return Int5Linear(packed, scale, offset, scale_dtype=lin.scale.dtype)
     if isinstance(lin, FP8Linear):
         return FP8Linear(lin.qweight[:, start:end], scale)
     packed = lin.qweight[:, start // 2:end // 2]  # two 4-bit weights per byte, runs of 32

@@ -6,6 +6,9 @@ Triton kernels read the same tensors:
     int8  q int8 [N, K],       scale f32 [N, S] (offset f32)      w = scale * q (+ offset)
     int4  q uint8 [N, K/2],    scale, offset f16 or f32 [N, S]    w = scale * q + offset, q in 0..15
     int6  q uint8 [N, K],      scale, offset f32 [N, S]           w = scale * q + offset, q in 0..63
+    int5  q uint8 [N, 5K/8],   scale, offset f16 or f32 [N, S]    w = scale * q + offset, q in 0..31
+          (a row's low nibbles packed as int4's, then its fifth bits: bit j of the row's
+          bit string is weight j's, 4 bytes per 32 weights; GGUF Q5_x's own layout)
     nf4   q uint8 [N, K/2],    scale f16 [N, S]                   w = scale * NF4[q]
     fp8   q float8_e4m3fn [N, K], scale f32 [N]                   w = scale * q
 
@@ -95,6 +98,23 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     blocks = packed.reshape(n, half // 16, 1, 16)
     return torch.cat([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def pack_int5(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..31 [N, K] -> [N, K/2 + K/8]: int4-packed low nibbles, then fifth bits."""
+    import numpy as np
+    q = q.to(torch.uint8)
+    bits = np.packbits(((q >> 4) & 1).numpy(), axis=1, bitorder="little")
+    return torch.cat([pack_int4(q & 0x0F), torch.from_numpy(bits)], dim=1).contiguous()
+
+
+def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/2 + K/8] (see pack_int5) -> uint8 values 0..31 [N, K]."""
+    import numpy as np
+    n, width = packed.shape
+    k = width // 5 * 8
+    high = np.unpackbits(packed[:, k // 2:].contiguous().numpy(), axis=1, bitorder="little")
+    return unpack_int4(packed[:, :k // 2].contiguous()) | (torch.from_numpy(high) << 4)
 
 
 # --- round-to-nearest quantizers -------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Keep a GGUF file's quantized blocks: repack them into the kernels' int4 / int6 / int8
-layouts instead of dequantizing to float.
+"""Keep a GGUF file's quantized blocks: repack them into the kernels' int4 / int5 / int6 /
+int8 layouts instead of dequantizing to float.
 
 Every block type unpacks to w = scale * q (+ offset) per group of 16 or 32 weights
 (models/gguf_quants.py). A fused linear (q/k/v, gate/up) may mix types (llama.cpp's _M
@@ -17,8 +17,8 @@ import logging
 import numpy as np
 import torch
 
-from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear, QuantLinear
-from peregrine.layers.quant_formats import pack_int4
+from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear, QuantLinear
+from peregrine.layers.quant_formats import pack_int4, pack_int5
 from peregrine.memory_model import LinearFormat, gguf_native_format
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import QT, GGUFFile, unpermute_rope_rows
@@ -51,7 +51,7 @@ def _in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> tuple[torch.Tensor,
     scale = u.scale.repeat_interleave(rep, dim=1)
     offset = None if u.offset is None else u.offset.repeat_interleave(rep, dim=1)
     q, qmin = u.q, BLOCK_FORMS[qtype].qmin
-    if fmt.method in ("int4", "int6") and qmin < 0:  # unsigned formats: shift, offset it back
+    if fmt.method != "int8" and qmin < 0:  # unsigned formats: shift, offset it back
         q, offset = q - qmin, qmin * scale
     if offset is None and (fmt.method != "int8" or fmt.offset):
         offset = torch.zeros_like(scale)
@@ -71,9 +71,11 @@ def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
         return Int8Linear(q.to(torch.int8), scale, offset=offset)
     if fmt.method == "int6":
         return Int6Linear(q.to(torch.uint8), scale, offset)
-    # Q4_0/Q4_1 scales and offsets (d, m, -8 d) are exact in float16, as the file stores them
-    return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset,
-                      scale_dtype=torch.float32 if fmt.wide_scales else torch.float16)
+    # Q4_x/Q5_x scales and offsets (d, m, -8 d, -16 d) are exact in float16, as stored
+    scale_dtype = torch.float32 if fmt.wide_scales else torch.float16
+    if fmt.method == "int5":
+        return Int5Linear(pack_int5(q.to(torch.uint8)), scale, offset, scale_dtype=scale_dtype)
+    return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset, scale_dtype=scale_dtype)
 
 
 def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | None:

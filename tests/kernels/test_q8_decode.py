@@ -1,5 +1,6 @@
-"""q8_linear (q8_decode.cpp): int4/int8 weights against activations quantized to int8 per 32
-values equal the dequantized float reference on the same quantized activations, stay within
+"""q8_linear (q8_decode.cpp): int4/int5/int6/int8 weights (groups of 16 to a whole row,
+float16 or float32 scales, offsets) against activations quantized to int8 per 32 values
+equal the dequantized float reference on the same quantized activations, stay within
 the activation rounding of the float reference, give each row the same bits whatever else
 is in the batch, and refuse bad inputs with an exception."""
 
@@ -116,6 +117,48 @@ def test_memory_after_the_scales_is_never_read(q8, kind, k, m):
     got = run(q8, x, (q, nan_after(scale), nan_after(offset)), group=32)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, q8_activations(x)[0] @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+# GGUF block formats (models/gguf_native.py): kind id, levels, offsets, scale dtype
+GGUF_KINDS = {"int4-f32": (0, 16, True, torch.float32), "int5-f16": (3, 32, True, torch.float16),
+              "int5": (3, 32, True, torch.float32), "int6": (2, 64, True, torch.float32),
+              "int8-offset": (1, 256, True, torch.float32)}
+
+
+def make_gguf_weight(kind: str, n: int, k: int, group: int | None, seed: int = 0):
+    """(kernel args, dequantized float weight) of random integers in a GGUF block format."""
+    kid, levels, has_offset, dtype = GGUF_KINDS[kind]
+    g = torch.Generator().manual_seed(seed)
+    if kid == 1:
+        q = torch.randint(-128, 128, (n, k), generator=g).to(torch.int8)
+    else:
+        q = torch.randint(0, levels, (n, k), generator=g).to(torch.uint8)
+    s = formats.num_groups(k, group) if group != 16 else k // 16
+    scale = (torch.rand(n, s, generator=g) * 0.01 + 1e-3).to(dtype)
+    offset = (torch.randn(n, s, generator=g) * 0.05).to(dtype)
+    size = k if group is None else group
+    w = q.float() * formats.expand_groups(scale.float(), k, size) + formats.expand_groups(
+        offset.float(), k, size)
+    packed = {0: formats.pack_int4, 3: formats.pack_int5}.get(kid, lambda t: t)(q)
+    return (packed, scale, offset, kid), w
+
+
+@pytest.mark.parametrize("kind", sorted(GGUF_KINDS))
+@pytest.mark.parametrize("group", [16, 32, 64, None])
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("m", [1, 3, 5])
+def test_gguf_block_formats_equal_the_reference_on_quantized_activations(q8, kind, group, k, m):
+    (q, scale, offset, kid), w = make_gguf_weight(kind, N, k, group, seed=k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    got = q8.q8_linear(x, q, scale, offset, None, group or 0, kid)
+    torch.testing.assert_close(got, q8_activations(x)[0] @ w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_int5_packing_round_trips():
+    q = torch.randint(0, 32, (3, 96), dtype=torch.uint8)
+    packed = formats.pack_int5(q)
+    assert packed.shape == (3, 96 // 2 + 96 // 8)
+    assert torch.equal(formats.unpack_int5(packed), q)
 
 
 def test_zero_rows_and_zero_activations(q8):

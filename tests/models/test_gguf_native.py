@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.layers.linear import Int4Linear, Int6Linear, Int8Linear
+from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear
 from peregrine.models.loader import gguf_config, load_model
 from peregrine.models.gguf_file import GGUFFile
 from peregrine.models.gguf_native import gguf_quantized_linears
@@ -62,7 +62,8 @@ def test_a_q4_k_m_file_is_kept_in_its_blocks(smollm2_q4_k_m_path):
     assert mods["layers.0.mlp.down_proj"].group_size == 16
     assert isinstance(mods["layers.4.mlp.down_proj"], Int4Linear)  # Q4_K
     assert mods["layers.4.mlp.down_proj"].scale.dtype == torch.float32  # d * sc: not f16-exact
-    assert isinstance(mods["layers.4.mlp.gate_up_proj"], Int6Linear)  # Q5_0 (K = 576)
+    assert isinstance(mods["layers.4.mlp.gate_up_proj"], Int5Linear)  # Q5_0 (K = 576), as stored
+    assert mods["layers.4.mlp.gate_up_proj"].scale.dtype == torch.float16  # d, -16 d: exact
     assert isinstance(mods["layers.0.self_attn.qkv_proj"], Int8Linear)  # Q5_0 q/k + Q8_0 v
     floats = dict(load_model(smollm2_q4_k_m_path, quantization="none").model.named_modules())
     for name in ("layers.0.self_attn.qkv_proj", "layers.0.mlp.down_proj",

@@ -8,7 +8,10 @@
 //   int4  q uint8 [N, K/2], scale/offset f16 or f32 [N, S]:  w = scale * q + offset
 //         (GGUF's Q4_0/Q4_1 layout: in each run of 32, byte i = weight i | weight i+16 << 4)
 //   int6  q uint8 [N, K] below 64, scale/offset f32 [N, S]:   w = scale * q + offset
-//         (GGUF Q5_x / Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
+//         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
+//   int5  q uint8 [N, K/2 + K/8], scale/offset f16 or f32:    w = scale * q + offset
+//         (GGUF Q5_0/Q5_1/Q5_K as stored: a row's low nibbles in int4's layout, then its
+//         fifth bits, 4 bytes per 32 weights, bit j = weight j)
 //   int8  q int8 [N, K], scale f32 [N, S], offset f32 or none: w = scale * q (+ offset)
 // G = 16 (K-quants' Q2_K, Q3_K, Q6_K) gives each half of a 32-block its own scale: the two
 // halves are accumulated separately (lanes of `lo` hold first halves, `hi` second halves).
@@ -39,6 +42,7 @@ namespace {
 constexpr int kInt4 = 0;
 constexpr int kInt8 = 1;
 constexpr int kInt6 = 2;
+constexpr int kInt5 = 3;
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -152,16 +156,6 @@ struct QW {
   const void* scale = nullptr;
   const void* offset = nullptr;  // same dtype as scale, or null (int8 only)
   const float* bias = nullptr;   // [N] or null
-  // scale / offset column j of row n as a float
-  inline float sc(int64_t n, int64_t j) const {
-    return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(scale)[n * S + j])
-               : static_cast<const float*>(scale)[n * S + j];
-  }
-  inline float of(int64_t n, int64_t j) const {
-    if (!offset) return 0.0f;
-    return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(offset)[n * S + j])
-               : static_cast<const float*>(offset)[n * S + j];
-  }
 };
 
 // Block b (32 weights) of a row uses scale column b >> gshift; G = 0 means one per row.
@@ -182,7 +176,8 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
            int64_t G) {
   QW w;
   w.kind = kind;
-  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6, "unknown weight kind ", kind);
+  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6 || kind == kInt5,
+              "unknown weight kind ", kind);
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.device().is_cpu(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(q.dim() == 2, "q must be 2-D");
@@ -193,6 +188,10 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
     TORCH_CHECK(q.scalar_type() == torch::kUInt8, "int4 weights: q uint8 [N, K/2]");
     TORCH_CHECK(offset.has_value(), "int4 weights need an offset shaped like the scale");
     w.K = q.size(1) * 2;
+  } else if (kind == kInt5) {
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) % 20 == 0 && offset.has_value(),
+                "int5 weights: q uint8 [N, K/2 + K/8], scale and offset [N, S]");
+    w.K = q.size(1) / 5 * 8;
   } else if (kind == kInt6) {
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && !w.f16 && offset.has_value(),
                 "int6 weights: q uint8 [N, K] below 64, scale and offset float32 [N, S]");
@@ -223,21 +222,48 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
   return w;
 }
 
-// Row n's per-block scales and offsets as floats, zero-padded to a multiple of 8: whole
+inline float to_float(uint16_t h) { return _cvtsh_ss(h); }
+inline float to_float(float f) { return f; }
+
+// One row's stored scales s (and offsets o, or null) of type T, expanded per block: whole
 // blocks into (sb, ob), or with G = 16 first halves into (sb, ob) and second into (sb2, ob2).
+// Typed loops without per-element branches: this runs once per row per call.
+template <typename T>
+inline void expand_scales(const QW& w, const T* s, const T* o, int64_t nb, float* sb,
+                          float* ob, float* sb2, float* ob2) {
+  if (w.half) {
+    for (int64_t b = 0; b < nb; ++b) {
+      sb[b] = to_float(s[2 * b]);
+      sb2[b] = to_float(s[2 * b + 1]);
+    }
+    if (o) {
+      for (int64_t b = 0; b < nb; ++b) {
+        ob[b] = to_float(o[2 * b]);
+        ob2[b] = to_float(o[2 * b + 1]);
+      }
+    }
+    return;
+  }
+  const int sh = w.gshift;
+  for (int64_t b = 0; b < nb; ++b) sb[b] = to_float(s[b >> sh]);
+  if (o) {
+    for (int64_t b = 0; b < nb; ++b) ob[b] = to_float(o[b >> sh]);
+  }
+}
+
+// Row n's per-block scales and offsets as floats, zero-padded to a multiple of 8 (see
+// expand_scales).
 inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob, float* sb2,
                        float* ob2) {
   const int64_t nb = w.K / 32;
-  for (int64_t b = 0; b < nb; ++b) {
-    if (w.half) {
-      sb[b] = w.sc(n, 2 * b);
-      ob[b] = w.of(n, 2 * b);
-      sb2[b] = w.sc(n, 2 * b + 1);
-      ob2[b] = w.of(n, 2 * b + 1);
-    } else {
-      sb[b] = w.sc(n, b >> w.gshift);
-      ob[b] = w.of(n, b >> w.gshift);
-    }
+  if (w.f16) {
+    const uint16_t* s = static_cast<const uint16_t*>(w.scale) + n * w.S;
+    const uint16_t* o = w.offset ? static_cast<const uint16_t*>(w.offset) + n * w.S : nullptr;
+    expand_scales(w, s, o, nb, sb, ob, sb2, ob2);
+  } else {
+    const float* s = static_cast<const float*>(w.scale) + n * w.S;
+    const float* o = w.offset ? static_cast<const float*>(w.offset) + n * w.S : nullptr;
+    expand_scales(w, s, o, nb, sb, ob, sb2, ob2);
   }
   for (int64_t b = nb; b < nb8; ++b) {
     sb[b] = ob[b] = 0.0f;
@@ -256,6 +282,28 @@ inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __
   }
   lo = _mm256_and_si256(v, mask);
   hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+// 32 bits -> 32 bytes, 0x10 where the bit is set (bit j -> byte j): a fifth bit in place.
+inline __m256i fifth_bits(uint32_t bits) {
+  const __m256i pick = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i v = _mm256_and_si256(
+      _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)), pick), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+}
+
+// Pair p of an int5 row: int4's nibbles with the fifth bits of blocks A and B or-ed in.
+inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m256i& lo,
+                      __m256i& hi) {
+  int4_pair(row, p, nb, lo, hi);
+  const uint8_t* qh = row + K / 2 + p * 8;
+  uint32_t a, b = 0;
+  std::memcpy(&a, qh, 4);
+  if (2 * p + 1 < nb) std::memcpy(&b, qh + 4, 4);
+  lo = _mm256_or_si256(lo, fifth_bits((a & 0xFFFFu) | (b << 16)));
+  hi = _mm256_or_si256(hi, fifth_bits((a >> 16) | (b & 0xFFFF0000u)));
 }
 
 // Pair p of a one-byte-per-weight row (int8 or int6) in the same arrangement.
@@ -374,6 +422,8 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
       for (int i = 0; i < RN; ++i) {
         if (KIND == kInt4) {
           int4_pair(w.q + (n0 + i) * (w.K / 2), p, nb, lo[i], hi[i]);
+        } else if (KIND == kInt5) {
+          int5_pair(w.q + (n0 + i) * (w.K / 8 * 5), w.K, p, nb, lo[i], hi[i]);
         } else {
           byte_pair(w.q + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
         }
@@ -400,7 +450,7 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
           if (KIND == kInt8) {  // lanes reach 2 * 128 * 127: add in 32 bits
             s32 = _mm256_add_epi32(half_dot<KIND>(lo[i], x0), half_dot<KIND>(hi[i], x1));
           } else {
-            // int4 / int6 lanes are at most 2 * 63 * 127: two of them still fit in 16 bits
+            // int4 / int5 / int6 lanes are at most 2 * 63 * 127: two still fit in 16 bits
             s32 = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[i], x0),
                                                      _mm256_maddubs_epi16(hi[i], x1)), ones);
           }
@@ -466,6 +516,8 @@ void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, flo
     qgemm_rows_half<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
   } else if (w.kind == kInt6) {
     qgemm_rows_half<kInt6>(w, x, M, n0, n1, y, ldy, buf.data());
+  } else if (w.kind == kInt5) {
+    qgemm_rows_half<kInt5>(w, x, M, n0, n1, y, ldy, buf.data());
   } else {
     qgemm_rows_half<kInt8>(w, x, M, n0, n1, y, ldy, buf.data());
   }
@@ -870,7 +922,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "y = x W^T (+ b): W int4 (q uint8 packed, scale, offset), "
-        "int6 (q uint8 < 64, scale, offset; kind=2) or int8 (q int8, scale f32, offset or "
+        "int6 (q uint8 < 64, scale, offset; kind=2), int5 (nibbles then fifth bits; kind=3) or int8 (q int8, scale f32, offset or "
         "None), x quantized to int8 per 32 values",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
         py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1);
