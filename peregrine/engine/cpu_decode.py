@@ -38,8 +38,8 @@ def _weight(lin: QuantLinear) -> list[torch.Tensor | None]:
 def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     """Why the fused step cannot run this model, or None when it can."""
     if not model.supports_fused_cpu_decode:
-        return (f"{model.config.architecture} layers (q/k norms, Gemma norms) are not the "
-                "fused step's Llama layers")
+        return (f"{model.config.architecture} layers (q/k norms, Gemma norms, experts) are "
+                "not the fused step's Llama layers")
     if any(c.k_scale is not None or c.k.dtype != torch.float32 or c.k.device.type != "cpu"
            for c in kv_caches):
         return "the KV cache is not float32 on the CPU"
