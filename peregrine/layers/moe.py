@@ -51,6 +51,9 @@ def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
     """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t of x [T, hidden],
     with each expert called once on all its rows (the torch path of the fused MoE)."""
     num_tokens, top_k = ids.shape
+    if num_tokens == 1:  # one decoding sequence: nothing to group, its k experts in turn
+        out = torch.cat([expert(e, x) for e in ids[0].tolist()])
+        return (out * weights[0].unsqueeze(-1)).sum(dim=0, keepdim=True).to(x.dtype)
     order, counts = group_by_expert(ids, num_experts)
     rows = x[order // top_k]  # the tokens, sorted by the expert they go to
     out = torch.empty_like(rows)

@@ -211,12 +211,25 @@ class ModelConfig:
                   name: str = "") -> "ModelConfig":
         """Build from GGUF metadata (keys such as `llama.block_count`)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral", "qwen2moe", "qwen3moe"):
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
-                             "llama, mistral, qwen2 and qwen3")
+                             "llama (and Mixtral), mistral, qwen2, qwen3, qwen2moe and "
+                             "qwen3moe")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
+
+        experts = get("expert_count", 0)
+        moe: dict[str, Any] = {} if not experts else dict(
+            num_experts=experts, num_experts_per_tok=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length")
+            or get("feed_forward_length"),
+            shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
+            # llama.cpp renormalizes Mixtral's and Qwen3-MoE's top-k weights, not Qwen2-MoE's
+            norm_topk_prob=bool(get("expert_weights_norm", arch != "qwen2moe")))
+        # Mixtral files are llama files with experts
+        family = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(
+            arch, "mixtral" if experts else arch)
 
         num_heads = get("attention.head_count")
         hidden = get("embedding_length")
@@ -226,7 +239,7 @@ class ModelConfig:
             rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
-            architecture=arch,
+            architecture=family,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length"),
@@ -242,10 +255,11 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=has_qkv_bias,
             sliding_window=get("attention.sliding_window"),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=[] if eos is None else [eos],
             name=name or meta.get("general.name", ""),
+            **moe,
         )
 
 

@@ -70,6 +70,13 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     if prequantized and quantization not in ("none", "auto"):
         raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
                              f"{quantization}")
+    if cfg.is_moe and source.format == "gguf" and quantization in ("auto", "gguf"):
+        # the GGUF-native linears (models/gguf_native.py) are dense projections only
+        if quantization == "gguf":
+            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense models; "
+                                 f"{source.name!r} is a mixture of experts: load it "
+                                 "dequantized (--quantization none|int8|int4)")
+        quantization = "none"
     try:
         quantization = resolve_quantization(quantization, source.format == "gguf", device.type)
     except ValueError as e:
@@ -167,6 +174,16 @@ _GGUF_LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3
     "attn_k_norm.weight": "self_attn.k_norm.weight",
+    # mixtures of experts: the router, every expert's projection stacked [E, rows, cols],
+    # Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -192,11 +209,14 @@ def gguf_tensors(f: GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, TensorSou
         if hf is None:
             continue
         heads = None
-        if cfg.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if cfg.architecture in ("llama", "mixtral") and (".attn_q." in name
+                                                         or ".attn_k." in name):
             heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
 
         def get(name: str = name, heads: int | None = heads) -> torch.Tensor:
             t = f.dequantize(name)
+            if name.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp keeps it 1-D
+                return t.reshape(1, -1)
             return t if heads is None else unpermute_rope_rows(t, heads)
         yield hf, get
 
