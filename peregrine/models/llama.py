@@ -108,6 +108,9 @@ class LlamaForCausalLM(nn.Module):
         """Whether the fused C++ step computes this model's layers (no q/k norm, one window)."""
         return self.llama_layers and not self.config.qk_norm
 
+    # Whether the decode step may be captured as CUDA graphs (engine/cuda_graphs.py).
+    supports_cuda_graphs = True
+
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Route every layer's attention through `backend`."""
         for layer in self.layers:

@@ -35,3 +35,6 @@ class MoEForCausalLM(LlamaForCausalLM):
     # The fused CPU step and GPTQ/AWQ calibration know only dense MLPs.
     llama_layers = False
     layer_cls = MoEDecoderLayer
+    # The Triton fused MoE reads no host values, but it has not run on a GPU yet, and
+    # quantized experts group on the host: CUDA runs these models eagerly.
+    supports_cuda_graphs = False

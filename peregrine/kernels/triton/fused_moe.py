@@ -53,7 +53,9 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
     flat = ids.reshape(-1)
     n = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # not bincount: on CUDA it reads the largest id back to the host
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device).index_add_(
+        0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     sorted_experts = flat[order]
     # rank within its expert's run, moved to the start of that expert's padded run
