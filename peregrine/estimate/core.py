@@ -226,7 +226,7 @@ def load_peak_bytes(spec: ModelSpec, plan: dict[str, LinearFormat], weights: Wei
             q = linear_weight_bytes(n, kk, plan[k], 4)
             scratch = n * kk * (QUANTIZE_SCRATCH_PER_WEIGHT[plan[k].method] + copy)
             return q + (scratch if kind == "cpu" else 0)
-        after += max(step(k) for k in shapes)
+        after += max(step(k) for k in shapes if plan[k].method != "float")
     if kind != "cpu":
         return after
     return spec.gguf_file_bytes + max(spec.gguf_scratch_bytes, after)
