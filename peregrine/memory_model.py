@@ -190,10 +190,34 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
         p = f"layers.{n}."
         shapes[p + "self_attn.qkv_proj"] = (cfg.q_size + 2 * cfg.kv_size, h)
         shapes[p + "self_attn.o_proj"] = (h, cfg.q_size)
-        shapes[p + "mlp.gate_up_proj"] = (2 * i, h)
-        shapes[p + "mlp.down_proj"] = (h, i)
+        if cfg.is_moe_layer(n):
+            shapes.update(_moe_shapes(cfg, p + "mlp."))
+        else:
+            shapes[p + "mlp.gate_up_proj"] = (2 * i, h)
+            shapes[p + "mlp.down_proj"] = (h, i)
     shapes["lm_head"] = (cfg.vocab_size, h)
     return shapes
+
+
+def _moe_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of a sparse block's router, each expert's two projections (one linear
+    each once quantized, layers/moe.py) and the shared expert with its gate."""
+    h, i, s = cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+    shapes = {p + "gate": (cfg.num_experts, h)}
+    for e in range(cfg.num_experts):
+        shapes[f"{p}experts.gate_up_proj.{e}"] = (2 * i, h)
+        shapes[f"{p}experts.down_proj.{e}"] = (h, i)
+    if s:
+        shapes[p + "shared_expert.gate_up_proj"] = (2 * s, h)
+        shapes[p + "shared_expert.down_proj"] = (h, s)
+        shapes[p + "shared_expert_gate"] = (1, h)
+    return shapes
+
+
+def always_float(name: str) -> bool:
+    """Whether linear `name` stays in the compute dtype under every quantization: a mixture
+    of experts' router and shared-expert gate (layers/moe.py, FloatLinear)."""
+    return name.endswith((".mlp.gate", ".mlp.shared_expert_gate"))
 
 
 def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
@@ -247,7 +271,8 @@ def quantization_plan(cfg: ModelConfig, quantization: str, group_size: int | Non
         raise ValueError(f"unknown quantization {quantization!r}")
     g = default_group_size(quantization, group_size, gguf_types is not None)
     fmt = LinearFormat(quantization, None if quantization == "fp8" else g)
-    return {name: lm_head_format(fmt) if name == "lm_head" else fmt for name in shapes}
+    return {name: FLOAT if always_float(name) else lm_head_format(fmt) if name == "lm_head"
+            else fmt for name in shapes}
 
 
 @dataclass
@@ -312,6 +337,13 @@ def activation_bytes(cfg: ModelConfig, num_tokens: int, logit_rows: int,
     h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
     # MLP: residual, normed x, gate_up [2I], silu(gate) * up [I]
     mlp = 2 * h + 3 * i
+    if cfg.is_moe:
+        # sparse block: residual, normed x, the k routed rows gathered, their outputs and
+        # the outputs back in token order (k h each), the experts' gate_up and activation
+        # (3 I per row in the worst case, all rows on one expert), the shared expert's
+        k = cfg.num_experts_per_tok
+        mlp = max(mlp, 2 * h + 3 * k * h + 3 * k * cfg.moe_intermediate_size
+                  + 3 * cfg.shared_expert_intermediate_size)
     # attention: residual, normed x, qkv, rotated q and k, attention output, o_proj output
     attn = 2 * h + (q + 2 * kv) + (q + kv) + q + h
     scores = num_tokens * cfg.num_heads * attention_context * (4 + 4 + 1)

@@ -78,11 +78,17 @@ def write_hf_checkpoint(tmp_path, family: str, **overrides) -> tuple[str, "torch
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
     }[family]
     cfg = cls(**base)
-    newer = family in ("qwen3", "phi3", "gemma2", "gemma3")
+    moe = family in ("mixtral", "qwen2_moe", "qwen3_moe")
+    newer = moe or family in ("qwen3", "phi3", "gemma2", "gemma3")
     if newer:  # the eager path is transformers' reference (it alone soft-caps everywhere)
         cfg._attn_implementation = "eager"
+    if moe:  # the per-expert loop, not torch's grouped_mm
+        cfg._experts_implementation = "eager"
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
     with torch.no_grad():  # biases are zero at init, norms constant; make them matter

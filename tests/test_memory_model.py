@@ -21,6 +21,11 @@ TINY_QWEN = dict(TINY_LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwe
                  hidden_size=96, intermediate_size=160, num_attention_heads=6,
                  num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
                  sliding_window=32, vocab_size=640)
+# A third: a Qwen2-style mixture of experts with a shared expert and one dense layer.
+TINY_MOE = dict(TINY_LLAMA, architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=64, shared_expert_intermediate_size=96,
+                mlp_only_layers=[1])
 
 
 def predicted_weight_bytes(loaded, quantization: str, dtype: torch.dtype,
@@ -45,10 +50,10 @@ def test_a_k_quant_file_kept_in_its_blocks_matches_the_loaded_model(smollm2_q4_k
         held_weight_bytes(loaded.model)
 
 
-@pytest.mark.parametrize("shape", ["llama", "qwen2"])
+@pytest.mark.parametrize("shape", ["llama", "qwen2", "moe"])
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4", "nf4"])
 def test_dummy_config_weights_match_the_loaded_model(tmp_path_factory, shape, quantization):
-    overrides = {} if shape == "llama" else TINY_QWEN
+    overrides = {"llama": {}, "qwen2": TINY_QWEN, "moe": TINY_MOE}[shape]
     path = tiny_config_dir(tmp_path_factory, **overrides)
     loaded = load_model(path, load_format="dummy", quantization=quantization,
                         dtype=torch.bfloat16, max_model_len=256)

@@ -176,7 +176,8 @@ class ModelCost:
         """Costs of `cfg` with weights stored at `bytes_per_param` (4 for float32, about
         0.56 for GGUF Q4_1) and K/V stored at `kv_bytes_per_value`."""
         head = cfg.vocab_size * cfg.hidden_size
-        matmul = cfg.num_params(include_embeddings=False)
+        # a mixture of experts computes with the experts a token is routed to
+        matmul = cfg.num_params(include_embeddings=False, active=True)
         layers = matmul - (0 if cfg.tie_word_embeddings else head)
         return cls(layer_params=layers, head_params=head,
                    attn_flops_per_pair=4 * cfg.num_heads * cfg.head_dim * cfg.num_layers,

@@ -96,6 +96,9 @@ def attention_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int
 def check_splittable(cfg: ModelConfig, tp: int, pp: int) -> None:
     """Raise ValueError saying why `cfg` cannot run on tp x pp ranks."""
     attention_heads(cfg.num_heads, cfg.num_kv_heads, tp, 0)
+    if tp > 1 and cfg.is_moe:
+        raise ValueError("tensor parallelism does not split mixture-of-experts layers yet "
+                         "(expert parallelism is future work); use pipeline parallelism")
     if cfg.intermediate_size < 32 * tp:
         raise ValueError(f"intermediate_size {cfg.intermediate_size} is too small to split "
                          f"over tensor_parallel_size={tp}")

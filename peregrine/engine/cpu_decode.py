@@ -47,8 +47,8 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
         return ("the model is split over ranks (tensor/pipeline parallel): the fused step runs "
                 "every layer in one C++ call and cannot all-reduce or hand over mid-model")
     if not model.supports_fused_cpu_decode:
-        return (f"{model.config.architecture} layers (q/k norms, Gemma norms) are not the "
-                "fused step's Llama layers")
+        return (f"{model.config.architecture} layers (q/k norms, Gemma norms, experts) are "
+                "not the fused step's Llama layers")
     if any(c.k_scale is not None or c.k.dtype != torch.float32 or c.k.device.type != "cpu"
            for c in kv_caches):
         return "the KV cache is not float32 on the CPU"

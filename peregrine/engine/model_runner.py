@@ -48,7 +48,7 @@ class ModelRunner:
         # Graphs need kernels that read no host values: the Triton backend (auto on CUDA).
         triton = backend == "triton"
         if (self.device.type == "cuda" and not config.enforce_eager and triton and lora is None
-                and not executor):
+                and not executor and model.supports_cuda_graphs):
             max_len = config.max_model_len or model.config.max_position_embeddings
             self.graphs = DecodeGraphRunner(model, kv_caches, config.max_num_seqs, max_len,
                                             block_size, self.device)

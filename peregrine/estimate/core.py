@@ -96,7 +96,9 @@ def model_spec(model: str | None) -> ModelSpec:
     if source.path.endswith(".gguf"):
         f = GGUFFile(source.path)
         cfg = gguf_config(f, source.name)
-        return ModelSpec(source.name, cfg, source.path, gguf_module_types(f, cfg),
+        # a mixture of experts' GGUF loads dequantized: no GGUF-native linears to size
+        types = None if cfg.is_moe else gguf_module_types(f, cfg)
+        return ModelSpec(source.name, cfg, source.path, types,
                          gguf_dequant_scratch(f), os.path.getsize(source.path))
     hf = _read_config(source.path)
     if (hf.get("quantization_config") or {}).get("quant_method") == "peregrine":
@@ -172,7 +174,7 @@ def memory_estimate(spec: ModelSpec, config: EngineConfig, kind: str) -> MemoryE
     """The memory of `spec` under `config` on a `kind` device, as the engine allocates it."""
     cfg = engine_config_for(config, kind)
     m = spec.config
-    quant = resolve_quantization(cfg.quantization, spec.gguf_path is not None, kind)
+    quant = resolve_quantization(cfg.quantization, spec.gguf_types is not None, kind)
     plan = quantization_plan(m, quant, cfg.quantization_group_size, spec.gguf_types)
     dtype = cfg.torch_dtype
     max_len = cfg.max_model_len or m.max_position_embeddings
@@ -224,7 +226,7 @@ def load_peak_bytes(spec: ModelSpec, plan: dict[str, LinearFormat], weights: Wei
             q = linear_weight_bytes(n, kk, plan[k], 4)
             scratch = n * kk * (QUANTIZE_SCRATCH_PER_WEIGHT[plan[k].method] + copy)
             return q + (scratch if kind == "cpu" else 0)
-        after += max(step(k) for k in shapes)
+        after += max(step(k) for k in shapes if plan[k].method != "float")
     if kind != "cpu":
         return after
     return spec.gguf_file_bytes + max(spec.gguf_scratch_bytes, after)

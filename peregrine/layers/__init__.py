@@ -1,1 +1,2 @@
-"""Building blocks of the model: linear, attention, rotary, norm, activation."""
+"""Building blocks of the model: linear, attention, rotary, norm, activation, mixture of
+experts."""

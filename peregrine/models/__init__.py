@@ -1,2 +1,2 @@
-"""Models: the Llama family, Qwen3, Phi-3 and Gemma 2/3 in plain PyTorch, their configs, loaders
-and tokenizers."""
+"""Models: the Llama family, Qwen3, Phi-3, Gemma 2/3 and the Mixtral / Qwen mixtures of
+experts in plain PyTorch, their configs, loaders and tokenizers."""

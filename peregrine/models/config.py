@@ -1,5 +1,5 @@
-"""ModelConfig: the hyper-parameters of a decoder model (Llama, Qwen, Mistral, Phi-3, Gemma),
-from config.json or GGUF metadata."""
+"""ModelConfig: the hyper-parameters of a decoder model (Llama, Qwen, Mistral, Phi-3, Gemma,
+the Mixtral and Qwen mixtures of experts), from config.json or GGUF metadata."""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # config.json `model_type` -> family, for configs without `architectures`.
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+               "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3",
+               "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
 GEMMA_FAMILIES = ("gemma2", "gemma3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
@@ -56,6 +61,19 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None  # Gemma 2: cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # Gemma 2: the same on the logits
     rope_local_theta: float | None = None  # Gemma 3: RoPE base of the local layers
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): each token goes through the
+    # `num_experts_per_tok` experts (SwiGLU MLPs of width `moe_intermediate_size`) its
+    # router rates highest, weighted by their softmax probabilities (renormalized over the
+    # chosen ones when `norm_topk_prob`). Qwen2-MoE adds a shared expert, scaled by a sigmoid
+    # gate, that every token goes through. A layer in `mlp_only_layers`, or not a multiple
+    # of `decoder_sparse_step` (1-based), keeps a dense MLP of `intermediate_size`.
+    num_experts: int = 0  # 0: a dense model
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     name: str = ""
@@ -64,10 +82,23 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                             f"1..num_experts ({self.num_experts})")
 
     @property
     def is_gemma(self) -> bool:
         return self.architecture in GEMMA_FAMILIES
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` has a sparse mixture-of-experts block (else a dense
+        MLP), as transformers' Qwen2-MoE / Qwen3-MoE decide it."""
+        return (self.is_moe and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     def layer_window(self, layer: int) -> int | None:
         """The attention window of decoder layer `layer` (None: it sees the whole context)."""
@@ -90,13 +121,28 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count (embeddings counted once when tied)."""
-        h, i = self.hidden_size, self.intermediate_size
+    def mlp_params(self, layer: int, active: bool = False) -> int:
+        """Parameters of layer `layer`'s MLP block: a dense MLP, or the router, the experts
+        (only the `num_experts_per_tok` a token runs when `active`) and the shared expert
+        with its gate."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        total = self.num_experts * h + experts * 3 * h * self.moe_intermediate_size
+        if self.shared_expert_intermediate_size:
+            total += 3 * h * self.shared_expert_intermediate_size + h
+        return total
+
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count (embeddings counted once when tied); `active`: only the experts
+        one token runs (what a mixture of experts computes with)."""
+        h = self.hidden_size
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
-        total = self.num_layers * (attn + 3 * h * i) + self.num_norm_params()
+        mlp = sum(self.mlp_params(n, active) for n in range(self.num_layers))
+        total = self.num_layers * attn + mlp + self.num_norm_params()
         if include_embeddings:
             total += self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         elif not self.tie_word_embeddings:
@@ -120,7 +166,8 @@ class ModelConfig:
         layer_types = _layer_types(family, cfg)
         rope_theta, rope_scaling, local_theta = _rope(cfg, family)
         sliding = cfg.get("sliding_window")
-        if family in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not cfg.get(
+                "use_sliding_window", False):
             sliding = None
         if family == "llama" or layer_types is not None:
             sliding = None
@@ -141,11 +188,12 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", gemma),
-            attention_bias=family == "qwen2" or cfg.get("attention_bias", False),
+            attention_bias=(family == "qwen2" or cfg.get("attention_bias", False)
+                            or (family == "qwen2_moe" and cfg.get("qkv_bias", True))),
             sliding_window=sliding,
             layer_types=layer_types,
             local_window=cfg.get("sliding_window") if layer_types is not None else None,
-            qk_norm=family in ("qwen3", "gemma3"),
+            qk_norm=family in ("qwen3", "gemma3", "qwen3_moe"),
             hidden_act=(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
                         ) if not gemma else "gelu_pytorch_tanh",
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
@@ -155,6 +203,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
             name=name or cfg.get("_name_or_path", ""),
+            **_moe(family, cfg),
         )
 
     @classmethod
@@ -162,12 +211,25 @@ class ModelConfig:
                   name: str = "") -> "ModelConfig":
         """Build from GGUF metadata (keys such as `llama.block_count`)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        if arch not in ("llama", "qwen2", "qwen3", "mistral", "qwen2moe", "qwen3moe"):
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
-                             "llama, mistral, qwen2 and qwen3")
+                             "llama (and Mixtral), mistral, qwen2, qwen3, qwen2moe and "
+                             "qwen3moe")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
+
+        experts = get("expert_count", 0)
+        moe: dict[str, Any] = {} if not experts else dict(
+            num_experts=experts, num_experts_per_tok=get("expert_used_count"),
+            moe_intermediate_size=get("expert_feed_forward_length")
+            or get("feed_forward_length"),
+            shared_expert_intermediate_size=get("expert_shared_feed_forward_length", 0),
+            # llama.cpp renormalizes Mixtral's and Qwen3-MoE's top-k weights, not Qwen2-MoE's
+            norm_topk_prob=bool(get("expert_weights_norm", arch != "qwen2moe")))
+        # Mixtral files are llama files with experts
+        family = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(
+            arch, "mixtral" if experts else arch)
 
         num_heads = get("attention.head_count")
         hidden = get("embedding_length")
@@ -177,7 +239,7 @@ class ModelConfig:
             rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
-            architecture=arch,
+            architecture=family,
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=get("feed_forward_length"),
@@ -193,11 +255,36 @@ class ModelConfig:
             tie_word_embeddings=not has_output_tensor,
             attention_bias=has_qkv_bias,
             sliding_window=get("attention.sliding_window"),
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3moe"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=[] if eos is None else [eos],
             name=name or meta.get("general.name", ""),
+            **moe,
         )
+
+
+def _moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json, with
+    transformers' defaults for keys a config leaves out ({} for a dense family)."""
+    if family not in MOE_FAMILIES:
+        return {}
+    if family == "mixtral":  # every layer sparse, experts as wide as `intermediate_size`
+        return dict(num_experts=cfg.get("num_local_experts", 8),
+                    num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
+                    moe_intermediate_size=cfg["intermediate_size"], norm_topk_prob=True)
+    qwen2 = family == "qwen2_moe"
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts (an alias)
+    experts = cfg.get("num_experts", cfg.get("num_local_experts", 60 if qwen2 else 128))
+    out = dict(num_experts=experts,
+               num_experts_per_tok=cfg.get("num_experts_per_tok", 4 if qwen2 else 8),
+               moe_intermediate_size=cfg.get("moe_intermediate_size", 1408 if qwen2 else 768),
+               norm_topk_prob=cfg.get("norm_topk_prob", False),
+               decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
+               mlp_only_layers=list(cfg.get("mlp_only_layers") or []))
+    if qwen2:
+        out["shared_expert_intermediate_size"] = cfg.get("shared_expert_intermediate_size",
+                                                         5632)
+    return out
 
 
 def _layer_types(family: str, cfg: dict[str, Any]) -> list[str] | None:

@@ -54,9 +54,14 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.self_attn = make_attention(cfg, layer)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.mlp = self.make_mlp(cfg, layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        """The feed-forward block of layer `layer`: a gated MLP (models/moe.py overrides it
+        with a mixture of experts)."""
+        return MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
                 residual: torch.Tensor | None, cache: LayerCache | None, meta: AttentionMetadata
@@ -102,6 +107,9 @@ class LlamaForCausalLM(nn.Module):
     def supports_fused_cpu_decode(self) -> bool:
         """Whether the fused C++ step computes this model's layers (no q/k norm, one window)."""
         return self.llama_layers and not self.config.qk_norm
+
+    # Whether the decode step may be captured as CUDA graphs (engine/cuda_graphs.py).
+    supports_cuda_graphs = True
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         """Route every layer's attention through `backend`."""

@@ -21,12 +21,15 @@ from peregrine.layers.norm import RMSNorm
 from peregrine.layers.rotary import RotaryEmbedding
 from peregrine.models.gemma import GemmaForCausalLM
 from peregrine.models.llama import LlamaForCausalLM
+from peregrine.models.moe import MoEForCausalLM
 from peregrine.models.registry import ModelSource, default_gguf_path, resolve_model
 from peregrine.models.tokenizer import Tokenizer
 
 def model_class(cfg: ModelConfig) -> type[LlamaForCausalLM]:
     """The module class that runs `cfg`'s family."""
-    return GemmaForCausalLM if cfg.is_gemma else LlamaForCausalLM
+    if cfg.is_gemma:
+        return GemmaForCausalLM
+    return MoEForCausalLM if cfg.is_moe else LlamaForCausalLM
 
 
 # A checkpoint tensor, produced lazily (so a 7B model never sits in memory twice).
@@ -68,6 +71,13 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     if prequantized and quantization not in ("none", "auto"):
         raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
                              f"{quantization}")
+    if cfg.is_moe and source.format == "gguf" and quantization in ("auto", "gguf"):
+        # the GGUF-native linears (models/gguf_native.py) are dense projections only
+        if quantization == "gguf":
+            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense models; "
+                                 f"{source.name!r} is a mixture of experts: load it "
+                                 "dequantized (--quantization none|int8|int4)")
+        quantization = "none"
     try:
         quantization = resolve_quantization(quantization, source.format == "gguf", device.type)
     except ValueError as e:
@@ -193,6 +203,16 @@ _GGUF_LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3
     "attn_k_norm.weight": "self_attn.k_norm.weight",
+    # mixtures of experts: the router, every expert's projection stacked [E, rows, cols],
+    # Qwen2-MoE's shared expert and its gate
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -220,13 +240,16 @@ def gguf_tensors(f: GGUFFile, cfg: ModelConfig, kept: set[str] = frozenset()
         if hf is None:
             continue
         heads = None
-        if cfg.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if cfg.architecture in ("llama", "mixtral") and (".attn_q." in name
+                                                         or ".attn_k." in name):
             heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
 
         def get(name: str = name, heads: int | None = heads) -> torch.Tensor:
             if name in kept:
                 return torch.zeros(()).expand(f.tensors[name].shape)
             t = f.dequantize(name)
+            if name.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp keeps it 1-D
+                return t.reshape(1, -1)
             return t if heads is None else unpermute_rope_rows(t, heads)
         yield hf, get
 
@@ -243,70 +266,106 @@ def safetensors_tensors(path: str) -> Iterator[tuple[str, TensorSource]]:
             yield key, (lambda h=handle, k=key: h.get_tensor(k))
 
 
+@dataclass
+class _Part:
+    """Where a checkpoint tensor goes inside a parameter: `keys` name the slots it fills
+    (every slot of every parameter must be filled once), `view` selects them."""
+
+    keys: list[str]
+    view: Callable[[torch.Tensor], torch.Tensor]
+
+
 def load_weights(net: LlamaForCausalLM, tensors: Iterator[tuple[str, TensorSource]]) -> None:
     """Copy checkpoint tensors (Hugging Face names) into the model, filling fused params."""
     params = dict(net.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, get in tensors:
-        target, shard = _target_of(net, hf_name)
+        target, part = _target_of(net, hf_name)
         if target is None:
             continue
         if target not in params:
             raise ModelLoadError(f"checkpoint tensor {hf_name} has no place in the model")
         param = params[target]
         value = get()
-        if shard is None:
-            if value.shape != param.shape:
-                raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
-                                     f"the model's {tuple(param.shape)}")
-            param.data.copy_(value)
-            fused = next((f for f in net.packed_modules if f".{f}." in target), None)
-            if fused is not None:  # stored fused already (Phi-3): every part is loaded
-                loaded.update(f"{target}#{i}" for i in range(len(net.packed_modules[fused])))
-        else:
-            index, sizes = shard
-            start = sum(sizes[:index])
-            dest = param.data.narrow(0, start, sizes[index])
-            if value.shape != dest.shape:
-                raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
-                                     f"the model's {tuple(dest.shape)}")
-            dest.copy_(value)
-        loaded.add(f"{target}#{shard[0] if shard else ''}")
+        # stored whole (fused already, as Phi-3's or transformers 5's stacked experts): it
+        # fills every slot of the parameter
+        dest = param.data if part is None else part.view(param.data)
+        if value.shape != dest.shape:
+            raise ModelLoadError(f"{hf_name}: shape {tuple(value.shape)} does not match "
+                                 f"the model's {tuple(dest.shape)}")
+        dest.copy_(value)
+        loaded.update(_slots(net, target, param) if part is None else part.keys)
     if net.config.tie_word_embeddings:
         loaded.add("lm_head.weight#")
-    missing = [n for n in _expected_slots(net) if n not in loaded]
+    missing = [n for name, p in net.named_parameters(remove_duplicate=False)
+               for n in _slots(net, name, p) if n not in loaded]
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
 
-def _target_of(net: LlamaForCausalLM, hf_name: str
-               ) -> tuple[str | None, tuple[int, list[int]] | None]:
-    """Our parameter name for a Hugging Face name, and (shard index, shard sizes) when the
-    parameter is a fused one."""
-    name = hf_name.removeprefix("model.")
+# a routed expert's projection: Mixtral's experts.E.w1/w3/w2, Qwen's experts.E.gate_proj/...;
+# without E (GGUF's stacked ffn_*_exps) the projection of every expert at once
+_EXPERT = re.compile(r"(layers\.\d+\.mlp\.experts)\.(?:(\d+)\.)?(\w+?)(?:\.weight)?")
+_EXPERT_PROJ = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0),
+                "w3": ("gate_up_proj", 1), "up_proj": ("gate_up_proj", 1),
+                "w2": ("down_proj", None), "down_proj": ("down_proj", None)}
+
+
+def _target_of(net: LlamaForCausalLM, hf_name: str) -> tuple[str | None, _Part | None]:
+    """Our parameter name for a Hugging Face name, and the part of it the tensor fills when
+    the parameter is a fused one (q/k/v, gate/up, stacked experts)."""
+    name = hf_name.removeprefix("model.").replace(".block_sparse_moe.", ".mlp.")  # Mixtral
     if name.endswith("rotary_emb.inv_freq"):
         return None, None
     if name == "lm_head.weight" and net.config.tie_word_embeddings:
         return None, None
+    m = _EXPERT.fullmatch(name)
+    if m and m.group(3) in _EXPERT_PROJ:
+        return _expert_part(net, m.group(1), m.group(2), m.group(3))
     cfg = net.config
-    sizes = {"qkv_proj": [cfg.q_size, cfg.kv_size, cfg.kv_size],
-             "gate_up_proj": [cfg.intermediate_size, cfg.intermediate_size]}
     for fused, parts in net.packed_modules.items():
         for i, part in enumerate(parts):
             if f".{part}." in name:
-                return name.replace(f".{part}.", f".{fused}."), (i, sizes[fused])
+                target = name.replace(f".{part}.", f".{fused}.")
+                if fused == "qkv_proj":
+                    sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+                else:  # gate/up halves: the dense MLP's, a Qwen2-MoE shared expert's
+                    try:
+                        sizes = [net.get_parameter(target).shape[0] // 2] * 2
+                    except AttributeError:  # no such parameter: load_weights says so
+                        return target, None
+                start, size = sum(sizes[:i]), sizes[i]
+                return target, _Part([f"{target}#{i}"],
+                                     lambda p, s=start, n=size: p.narrow(0, s, n))
     return name, None
 
 
-def _expected_slots(net: LlamaForCausalLM) -> list[str]:
-    slots = []
-    for name, _ in net.named_parameters(remove_duplicate=False):
-        fused = next((f for f in net.packed_modules if f".{f}." in name), None)
-        if fused is None:
-            slots.append(f"{name}#")
-        else:
-            slots.extend(f"{name}#{i}" for i in range(len(net.packed_modules[fused])))
-    return slots
+def _expert_part(net: LlamaForCausalLM, prefix: str, expert: str | None, proj: str
+                 ) -> tuple[str, _Part]:
+    """The slice of a stacked expert parameter [E, rows, cols] one expert's projection
+    (or, `expert` None, every expert's) fills: gate and up are halves of gate_up_proj."""
+    fused, half = _EXPERT_PROJ[proj]
+    target = f"{prefix}.{fused}"
+    experts = range(net.config.num_experts) if expert is None else [int(expert)]
+    keys = [f"{target}#{e}.{half or 0}" for e in experts]
+    rows = net.config.moe_intermediate_size
+
+    def view(p: torch.Tensor) -> torch.Tensor:
+        p = p if expert is None else p[int(expert)]
+        return p if half is None else p.narrow(-2, half * rows, rows)
+    return target, _Part(keys, view)
+
+
+def _slots(net: LlamaForCausalLM, name: str, param: torch.Tensor) -> list[str]:
+    """The slots of parameter `name` that checkpoint tensors fill: one per part of a fused
+    parameter (per expert and part of stacked experts), else one."""
+    if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
+        halves = 2 if name.endswith("gate_up_proj") else 1
+        return [f"{name}#{e}.{h}" for e in range(param.shape[0]) for h in range(halves)]
+    fused = next((f for f in net.packed_modules if f".{f}." in name), None)
+    if fused is None:
+        return [f"{name}#"]
+    return [f"{name}#{i}" for i in range(len(net.packed_modules[fused]))]
 
 
 def init_dummy_weights(net: LlamaForCausalLM, seed: int = 0) -> None:

@@ -2,7 +2,9 @@
 
 The projections of every decoder layer (qkv_proj, o_proj, gate_up_proj, down_proj) and the
 LM head are quantized; embeddings and norms stay float. A tied LM head gets its own
-quantized copy, while the embedding table it was tied to stays float for lookups."""
+quantized copy, while the embedding table it was tied to stays float for lookups. A mixture
+of experts' stacked experts become one quantized linear per expert and projection
+(QuantExperts); its router and shared-expert gate stay float."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 
 from peregrine.layers.linear import (FP8Linear, Int4Linear, Int8Linear, Linear, NF4Linear,
                                      QuantLinear)
+from peregrine.layers.moe import FusedExperts, QuantExperts
 from peregrine.memory_model import DEFAULT_GROUP_SIZE, LinearFormat, lm_head_format
 
 # `--quantization` values that quantize weights at load (gguf repacks the file's blocks).
@@ -67,14 +70,40 @@ def linear_layers(net: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Modu
                 yield (f"{name}.{attr}" if name else attr), parent, attr, child
 
 
+def fused_experts(net: nn.Module) -> Iterator[tuple[str, nn.Module, str, FusedExperts]]:
+    """(full name, parent module, attribute, module) of every float FusedExperts."""
+    for name, parent in list(net.named_modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, FusedExperts):
+                yield (f"{name}.{attr}" if name else attr), parent, attr, child
+
+
 def quantize_model(net: nn.Module, spec: QuantSpec) -> nn.Module:
     """Replace every Linear of `net` by its round-to-nearest quantization (in place); the
-    LM head follows `spec.for_lm_head()`."""
+    LM head follows `spec.for_lm_head()`, each expert's projections follow `spec`."""
     for name, parent, attr, mod in linear_layers(net):
         if isinstance(mod, Linear):
             device = mod.weight.device
             s = spec.for_lm_head() if name == "lm_head" else spec
             setattr(parent, attr, s.quantize(mod.weight, mod.bias).to(device))
+    for name, parent, attr, mod in fused_experts(net):
+        device = mod.gate_up_proj.device
+        gate_up = [spec.quantize(w) for w in mod.gate_up_proj]
+        down = [spec.quantize(w) for w in mod.down_proj]
+        setattr(parent, attr, QuantExperts(gate_up, down, mod.act).to(device))
+    return net
+
+
+def replace_experts(net: nn.Module, new: dict[str, QuantLinear]) -> nn.Module:
+    """Put QuantExperts made of the linears of `new` (full name -> module, e.g.
+    `layers.0.mlp.experts.gate_up_proj.3`) in place of the model's float experts, taking
+    those linears out of `new`."""
+    for name, parent, attr, mod in fused_experts(net):
+        gate_up = [f"{name}.gate_up_proj.{e}" for e in range(mod.num_experts)]
+        down = [f"{name}.down_proj.{e}" for e in range(mod.num_experts)]
+        if all(n in new for n in gate_up + down):
+            setattr(parent, attr, QuantExperts([new.pop(n) for n in gate_up],
+                                               [new.pop(n) for n in down], mod.act))
     return net
 
 

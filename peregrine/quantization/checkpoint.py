@@ -21,7 +21,7 @@ from peregrine.layers.linear import QUANT_LINEAR_TYPES, QuantLinear
 from peregrine.models.config import MODEL_TYPES, SUPPORTED_ARCHITECTURES, ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.tokenizer import Tokenizer
-from peregrine.quantization.apply import linear_layers, replace_linears
+from peregrine.quantization.apply import linear_layers, replace_experts, replace_linears
 
 QUANT_METHOD = "peregrine"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,6 +56,14 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                    final_logit_softcapping=cfg.final_logit_softcapping)
     if cfg.rope_local_theta is not None:
         out["rope_local_base_freq"] = cfg.rope_local_theta
+    if cfg.is_moe:
+        out.update(num_experts=cfg.num_experts, num_local_experts=cfg.num_experts,
+                   num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_intermediate_size,
+                   shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                   norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=cfg.decoder_sparse_step,
+                   mlp_only_layers=list(cfg.mlp_only_layers), qkv_bias=cfg.attention_bias)
     return out
 
 
@@ -119,6 +127,7 @@ def load_quantized(net: nn.Module, path: str, config: dict[str, Any]) -> None:
             bias = h.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
             new[name] = cls(*args, bias=bias)
             keys -= {f"{name}.{f}" for f in fields} | {f"{name}.bias"}
+        replace_experts(net, new)
         replace_linears(net, new)
         params = dict(net.named_parameters())
         quantized_params = {n for n, _ in net.named_parameters()

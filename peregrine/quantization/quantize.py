@@ -51,6 +51,9 @@ def quantize_to_dir(model: str | None, out_dir: str, opts: QuantizeOptions) -> d
     t0 = time.perf_counter()
     loaded = load_model(model, dtype=torch.float32)
     net, tok = loaded.model, loaded.tokenizer
+    if opts.mixed and loaded.config.is_moe:
+        raise ValueError("--mixed measures linears one by one; a mixture of experts' experts "
+                         "are not measured yet: quantize it uniformly (--method rtn)")
     if opts.mixed:
         info = _quantize_mixed(net, tok.encode(calibration_text(opts.calib_corpus)), opts)
         info["source"] = loaded.source.name

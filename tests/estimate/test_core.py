@@ -50,6 +50,24 @@ def test_llama3_70b_int4_8x4096_on_h100_is_the_hand_calculation():
     assert not h100["fits_load"] and not h100["fits"]
 
 
+def test_mixtral_8x7b_int4_counts_every_expert():
+    """Every expert's projections are quantized linears, the routers stay bf16; FLOPs use
+    the active parameters (2 of 8 experts)."""
+    config = EngineConfig(model="mixtral-8x7b", quantization="int4", max_model_len=4096,
+                          max_num_seqs=8)
+    r = estimate(config, EstimateOptions(devices=["H100"]))
+    h, i = 4096, 14336
+
+    def int4(n: int, k: int) -> int:  # packed nibbles + f16 scale and offset per 128
+        return n * k // 2 + 4 * n * (k // 128)
+    experts = 8 * (int4(2 * i, h) + int4(h, i))
+    layer = int4(6144, h) + int4(h, h) + 8 * h * 2 + experts
+    weights = (32 * layer + 32000 * h + 4 * 32000 + 32000 * h * 2 + 65 * h * 2
+               + 4096 * 2 * 128 * 4)
+    assert r["weights_bytes"] == weights
+    assert r["params"] == 46_702_792_704
+
+
 def test_json_fields():
     r = llama3_70b_int4()
     for key in ("weights_bytes", "kv_cache_bytes_per_token", "kv_cache_bytes",

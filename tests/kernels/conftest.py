@@ -40,6 +40,7 @@ elif HAVE_TRITON and not ON_GPU:
     try:
         import triton  # noqa: F401
         import peregrine.kernels.triton_attention  # noqa: F401  (decorates every kernel)
+        import peregrine.kernels.triton.fused_moe  # noqa: F401
     finally:
         if _previous is None:
             del os.environ["TRITON_INTERPRET"]

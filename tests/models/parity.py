@@ -33,6 +33,21 @@ def sharpen_attention(ref: torch.nn.Module, path: str, factor: float = 30.0) -> 
     ref.save_pretrained(path, safe_serialization=True)
 
 
+def sharpen_experts(ref: torch.nn.Module, path: str, router: float = 20.0,
+                    experts: float = 4.0) -> None:
+    """Scale every MoE router of `ref` by `router` and its experts by `experts`, and save
+    it to `path` again: random weights route near-uniformly through experts too small to
+    show in the logits, which would hide a wrong choice or weight."""
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            mlp = layer.mlp
+            if hasattr(mlp, "gate"):
+                mlp.gate.weight.mul_(router)
+                mlp.experts.gate_up_proj.mul_(experts)
+                mlp.experts.down_proj.mul_(experts)
+    ref.save_pretrained(path, safe_serialization=True)
+
+
 def assert_logits_match(path: str, ref: torch.nn.Module, prompts: list[list[int]],
                         atol: float = 1e-4) -> None:
     """Our float32 logits of `prompts` run as one flat batch equal `ref`'s, per sequence."""

@@ -12,7 +12,8 @@ import torch
 from peregrine.models.config import ModelConfig
 from peregrine.models.registry import CONFIG_DIR
 
-NEW = ["qwen3-0.6b", "qwen3-8b", "gemma-2-2b", "gemma-3-1b", "phi-3-mini-4k"]
+NEW = ["qwen3-0.6b", "qwen3-8b", "gemma-2-2b", "gemma-3-1b", "phi-3-mini-4k", "mixtral-8x7b",
+       "qwen3-30b-a3b"]
 
 
 @pytest.mark.parametrize("name", NEW)
