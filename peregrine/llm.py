@@ -106,6 +106,13 @@ class LLM:
         """Stop the engine's worker processes (tensor/pipeline parallelism; else nothing)."""
         self.engine.shutdown()
 
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """`with LLM(...) as llm:` shuts the engine's workers down on the way out."""
+        self.shutdown()
+
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         pending = set(ids)

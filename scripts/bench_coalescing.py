@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.server.conftest import parse_metrics  # noqa: E402
-from peregrine.bench.launch import wait_until_healthy
+from peregrine.bench.launch import stop_server, wait_until_healthy
 
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a "
         "lantern, a notebook and a thermos of strong tea. From the gallery he watched the "
@@ -83,11 +82,7 @@ class Server:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
 
 
 async def one(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, str]:

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ import time
 from typing import Any
 
 import httpx
-from peregrine.bench.launch import wait_until_healthy
+from peregrine.bench.launch import stop_server, wait_until_healthy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "bench-results", "router.json")
@@ -92,11 +91,7 @@ class Server:
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
 
 
 def load_unload(rounds: int, dummy: bool) -> list[dict[str, Any]]:

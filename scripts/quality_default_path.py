@@ -22,12 +22,12 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
+from peregrine.bench.env import environment, git_commit
+from peregrine.bench.results import save_json
 from peregrine.engine.cpu_decode import fused_decode_runner
 from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
 from peregrine.models.loader import load_model
@@ -94,14 +94,6 @@ def fused_decode(net, ids: torch.Tensor, block_size: int = 16
         nll += float(torch.nn.functional.cross_entropy(logits, ids[t + 1:t + 2],
                                                        reduction="sum"))
     return torch.cat(top), nll
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> int:
@@ -173,13 +165,10 @@ def main() -> int:
            "text": "peregrine/quantization/corpus.py eval_text() (bundled, held out)",
            "tokens": len(ids), "context": ns.context, "decode_tokens": ns.decode_tokens,
            "results": results, "targets": targets,
-           "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                       "threads": torch.get_num_threads(), "python": platform.python_version(),
-                       "torch": torch.__version__},
-           "peregrine": git_rev()}
-    os.makedirs(os.path.dirname(ns.output), exist_ok=True)
-    with open(ns.output, "w") as f:
-        json.dump(out, f, indent=2)
+           "machine": environment(threads=torch.get_num_threads()),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "peregrine": git_commit()}
+    save_json(out, ns.output)
     print(f"wrote {ns.output}")
     return 0
 

@@ -19,12 +19,13 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import time
 
 import torch
 
+from peregrine.bench.env import environment
+from peregrine.bench.results import save_json
 from peregrine.models.loader import load_model
 from peregrine.models.registry import default_gguf_path
 from peregrine.quantization.corpus import eval_text
@@ -107,12 +108,9 @@ def main() -> int:
     out = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized = float32)",
            "text": "peregrine/quantization/corpus.py eval_text() (bundled, held out)",
            "tokens": len(ids), "context": ns.context, "results": rows,
-           "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                       "threads": torch.get_num_threads(), "python": platform.python_version(),
-                       "torch": torch.__version__}}
-    os.makedirs(os.path.dirname(ns.output), exist_ok=True)
-    with open(ns.output, "w") as f:
-        json.dump(out, f, indent=2)
+           "machine": environment(threads=torch.get_num_threads()),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    save_json(out, ns.output)
     print(f"wrote {ns.output}")
     return 0
 

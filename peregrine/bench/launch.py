@@ -186,3 +186,14 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 600)
             err = proc.stderr.read()[-2000:] if proc.stderr else ""
             raise RuntimeError(f"the server at {url} did not become ready: {err}")
         time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Stop a server as Ctrl-C does (SIGINT: it drains in-flight requests), killing it if
+    it has not exited within `timeout_s`."""
+    import signal
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -11,17 +11,14 @@ import pytest
 from peregrine import LLM, SamplingParams
 from tests.conftest import tiny_config_dir
 from tests.distributed.conftest import greedy_tokens
-from tests.distributed.test_tensor_parallel import ENGINE, SHARED, workload
+from tests.distributed.test_tensor_parallel import ENGINE, SHARED, whole_and_split, workload
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """(one process, two stages) on a tiny model of 5 layers: stages of 3 and 2."""
     path = tiny_config_dir(tmp_path_factory, num_hidden_layers=5, vocab_size=515)
-    one = LLM(path, **ENGINE)
-    two = LLM(path, pipeline_parallel_size=2, **ENGINE)
-    yield one, two
-    two.shutdown()
+    yield from whole_and_split(path, pipeline_parallel_size=2)
 
 
 def test_greedy_tokens_match_one_process_through_chunking_caching_and_preemption(engines):
@@ -55,9 +52,6 @@ def test_tensor_and_pipeline_parallel_together_match_one_process(tmp_path_factor
     path = tiny_config_dir(tmp_path_factory, num_hidden_layers=4, vocab_size=515)
     prompts = workload()[:4]
     want = greedy_tokens(LLM(path, **ENGINE), prompts, 12)
-    four = LLM(path, tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE)
-    try:
+    with LLM(path, tensor_parallel_size=2, pipeline_parallel_size=2, **ENGINE) as four:
         assert greedy_tokens(four, prompts, 12) == want
         assert [r.rank for r in four.engine.get_stats().ranks] == [0, 1, 2, 3]
-    finally:
-        four.shutdown()

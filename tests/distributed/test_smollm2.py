@@ -43,21 +43,15 @@ def _check_float(llm: LLM, reference) -> None:
 
 
 def test_tensor_parallel_float_matches_one_process(reference):
-    llm = LLM(quantization="none", tensor_parallel_size=2, **ENGINE)
-    try:
+    with LLM(quantization="none", tensor_parallel_size=2, **ENGINE) as llm:
         _check_float(llm, reference)
-    finally:
-        llm.shutdown()
 
 
 @pytest.mark.slow
 def test_pipeline_parallel_float_matches_one_process(reference):
     """Fast sibling: test_pipeline_parallel.py on a tiny model."""
-    llm = LLM(quantization="none", pipeline_parallel_size=2, **ENGINE)
-    try:
+    with LLM(quantization="none", pipeline_parallel_size=2, **ENGINE) as llm:
         _check_float(llm, reference)
-    finally:
-        llm.shutdown()
 
 
 @pytest.mark.slow
@@ -66,11 +60,8 @@ def test_int8_weights_split_give_the_eager_tokens():
     identical to one process's eager path. Fast sibling: test_tensor_parallel.py."""
     opts = dict(quantization="int8", enforce_eager=True, **ENGINE)
     want = greedy_tokens(LLM(**opts), PROMPTS)
-    llm = LLM(tensor_parallel_size=2, **opts)
-    try:
+    with LLM(tensor_parallel_size=2, **opts) as llm:
         assert greedy_tokens(llm, PROMPTS) == want
-    finally:
-        llm.shutdown()
 
 
 @pytest.mark.slow
@@ -82,11 +73,8 @@ def test_int4_weights_split_stay_as_close_to_eager_as_the_fused_step(quant, grou
     opts = dict(quantization=quant, quantization_group_size=group, **ENGINE)
     eager = prompt_logprobs(LLM(enforce_eager=True, **opts))
     fused = prompt_logprobs(LLM(**opts))
-    llm = LLM(tensor_parallel_size=2, **opts)
-    try:
+    with LLM(tensor_parallel_size=2, **opts) as llm:
         split = prompt_logprobs(llm)
-    finally:
-        llm.shutdown()
     own = (fused - eager).abs()
     diff = (split - eager).abs()
     assert diff.mean() <= 2 * own.mean() and diff.max() <= 2 * own.max()

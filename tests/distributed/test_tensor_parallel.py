@@ -9,6 +9,8 @@ test_smollm2.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from peregrine import LLM, SamplingParams
@@ -19,6 +21,13 @@ from tests.distributed.conftest import greedy_tokens
 ENGINE = dict(load_format="dummy", dtype="float64", block_size=4, num_kv_blocks=40,
               max_num_batched_tokens=24, max_num_seqs=6, seed=7)
 SHARED = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]  # a common prefix of 3 blocks
+
+
+def whole_and_split(path: str, **split: int) -> Iterator[tuple[LLM, LLM]]:
+    """(one process, the same model split by `split`) for a fixture to yield; the split
+    engine's workers stop when the fixture ends."""
+    with LLM(path, **split, **ENGINE) as two:
+        yield LLM(path, **ENGINE), two
 
 
 def workload() -> list[dict]:
@@ -32,10 +41,7 @@ def engines(request, tmp_path_factory):
     """(one process, two ranks) on the same tiny model: 4 query heads over 2 or 1 KV heads."""
     path = tiny_config_dir(tmp_path_factory, num_key_value_heads=request.param,
                            num_hidden_layers=3, vocab_size=515)
-    one = LLM(path, **ENGINE)
-    two = LLM(path, tensor_parallel_size=2, **ENGINE)
-    yield one, two
-    two.shutdown()
+    yield from whole_and_split(path, tensor_parallel_size=2)
 
 
 def test_greedy_tokens_match_one_process_through_chunking_caching_and_preemption(engines):
@@ -95,11 +101,8 @@ def test_quantized_weights_split_in_their_packed_form(tmp_path_factory, quant):
                 else None)
     prompts = workload()[:3]
     want = greedy_tokens(LLM(path, **opts), prompts, 16)
-    two = LLM(path, tensor_parallel_size=2, **opts)
-    try:
+    with LLM(path, tensor_parallel_size=2, **opts) as two:
         assert greedy_tokens(two, prompts, 16) == want
-    finally:
-        two.shutdown()
 
 
 def test_a_split_through_quantization_groups_is_refused_naming_what_fits(tmp_path_factory):

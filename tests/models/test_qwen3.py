@@ -8,6 +8,7 @@ import torch
 from peregrine.engine.cpu_decode import fusable
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
+from tests.models.gguf_writer import write_model_gguf
 from tests.models.parity import assert_greedy_matches, assert_logits_match, random_prompts
 
 # head_dim 32 is not hidden / heads (16): the explicit value must be used.
@@ -62,54 +63,12 @@ def test_shipped_config_builds(name):
     assert abs(cfg.num_params() / 1e9 - billions) < 0.01
 
 
-def write_qwen3_gguf(path: str, ref: torch.nn.Module, tokenizer_meta: dict) -> None:
-    """`ref`'s float32 weights and hyper-parameters as llama.cpp names them for qwen3, with
-    a byte-level BPE tokenizer borrowed from another GGUF."""
-    gguf = pytest.importorskip("gguf")
-    c = ref.config
-    w = gguf.GGUFWriter(path, "qwen3")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_vocab_size(c.vocab_size)
-    w.add_tokenizer_model(tokenizer_meta["tokenizer.ggml.model"])
-    w.add_token_list(list(tokenizer_meta["tokenizer.ggml.tokens"]))
-    w.add_token_merges(list(tokenizer_meta["tokenizer.ggml.merges"]))
-    w.add_eos_token_id(int(tokenizer_meta["tokenizer.ggml.eos_token_id"]))
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for name, p in ref.state_dict().items():
-        if name == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif name == "model.norm.weight":
-            out = "output_norm.weight"
-        elif name == "lm_head.weight":
-            out = "output.weight"
-        else:
-            i, module = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
-            out = f"blk.{i}.{names[module]}.weight"
-        w.add_tensor(out, p.float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def test_gguf_logits_match_transformers(tmp_path, smollm2_path):
     from peregrine.models.gguf_file import GGUFFile
     _, ref = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
     path = str(tmp_path / "qwen3.gguf")
-    write_qwen3_gguf(path, ref, GGUFFile(smollm2_path).metadata)
+    write_model_gguf(path, ref, "qwen3", GGUFFile(smollm2_path).metadata,
+                     head_dim=ref.config.head_dim)
     cfg = load_model(path).config
     assert (cfg.architecture, cfg.qk_norm, cfg.head_dim, cfg.vocab_size) == ("qwen3", True, 32,
                                                                              256)

@@ -15,21 +15,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink(x_ptr, a_ptr, h_ptr, rows_ptr, seg_start_ptr, seg_slot_ptr, rank_ptr,
-            K, NR, A_SLOT_STRIDE, NSLICES: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _segment_tile(rows_ptr, seg_start_ptr, seg_slot_ptr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """This program's tile: its segment's slot, positions rm in the sorted rows (masked by
+    the segment's end), output columns rn, and the batch row of each position."""
     g = tl.program_id(0)
-    pm = tl.program_id(1)
-    pn = tl.program_id(2)
     start = tl.load(seg_start_ptr + g)
     end = tl.load(seg_start_ptr + g + 1)
     slot = tl.load(seg_slot_ptr + g)
-    width = NSLICES * tl.load(rank_ptr + slot)
-    rm = start + pm * BLOCK_M + tl.arange(0, BLOCK_M)  # positions in the sorted rows
-    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = start + tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < end
-    nmask = rn < width
     tok = tl.load(rows_ptr + rm, mask=mmask, other=0)
+    return slot, rm, rn, mmask, tok
+
+
+@triton.jit
+def _shrink(x_ptr, a_ptr, h_ptr, rows_ptr, seg_start_ptr, seg_slot_ptr, rank_ptr,
+            K, NR, A_SLOT_STRIDE, NSLICES: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    slot, rm, rn, mmask, tok = _segment_tile(rows_ptr, seg_start_ptr, seg_slot_ptr, BLOCK_M,
+                                             BLOCK_N)
+    nmask = rn < NSLICES * tl.load(rank_ptr + slot)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -47,18 +54,10 @@ def _shrink(x_ptr, a_ptr, h_ptr, rows_ptr, seg_start_ptr, seg_slot_ptr, rank_ptr
 def _expand(h_ptr, bt_ptr, y_ptr, rows_ptr, seg_start_ptr, seg_slot_ptr, rank_ptr,
             NR, R_MAX, N_OUT, OUT_OFF, Y_STRIDE, B_SLOT_STRIDE, SLICE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    g = tl.program_id(0)
-    pm = tl.program_id(1)
-    pn = tl.program_id(2)
-    start = tl.load(seg_start_ptr + g)
-    end = tl.load(seg_start_ptr + g + 1)
-    slot = tl.load(seg_slot_ptr + g)
+    slot, rm, rn, mmask, tok = _segment_tile(rows_ptr, seg_start_ptr, seg_slot_ptr, BLOCK_M,
+                                             BLOCK_N)
     r = tl.load(rank_ptr + slot)
-    rm = start + pm * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    mmask = rm < end
     nmask = rn < N_OUT
-    tok = tl.load(rows_ptr + rm, mask=mmask, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R_MAX, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
