@@ -90,14 +90,14 @@ class ModelSpec:
 def model_spec(model: str | None) -> ModelSpec:
     """Resolve `--model` (a name, a shipped config, a GGUF file, a HF directory) without
     loading weights; ModelLoadError when it names nothing."""
-    from peregrine.models.loader import _read_config, gguf_config
+    from peregrine.models.loader import _read_config, gguf_blocks_unfit, gguf_config
     from peregrine.models.gguf_native import gguf_module_types
     source = resolve_model(model, "dummy")  # configs only: weights need not exist
     if source.path.endswith(".gguf"):
         f = GGUFFile(source.path)
         cfg = gguf_config(f, source.name)
-        # a mixture of experts' GGUF loads dequantized: no GGUF-native linears to size
-        types = None if cfg.is_moe else gguf_module_types(f, cfg)
+        # a mixture of experts' or Phi-3's GGUF loads dequantized: no GGUF-native linears
+        types = None if gguf_blocks_unfit(f, cfg) else gguf_module_types(f, cfg)
         return ModelSpec(source.name, cfg, source.path, types,
                          gguf_dequant_scratch(f), os.path.getsize(source.path))
     hf = _read_config(source.path)

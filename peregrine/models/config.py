@@ -4,6 +4,7 @@ the Mixtral and Qwen mixtures of experts), from config.json or GGUF metadata."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from peregrine.models.errors import ModelLoadError
@@ -208,13 +209,14 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], has_output_tensor: bool, has_qkv_bias: bool,
-                  name: str = "") -> "ModelConfig":
-        """Build from GGUF metadata (keys such as `llama.block_count`)."""
+                  name: str = "", rope_factors: tuple[list[float], list[float]] | None = None
+                  ) -> "ModelConfig":
+        """Build from GGUF metadata (keys such as `llama.block_count`); `rope_factors`: the
+        (short, long) longrope factors of a Phi-3 file's rope_factors_* tensors."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "mistral", "qwen2moe", "qwen3moe"):
+        if arch not in GGUF_ARCHITECTURES:
             raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; peregrine runs "
-                             "llama (and Mixtral), mistral, qwen2, qwen3, qwen2moe and "
-                             "qwen3moe")
+                                 f"{', '.join(GGUF_ARCHITECTURES)} (llama includes Mixtral)")
 
         def get(key: str, default: Any = None) -> Any:
             return meta.get(f"{arch}.{key}", default)
@@ -233,12 +235,24 @@ class ModelConfig:
 
         num_heads = get("attention.head_count")
         hidden = get("embedding_length")
+        head_dim = (get("attention.key_length") or get("rope.dimension_count")
+                    or hidden // num_heads)
+        if get("rope.dimension_count", head_dim) != head_dim:
+            raise ModelLoadError("partial rotary embeddings (rope.dimension_count "
+                                 f"{get('rope.dimension_count')} < head_dim {head_dim}) are "
+                                 "not supported")
         vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
         rope_scaling = None
         if get("rope.scaling.type") == "linear":
             rope_scaling = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+        extra: dict[str, Any] = {}
+        if family in GEMMA_FAMILIES:
+            extra = _gguf_gemma(family, get, hidden, num_heads, head_dim)
+        elif family == "phi3":
+            rope_scaling = _gguf_longrope(get, rope_factors)
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
+        sliding = get("attention.sliding_window") or None  # Phi-3: 0 means none (Phi-4)
+        fields = dict(
             architecture=family,
             vocab_size=vocab,
             hidden_size=hidden,
@@ -246,21 +260,70 @@ class ModelConfig:
             num_layers=get("block_count"),
             num_heads=num_heads,
             num_kv_heads=get("attention.head_count_kv", num_heads),
-            head_dim=get("attention.key_length") or get("rope.dimension_count")
-            or hidden // num_heads,
+            head_dim=head_dim,
             rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
             max_position_embeddings=get("context_length", 4096),
             tie_word_embeddings=not has_output_tensor,
             attention_bias=has_qkv_bias,
-            sliding_window=get("attention.sliding_window"),
-            qk_norm=arch in ("qwen3", "qwen3moe"),
+            sliding_window=sliding,
+            qk_norm=arch in ("qwen3", "qwen3moe", "gemma3"),
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=[] if eos is None else [eos],
             name=name or meta.get("general.name", ""),
-            **moe,
-        )
+            **moe)
+        fields.update(extra)
+        return cls(**fields)
+
+
+# `general.architecture` values of the GGUF files we load.
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "phi3",
+                      "gemma2", "gemma3")
+
+
+def _gguf_gemma(family: str, get: Callable[..., Any], hidden: int, num_heads: int,
+                head_dim: int) -> dict[str, Any]:
+    """Gemma 2 / 3 fields of a GGUF file, with llama.cpp's defaults for absent keys."""
+    n = get("block_count")
+    window = get("attention.sliding_window", 4096 if family == "gemma2" else 0)
+    pattern = get("attention.sliding_window_pattern", 2 if family == "gemma2" else 6)
+    if not window:  # a Gemma 3 file without a window: every layer global
+        types = [FULL] * n
+    elif isinstance(pattern, int):  # every pattern-th layer global, as llama.cpp counts
+        types = [SLIDING if pattern == 0 or i % pattern < pattern - 1 else FULL
+                 for i in range(n)]
+    else:  # one bool per layer: windowed or not
+        types = [SLIDING if local else FULL for local in pattern]
+    # The file does not store query_pre_attn_scalar: llama.cpp (as Google's reference) scales
+    # by head_dim^-1/2, except the 27B models (46 / 62 layers) by (hidden / heads)^-1/2.
+    big = n == (46 if family == "gemma2" else 62)
+    out = dict(layer_types=types, local_window=window or None, sliding_window=None,
+               hidden_act="gelu_pytorch_tanh",
+               query_pre_attn_scalar=hidden // num_heads if big else head_dim,
+               final_logit_softcapping=get("final_logit_softcapping",
+                                           30.0 if family == "gemma2" else None) or None)
+    if family == "gemma2":
+        out["attn_logit_softcapping"] = get("attn_logit_softcapping", 50.0)
+    else:
+        out["rope_local_theta"] = float(get("rope.freq_base_swa", 10000.0))
+    return out
+
+
+def _gguf_longrope(get: Callable[..., Any], factors: tuple[list[float], list[float]] | None
+                   ) -> dict[str, Any] | None:
+    """Phi-3's longrope scaling from its rope_factors_short / _long tensors and metadata."""
+    if factors is None:
+        return None
+    orig = get("rope.scaling.original_context_length")
+    if orig is None:
+        raise ModelLoadError("rope_factors_long/short without "
+                             "rope.scaling.original_context_length")
+    short, long = factors
+    return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": orig,
+            "max_position_embeddings": get("context_length", orig),
+            "attention_factor": get("rope.scaling.attn_factor")}
 
 
 def _moe(family: str, cfg: dict[str, Any]) -> dict[str, Any]:

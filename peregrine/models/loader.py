@@ -71,11 +71,11 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     if prequantized and quantization not in ("none", "auto"):
         raise ModelLoadError(f"{source.path} is already quantized; drop --quantization "
                              f"{quantization}")
-    if cfg.is_moe and source.format == "gguf" and quantization in ("auto", "gguf"):
-        # the GGUF-native linears (models/gguf_native.py) are dense projections only
+    unfit = None if gguf_file is None else gguf_blocks_unfit(gguf_file, cfg)
+    if unfit and source.format == "gguf" and quantization in ("auto", "gguf"):
         if quantization == "gguf":
-            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense models; "
-                                 f"{source.name!r} is a mixture of experts: load it "
+            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense projections "
+                                 f"stored apart; {source.name!r} {unfit}: load it "
                                  "dequantized (--quantization none|int8|int4)")
         quantization = "none"
     try:
@@ -116,6 +116,16 @@ def load_model_for(config: EngineConfig, device: torch.device | None = None) -> 
         max_model_len=config.max_model_len, seed=config.seed, quantization=config.quantization,
         quant_group_size=config.quantization_group_size,
         quant_symmetric=config.quantization_symmetric)
+
+
+def gguf_blocks_unfit(f: GGUFFile, cfg: ModelConfig) -> str | None:
+    """Why the GGUF-native linears (models/gguf_native.py, which fuse attn_q/k/v and
+    ffn_gate/up themselves) cannot keep this file's blocks; None when they can."""
+    if cfg.is_moe:
+        return "is a mixture of experts"
+    if "blk.0.attn_qkv.weight" in f.tensors or "blk.0.ffn_gate.weight" not in f.tensors:
+        return "stores q/k/v or gate/up fused (attn_qkv, ffn_up)"
+    return None
 
 
 def _kept_in_blocks(native: dict | None, f: GGUFFile | None, cfg: ModelConfig) -> set[str]:
@@ -170,8 +180,13 @@ def _read_config(path: str) -> dict:
 
 def gguf_config(f: GGUFFile, name: str = "") -> ModelConfig:
     """ModelConfig from GGUF metadata and the tensors present."""
+    factors = None
+    if "rope_factors_long.weight" in f.tensors:  # Phi-3's longrope
+        factors = (f.dequantize("rope_factors_short.weight").tolist(),
+                   f.dequantize("rope_factors_long.weight").tolist())
     return ModelConfig.from_gguf(f.metadata, has_output_tensor="output.weight" in f.tensors,
-                                 has_qkv_bias="blk.0.attn_q.bias" in f.tensors, name=name)
+                                 has_qkv_bias="blk.0.attn_q.bias" in f.tensors, name=name,
+                                 rope_factors=factors)
 
 
 def _materialize(net: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
@@ -214,6 +229,14 @@ _GGUF_LAYER_NAMES = {
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
     "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
+# Where an architecture's names differ: Gemma's four norms per layer, Phi-3's fused tensors.
+_GGUF_ARCH_LAYER_NAMES = {
+    "gemma": {"post_attention_norm.weight": "post_attention_layernorm.weight",
+              "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+              "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+    "phi3": {"attn_qkv.weight": "self_attn.qkv_proj.weight",
+             "ffn_up.weight": "mlp.gate_up_proj.weight"},  # gate rows, then up rows
+}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -221,14 +244,17 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor (None for tensors we do not use)."""
+def gguf_to_hf_name(name: str, family: str = "llama") -> str | None:
+    """The Hugging Face name of a GGUF tensor in a model of `family` (None for tensors we do
+    not use)."""
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-    if m and m.group(2) in _GGUF_LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
-    return None
+    if m is None:
+        return None
+    names = {**_GGUF_LAYER_NAMES,
+             **_GGUF_ARCH_LAYER_NAMES.get("gemma" if family.startswith("gemma") else family, {})}
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
 
 
 def gguf_tensors(f: GGUFFile, cfg: ModelConfig, kept: set[str] = frozenset()
@@ -236,20 +262,25 @@ def gguf_tensors(f: GGUFFile, cfg: ModelConfig, kept: set[str] = frozenset()
     """(Hugging Face name, lazy float tensor) for every tensor of a GGUF file; tensors in
     `kept` (kept in their blocks elsewhere) come as zeros of their shape, not dequantized."""
     for name in f.tensors:
-        hf = gguf_to_hf_name(name)
+        hf = gguf_to_hf_name(name, cfg.architecture)
         if hf is None:
             continue
         heads = None
         if cfg.architecture in ("llama", "mixtral") and (".attn_q." in name
                                                          or ".attn_k." in name):
             heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+        # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
+        shift = 1.0 if cfg.is_gemma and name.endswith("norm.weight") else 0.0
 
-        def get(name: str = name, heads: int | None = heads) -> torch.Tensor:
+        def get(name: str = name, heads: int | None = heads, shift: float = shift
+                ) -> torch.Tensor:
             if name in kept:
                 return torch.zeros(()).expand(f.tensors[name].shape)
             t = f.dequantize(name)
             if name.endswith("ffn_gate_inp_shexp.weight"):  # llama.cpp keeps it 1-D
                 return t.reshape(1, -1)
+            if shift:
+                return t - shift
             return t if heads is None else unpermute_rope_rows(t, heads)
         yield hf, get
 
