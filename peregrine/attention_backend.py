@@ -127,18 +127,24 @@ _BACKENDS = {"torch": "peregrine.kernels.torch_attention:TorchAttentionBackend",
              "triton": "peregrine.kernels.triton_attention:TritonAttentionBackend"}
 
 
+def _backend_class(name: str) -> type:
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def resolve_attention_backend(name: str, device: torch.device,
                               cfg: ModelConfig | None = None) -> str:
     """The backend `name` (auto|torch|triton) means on `device` for a model of `cfg`: auto is
-    triton on CUDA unless the model needs attention soft-capping, which only torch does."""
-    softcap = cfg is not None and cfg.attn_logit_softcapping is not None
+    triton on CUDA, torch elsewhere; a backend without `supports_softcap` is refused for a
+    model that soft-caps attention logits (Gemma 2)."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" and not softcap else "torch"
+        name = "triton" if device.type == "cuda" else "torch"
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r} (auto|torch|triton)")
-    if name == "triton" and softcap:
+    if (cfg is not None and cfg.attn_logit_softcapping is not None
+            and not _backend_class(name).supports_softcap):
         raise ValueError(f"{cfg.name or cfg.architecture} soft-caps attention logits, which "
-                         "the triton backend cannot do; use --attention-backend torch or auto")
+                         f"the {name} backend cannot do")
     return name
 
 
@@ -146,6 +152,5 @@ def get_attention_backend(name: str, device: torch.device,
                           cfg: ModelConfig | None = None) -> AttentionBackend:
     """The backend for `name` (auto|torch|triton) on `device`, for a model of `cfg`."""
     name = resolve_attention_backend(name, device, cfg)
-    module, cls = _BACKENDS[name].split(":")
-    backend = getattr(importlib.import_module(module), cls)
+    backend = _backend_class(name)
     return backend() if name == "torch" else backend(device)

@@ -64,7 +64,7 @@ def check_triton_device(device: torch.device) -> None:
 class TritonAttentionBackend:
     """Paged attention through Triton kernels (GPU; CPU under the Triton interpreter)."""
 
-    supports_softcap = False
+    supports_softcap = True
 
     def __init__(self, device: torch.device | str | None = None,
                  decode_tiles: DecodeTiles | None = None,
@@ -93,10 +93,8 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: LayerCache | None, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None, softcap: float | None = None) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]."""
-        if softcap is not None:
-            raise NotImplementedError("the Triton attention kernels have no logit soft-cap; "
-                                      "use --attention-backend torch")
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]; with `softcap`, the scaled
+        scores s become softcap * tanh(s / softcap) before the mask."""
         decode_tiles, prefill_tiles = self._tiles(q.device)
         plan = self.plan(meta, cache is not None)
         if cache is not None:
@@ -107,7 +105,7 @@ class TritonAttentionBackend:
             paged_decode_attention(
                 q[:nd], cache.k, cache.v, cache.k_scale, cache.v_scale, meta.block_tables[:nd],
                 meta.seq_lens_t[:nd], out[:nd], scale, sliding_window, plan.max_decode_len,
-                decode_tiles)
+                decode_tiles, softcap)
         if nd < meta.num_seqs:
             paged = cache is not None
             prefill_attention(
@@ -115,5 +113,5 @@ class TritonAttentionBackend:
                 cache.k_scale if paged else None, cache.v_scale if paged else None,
                 meta.block_tables if paged else None, meta.query_start_loc_t, meta.seq_lens_t,
                 out, nd, meta.num_seqs - nd, plan.max_prefill_query_len, scale, sliding_window,
-                prefill_tiles)
+                prefill_tiles, softcap)
         return out

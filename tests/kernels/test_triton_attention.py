@@ -1,5 +1,6 @@
 """The Triton attention backend matches the torch reference backend: KV write, paged decode
-(split-K), chunked prefill over cached prefixes, sliding windows, GQA, quantized KV.
+(split-K), chunked prefill over cached prefixes, sliding windows, GQA, quantized KV, logit
+soft-capping.
 
 On a machine without a GPU every kernel runs under Triton's interpreter (see conftest)."""
 
@@ -39,6 +40,7 @@ class Case:
     kv: str = "auto"  # auto | int8 | fp8
     dtype: torch.dtype = torch.float32
     pad_decodes: int = 0  # CUDA-graph style padded decode rows (slot -1, seq_len 0)
+    softcap: float | None = None  # Gemma 2's cap * tanh(scores / cap)
     tiles: tuple[DecodeTiles, PrefillTiles] = field(default=(SMALL_DECODE, SMALL_PREFILL))
 
 
@@ -145,7 +147,7 @@ def run_both(case: Case, device: torch.device, seed: int = 0):
     decode_tiles, prefill_tiles = case.tiles
     backend = TritonAttentionBackend(device, decode_tiles, prefill_tiles)
     dq, dk, dv, dcache, dmeta = to(device, q, k, v, cache, meta)
-    out = backend.forward(dq, dk, dv, dcache, dmeta, scale, case.window)
+    out = backend.forward(dq, dk, dv, dcache, dmeta, scale, case.window, case.softcap)
     # The reference attends over what the quantized cache holds: the dequantized context,
     # and for decodes their own token after its round trip through the cache (a prefill
     # chunk attends to its own fresh K/V).
@@ -159,7 +161,7 @@ def run_both(case: Case, device: torch.device, seed: int = 0):
     if case.pad_decodes:  # the reference backend knows nothing of padding: drop those rows
         ref_meta, q, ref_k, ref_v = unpad(meta, case), q[real], ref_k[real], ref_v[real]
     ref = TorchAttentionBackend().forward(q, ref_k, ref_v, ref_cache, ref_meta, scale,
-                                          case.window)
+                                          case.window, case.softcap)
     return out.cpu(), dcache, ref, ref_cache, real, meta
 
 
@@ -200,6 +202,11 @@ CASES = {
     "bf16": Case(8, 2, 64, 16, decodes=[40, 9], prefills=[(16, 19)], dtype=torch.bfloat16),
     "float64": Case(6, 2, 64, 8, decodes=[25, 4], prefills=[(8, 15)], window=12,
                     dtype=torch.float64),
+    # scores of std ~1 against a cap of 1.5: the cap bends most of them (split decodes too)
+    "softcap-window": Case(4, 2, 64, 8, decodes=[30, 5], prefills=[(16, 13)], window=10,
+                           softcap=1.5),
+    "softcap-float64": Case(4, 2, 32, 8, decodes=[20], prefills=[(8, 9)], softcap=0.5,
+                            dtype=torch.float64),
 }
 
 
@@ -216,20 +223,20 @@ def test_backend_matches_torch_reference(name, device):
         assert torch.count_nonzero(out[~real]) == 0
 
 
-@pytest.mark.parametrize("window", [None, 7])
-def test_no_cache_prefill_matches_reference(window, device):
+@pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (7, 1.5)])
+def test_no_cache_prefill_matches_reference(window, softcap, device):
     """Without a KV cache (eval), plain causal varlen attention over the new tokens."""
     g = torch.Generator().manual_seed(3)
     lens = [37, 1, 16, 50]
     meta = AttentionMetadata.prefill_only(lens)
     t = sum(lens)
     q, k, v = (torch.randn(t, h, 64, generator=g) for h in (6, 2, 2))
-    ref = TorchAttentionBackend().forward(q, k, v, None, meta, 0.125, window)
+    ref = TorchAttentionBackend().forward(q, k, v, None, meta, 0.125, window, softcap)
     backend = TritonAttentionBackend(device, SMALL_DECODE, SMALL_PREFILL)
     dq, dk, dv, dmeta_t = to(device, q, k, v, meta.query_start_loc_t)
     dmeta = AttentionMetadata(meta.query_start_loc, meta.seq_lens,
                               query_start_loc_t=dmeta_t, seq_lens_t=meta.seq_lens_t.to(device))
-    out = backend.forward(dq, dk, dv, None, dmeta, 0.125, window)
+    out = backend.forward(dq, dk, dv, None, dmeta, 0.125, window, softcap)
     torch.testing.assert_close(out.cpu(), ref, **tolerance(torch.float32))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peregrine.attention_backend import get_attention_backend, resolve_attention_backend
+from peregrine.attention_backend import resolve_attention_backend
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
 from tests.models.parity import (assert_greedy_matches, assert_logits_match, random_prompts,
@@ -85,15 +85,20 @@ def test_old_style_configs_give_the_layer_pattern():
     assert (g3.rope_theta, g3.rope_local_theta, g3.rope_scaling["factor"]) == (1e6, 1e4, 8.0)
 
 
-def test_triton_backend_is_refused_for_soft_capping(tmp_path):
+def test_backends_for_soft_capping(tmp_path, monkeypatch):
+    """Both backends soft-cap: Gemma 2 gets triton on CUDA like every model; a backend that
+    could not would be refused by name."""
+    from peregrine.kernels.triton_attention import TritonAttentionBackend
     path, _ = write_hf_checkpoint(tmp_path, "gemma2", **CASES["gemma2"][1])
     cfg = load_model(path).config
     cuda = torch.device("cuda")
-    assert resolve_attention_backend("auto", cuda, cfg) == "torch"
+    assert resolve_attention_backend("auto", cuda, cfg) == "triton"
+    assert resolve_attention_backend("auto", torch.device("cpu"), cfg) == "torch"
+    monkeypatch.setattr(TritonAttentionBackend, "supports_softcap", False)
     with pytest.raises(ValueError, match="soft-caps"):
-        get_attention_backend("triton", cuda, cfg)
+        resolve_attention_backend("triton", cuda, cfg)
     gemma3 = load_model(write_hf_checkpoint(tmp_path, "gemma3", **CASES["gemma3"][1])[0])
-    assert resolve_attention_backend("auto", cuda, gemma3.config) == "triton"
+    assert resolve_attention_backend("triton", cuda, gemma3.config) == "triton"
 
 
 def test_dummy_weights_make_identity_norms(tmp_path):

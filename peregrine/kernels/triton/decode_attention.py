@@ -48,11 +48,11 @@ def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
         seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-        scale, window, partition_size, num_splits,
+        scale, softcap, window, partition_size, num_splits,
         H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         QUANT: tl.constexpr, USE_WINDOW: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr):
+        PRECISION: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -81,8 +81,8 @@ def _decode_split_kernel(
         k, v = load_kv_tiles(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_row,
                              offs_n, valid, kv_head, offs_d, d_mask, H_KV, D, BLOCK_SIZE, QUANT,
                              q.dtype)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, valid[None, :], scale,
-                                     PRECISION, ACC)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, valid[None, :], scale, softcap,
+                                     PRECISION, ACC, SOFTCAP)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -124,10 +124,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor,
                            scale: float, sliding_window: int | None, max_seq_len: int,
-                           tiles: DecodeTiles = DecodeTiles()) -> None:
+                           tiles: DecodeTiles = DecodeTiles(), softcap: float | None = None
+                           ) -> None:
     """out[b] = attention of q[b] [Hq, D] over the first seq_lens[b] cached tokens of
     sequence b (paged through block_tables[b]). `max_seq_len` bounds seq_lens on the host
-    (it sizes the split plan; no device value is read). A sequence of length 0 gets 0."""
+    (it sizes the split plan; no device value is read). A sequence of length 0 gets 0.
+    `softcap`: scaled scores s become softcap * tanh(s / softcap) before the softmax."""
     b, hq, d = q.shape
     if b == 0:
         return
@@ -146,12 +148,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache,
         block_tables, seq_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        scale, sliding_window or 0, partition, num_splits,
+        scale, softcap or 1.0, sliding_window or 0, partition, num_splits,
         H_KV=hkv, G=hq // hkv, D=d, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_D=triton.next_power_of_2(d),
         BLOCK_N=tiles.block_n, QUANT=quant, USE_WINDOW=sliding_window is not None,
         SINGLE_SPLIT=single, PRECISION=dot_precision(q.dtype), ACC=acc_dtype(q.dtype),
-        num_warps=tiles.num_warps)
+        SOFTCAP=softcap is not None, num_warps=tiles.num_warps)
     if not single:
         _decode_merge_kernel[(b, hq)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,

@@ -53,14 +53,21 @@ def load_kv_tiles(k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, table_row_
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, q, k, v, visible, scale,
-                 PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """One online-softmax update of (acc, m_i, l_i) with keys k / values v [N, D].
+def softmax_step(acc, m_i, l_i, q, k, v, visible, scale, softcap,
+                 PRECISION: tl.constexpr, ACC: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One online-softmax update of (acc, m_i, l_i) with keys k / values v [N, D]; with
+    SOFTCAP the scaled scores s become softcap * tanh(s / softcap) first (Gemma 2).
     m_i starts at a finite -1e30, so a row whose keys are all masked stays NaN-free."""
     if ACC == tl.float64:  # not every Triton release compiles an fp64 tl.dot: multiply-add
         s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    if SOFTCAP:
+        # tanh from exp (libdevice's tanh does not run under the CPU interpreter), on |s|
+        # so exp never overflows: tanh|x| = (1 - e) / (1 + e) with e = exp(-2|x|)
+        e = tl.exp(-2.0 * tl.abs(s) / softcap)
+        t = (1.0 - e) / (1.0 + e)
+        s = tl.where(s < 0.0, -t, t) * softcap
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)

@@ -36,11 +36,12 @@ def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
         block_tables_ptr, query_start_ptr, seq_lens_ptr, out_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_ot, stride_oh, stride_bt, scale, window, first_seq,
+        stride_ot, stride_oh, stride_bt, scale, softcap, window, first_seq,
         H_KV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, PAGED: tl.constexpr, QUANT: tl.constexpr,
-        USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+        USE_WINDOW: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        SOFTCAP: tl.constexpr):
     tile = tl.program_id(0)
     seq = (first_seq + tl.program_id(1)).to(tl.int64)
     kv_head = tl.program_id(2)
@@ -82,7 +83,8 @@ def _prefill_kernel(
             visible = valid[None, :] & row_valid[:, None]
             if USE_WINDOW:
                 visible &= offs_n[None, :] > pos[:, None] - window
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, scale, PRECISION, ACC)
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, scale, softcap,
+                                         PRECISION, ACC, SOFTCAP)
     # the chunk itself [max(lo, context), hi): fresh K/V rows q_start + (j - context)
     for j0 in range(tl.maximum(lo, context), hi, BLOCK_N):
         offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -96,7 +98,8 @@ def _prefill_kernel(
         visible = valid[None, :] & row_valid[:, None] & (offs_n[None, :] <= pos[:, None])
         if USE_WINDOW:
             visible &= offs_n[None, :] > pos[:, None] - window
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, scale, PRECISION, ACC)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, q, k, v, visible, scale, softcap,
+                                     PRECISION, ACC, SOFTCAP)
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -109,11 +112,13 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       block_tables: torch.Tensor | None, query_start_loc: torch.Tensor,
                       seq_lens: torch.Tensor, out: torch.Tensor, first_seq: int, num_seqs: int,
                       max_query_len: int, scale: float, sliding_window: int | None,
-                      tiles: PrefillTiles = PrefillTiles()) -> None:
+                      tiles: PrefillTiles = PrefillTiles(), softcap: float | None = None
+                      ) -> None:
     """Causal attention for sequences first_seq .. first_seq + num_seqs - 1 of a flat batch:
     each one's queries q[query_start_loc[i]:query_start_loc[i+1]] attend to its cached
     context (seq_lens[i] minus its query length, paged; none without a cache) and to
-    themselves (k/v of the same rows). `max_query_len` bounds their query lengths (host)."""
+    themselves (k/v of the same rows). `max_query_len` bounds their query lengths (host).
+    `softcap`: scaled scores s become softcap * tanh(s / softcap) before the mask."""
     if num_seqs == 0 or max_query_len == 0:
         return
     hq, d = q.shape[1], q.shape[2]
@@ -132,9 +137,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, k_cache, v_cache, k_scale if quant else k_cache, v_scale if quant else v_cache,
         table, query_start_loc, seq_lens, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), table.stride(0), scale, sliding_window or 0, first_seq,
+        out.stride(0), out.stride(1), table.stride(0), scale, softcap or 1.0,
+        sliding_window or 0, first_seq,
         H_KV=hkv, G=g, D=d, BLOCK_SIZE=k_cache.shape[1] if paged else 1,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=triton.next_power_of_2(d),
         BLOCK_N=tiles.block_n, PAGED=paged, QUANT=quant, USE_WINDOW=sliding_window is not None,
-        PRECISION=dot_precision(q.dtype), ACC=acc_dtype(q.dtype),
+        PRECISION=dot_precision(q.dtype), ACC=acc_dtype(q.dtype), SOFTCAP=softcap is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
