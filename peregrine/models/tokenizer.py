@@ -2,7 +2,9 @@
 
 Backed by the `tokenizers` library. From a Hugging Face directory it reads
 tokenizer.json + tokenizer_config.json (+ chat_template.jinja); from a GGUF file it builds
-the same byte-level BPE from the vocabulary, merges and pre-tokenizer named in the metadata."""
+the byte-level BPE (`gpt2`) from the vocabulary, merges and pre-tokenizer named in the
+metadata, or the SentencePiece BPE (`llama`: Llama 2, Phi-3, Gemma) from the vocabulary and
+its scores."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from peregrine.models.errors import ModelLoadError, PromptTooLongError
 
@@ -39,6 +41,57 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]) -> HFTokenizer:
+    """GPT-2-style BPE over bytes, with the file's merges and pre-tokenizer."""
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+_NORMAL, _UNKNOWN, _BYTE = 1, 2, 6  # tokenizer.ggml.token_type values
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int]
+                       ) -> HFTokenizer:
+    """SentencePiece BPE (Llama 2, Phi-3, Gemma): spaces become U+2581, pieces merge best
+    score first, characters outside the vocabulary fall back to <0xXX> byte tokens.
+
+    The files carry scores, not merges: every split of a token into two tokens is a merge
+    ranked by that token's score, as transformers rebuilds it. Gemma's scores do not follow
+    its merge order but its token order does, and Gemma files store runs of spaces as real
+    spaces where the text side has U+2581 (transformers' GGUF loader does the same)."""
+    gemma = str(meta.get("general.architecture", "")).startswith("gemma")
+    if gemma:
+        tokens = [_SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
+        scores = [-float(i) for i in range(len(tokens))]
+    else:
+        scores = [float(x) for x in meta.get("tokenizer.ggml.scores", [0.0] * len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges: list[tuple[float, int, int, str, str]] = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind != _NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                merges.append((-scores[i], vocab[left], vocab[right], left, right))
+    merges.sort()
+    unk = next((tokens[i] for i, t in enumerate(types) if t == _UNKNOWN), None)
+    backend = HFTokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], unk_token=unk,
+                                     fuse_unk=True, byte_fallback=_BYTE in types))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
+    steps = [normalizers.Prepend(_SPACE)] if prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", _SPACE)])
+    undo = [decoders.Strip(" ", 1, 0)] if prefix else []
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(),
+                                         decoders.Fuse(), *undo])
+    return backend
 
 
 def _token_text(tok: AddedToken | str | dict | None) -> str | None:
@@ -69,17 +122,15 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: dict[str, Any], name: str = "") -> "Tokenizer":
         """Build from a GGUF file's `tokenizer.ggml.*` metadata."""
         kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
+        if kind not in ("gpt2", "llama"):
             raise ModelLoadError(f"GGUF tokenizer model {kind!r} is not supported (peregrine "
-                                 "builds byte-level BPE, `gpt2`); pass --tokenizer with a "
-                                 "Hugging Face tokenizer directory")
+                                 "builds byte-level BPE, `gpt2`, and SentencePiece BPE, "
+                                 "`llama`); pass --tokenizer with a Hugging Face tokenizer "
+                                 "directory")
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         types: list[int] = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        backend = HFTokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt2"))
-        backend.decoder = decoders.ByteLevel()
+        backend = (_byte_level_bpe(meta, tokens) if kind == "gpt2"
+                   else _sentencepiece_bpe(meta, tokens, types))
         # Control (3) and user-defined (4) tokens are matched whole, never split by BPE.
         added = [AddedToken(tokens[i], special=(t == 3), normalized=False)
                  for i, t in enumerate(types) if t in (3, 4)]
@@ -92,7 +143,9 @@ class Tokenizer:
             eos_ids.append(int(eot))
         return cls(backend, bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
                    chat_template=meta.get("tokenizer.chat_template"),
-                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)), name=name)
+                   # llama.cpp adds BOS for SentencePiece vocabularies unless told not to
+                   add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+                   name=name)
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":

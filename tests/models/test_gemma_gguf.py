@@ -14,8 +14,8 @@ from peregrine.models.gguf_file import GGUFFile
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
 from tests.models.gguf_writer import round_matrices, write_gemma_gguf
-from tests.models.parity import (assert_greedy_matches, assert_logits_match, random_prompts,
-                                 sharpen_attention)
+from tests.models.parity import (assert_greedy_matches, assert_logits_match, hf_generate,
+                                 random_prompts, sharpen_attention)
 
 # A GGUF file has no query_pre_attn_scalar: llama.cpp scales by head_dim^-1/2 (below 27B).
 TINY = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
@@ -117,3 +117,22 @@ def test_gemma_1_files_are_refused_by_name(tmp_path):
     meta = {"general.architecture": "gemma", "gemma.block_count": 1}
     with pytest.raises(ModelLoadError, match="unsupported GGUF architecture 'gemma'.*gemma2"):
         ModelConfig.from_gguf(meta, False, False)
+
+
+def test_text_in_and_out_with_the_files_sentencepiece_vocabulary(tmp_path):
+    """A Gemma file's own SentencePiece vocabulary (tokenizer.ggml.model "llama") serves
+    text prompts: BOS added, no prefix space, generated ids decoded."""
+    from peregrine import LLM, SamplingParams
+    from tests.models.test_tokenizer import spm_meta
+    meta = spm_meta("gemma3")
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    _, ref = write_hf_checkpoint(tmp_path, "gemma3", vocab_size=vocab, **CASES["gemma3"][1])
+    path = str(tmp_path / "spm.gguf")
+    write_gemma_gguf(path, ref, meta)
+    llm = LLM(path, dtype="float64", block_size=4, num_kv_blocks=64)
+    out = llm.generate(["hello world"], SamplingParams(temperature=0, max_tokens=6,
+                                                       ignore_eos=True))[0]
+    assert out.prompt_token_ids == [1, 20, 26]  # <s> hello ▁world
+    want = hf_generate(ref.double(), [1, 20, 26], 6)
+    assert out.outputs[0].token_ids == want
+    assert out.outputs[0].text == llm.engine.tokenizer.decode(want, skip_special_tokens=True)
