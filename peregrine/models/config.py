@@ -3,8 +3,8 @@ the Mixtral and Qwen mixtures of experts), from config.json or GGUF metadata."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from peregrine.models.errors import ModelLoadError
@@ -295,6 +295,9 @@ def _gguf_gemma(family: str, get: Callable[..., Any], hidden: int, num_heads: in
                  for i in range(n)]
     else:  # one bool per layer: windowed or not
         types = [SLIDING if local else FULL for local in pattern]
+        if len(types) != n:
+            raise ModelLoadError(f"attention.sliding_window_pattern has {len(types)} entries "
+                                 f"for {n} layers")
     # The file does not store query_pre_attn_scalar: llama.cpp (as Google's reference) scales
     # by head_dim^-1/2, except the 27B models (46 / 62 layers) by (hidden / heads)^-1/2.
     big = n == (46 if family == "gemma2" else 62)

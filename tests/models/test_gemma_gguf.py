@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peregrine.attention_backend import AttentionMetadata
+from peregrine.layers.linear import Int8Linear
 from peregrine.models.config import FULL, SLIDING, ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile
@@ -80,13 +82,22 @@ def test_config_and_weights_equal_the_hf_directory(tmp_path, smollm2_path):
 def test_q8_0_file_equals_transformers_on_the_rounded_weights(tmp_path, smollm2_path):
     """A Q8_0 file gives transformers' logits once transformers' matrices are rounded
     through gguf's own Q8_0 quantize/dequantize (norms stay float32, as llama.cpp keeps
-    them)."""
+    them), dequantized at load or kept in its blocks."""
     path, ref = gguf_checkpoint(tmp_path, "gemma3", smollm2_path, qtype="Q8_0")
     f = GGUFFile(path)
     assert f.tensors["blk.0.attn_q.weight"].qtype.name == "Q8_0"
     assert f.tensors["blk.0.post_ffw_norm.weight"].qtype.name == "F32"
     round_matrices(ref, "Q8_0")
     assert_logits_match(path, ref, random_prompts([6, 27]))
+    # served from its blocks (what `auto` does on a CPU): the same logits to rounding
+    native = load_model(path, quantization="gguf").model
+    assert isinstance(native.layers[0].self_attn.qkv_proj, Int8Linear)
+    prompt = random_prompts([27])[0]
+    with torch.inference_mode():
+        got = native.compute_logits(native(torch.tensor(prompt), torch.arange(27),
+                                           AttentionMetadata.prefill_only([27])))
+        want = ref(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
 
 
 def test_metadata_defaults_follow_llama_cpp():
