@@ -107,7 +107,8 @@ def check_splittable(cfg: ModelConfig, tp: int, pp: int, expert_parallel: bool =
                      ) -> None:
     """Raise ValueError saying why `cfg` cannot run on tp x pp ranks."""
     attention_heads(cfg.num_heads, cfg.num_kv_heads, tp, 0)
-    widths = {"intermediate_size": cfg.intermediate_size}
+    dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    widths = {"intermediate_size": cfg.intermediate_size if dense else 0}
     if tp > 1 and cfg.is_moe:
         widths["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
         if not expert_parallel:

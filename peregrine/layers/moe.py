@@ -7,7 +7,8 @@ each expert multiplies the contiguous rows routed to it in one matmul, and the r
 put back in (token, slot) order and summed with their weights. On CUDA the float experts
 run as two Triton grouped GEMMs (kernels/triton/fused_moe.py); quantized experts
 (`--quantization`) are one QuantLinear per expert projection, so they run on the same
-kernels as every other quantized linear."""
+kernels as every other quantized linear. Under expert parallelism a block holds only some
+experts (`held`) and computes only the pairs routed to them (layers/parallel_moe.py)."""
 
 from __future__ import annotations
 

@@ -53,6 +53,12 @@ def test_moe_splits_that_cannot_work_say_why():
     with pytest.raises(ValueError, match="moe_intermediate_size 32 is too small"):
         check_splittable(narrow, 2, 1)
     check_splittable(narrow, 2, 1, expert_parallel=True)  # whole experts: width is no matter
+    # no dense layer: intermediate_size (Mixtral's expert width) splits only as experts do
+    mixtral = ModelConfig("mixtral", 256, 64, 32, 2, 4, 2, 16, num_experts=8,
+                          num_experts_per_tok=2, moe_intermediate_size=32)
+    check_splittable(mixtral, 2, 1, expert_parallel=True)
+    with pytest.raises(ValueError, match="moe_intermediate_size 32 is too small"):
+        check_splittable(mixtral, 2, 1)
 
 
 def _experts(quant: str) -> FusedExperts | QuantExperts:
@@ -121,13 +127,14 @@ def _logits_on_ranks(path: str, tp: int, expert_parallel: bool, quant: str = "no
         layout = replace(layout, expert_parallel=expert_parallel)
         net = copy.deepcopy(model)
         shard_model(net, layout, groups)
-        calls = []
-        real = groups.tp.all_reduce
-        groups.tp.all_reduce = lambda x: calls.append(1) or real(x)
+        calls = groups.comm_calls
         with torch.inference_mode():
-            logits = net.compute_logits(net(ids, positions, meta))
+            hidden = net(ids, positions, meta)
+        calls = groups.comm_calls - calls
+        with torch.inference_mode():
+            logits = net.compute_logits(hidden)
         moe = [layer.mlp for layer in net.layers if isinstance(layer.mlp, ParallelMoE)]
-        return logits, moe, len(calls)
+        return logits, moe, calls
 
     results = run_ranks(tp, 1, rank)
     logits, moe, calls = results[0]
