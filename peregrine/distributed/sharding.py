@@ -1,5 +1,6 @@
 """Turn a loaded model into one rank's part of it, in place: its slice of every layer
-(tensor parallel) and its stage's layers (pipeline parallel).
+(tensor parallel; a mixture of experts' experts by columns or whole) and its stage's
+layers (pipeline parallel).
 
 Every rank loads the whole checkpoint and keeps its part; the rest is freed. The model's
 own forward then runs unchanged: the modules it calls are the sliced linears, the
@@ -21,10 +22,10 @@ from peregrine.layers.attention import Attention
 from peregrine.layers.comm import ParallelGroup
 from peregrine.layers.linear import Linear
 from peregrine.layers.moe import FusedExperts, SparseMoE
-from peregrine.layers.parallel_moe import ParallelMoE, keep_experts, slice_expert_columns
 from peregrine.layers.parallel_linear import (RowParallelLinear, VocabParallelEmbedding,
                                               VocabParallelLMHead, linear_from, slice_columns,
                                               slice_rows)
+from peregrine.layers.parallel_moe import ParallelMoE, keep_experts, slice_expert_columns
 from peregrine.models.config import ModelConfig
 from peregrine.models.llama import MLP, LlamaForCausalLM
 
@@ -66,13 +67,20 @@ def _grid(lin: nn.Module) -> int:
     return max(32, getattr(lin, "group_size", None) or 32)
 
 
-def shard_mlp(mlp: MLP, rank: int, tp: int, group: ParallelGroup, name: str) -> None:
-    """Keep this rank's columns of gate and up, and the same rows of down (row-parallel);
-    the split falls on down_proj's quantization groups."""
+def _mlp_columns(mlp: MLP, rank: int, tp: int) -> tuple[int, int]:
+    """Keep this rank's columns [start, end) of gate and up (falling on down_proj's
+    quantization groups); returns them for down_proj's split."""
     inter = mlp.down_proj.in_features
     start, end = balanced_span(inter, tp, rank, _grid(mlp.down_proj))
     gate = _span(start, end - start)
     mlp.gate_up_proj = slice_rows(mlp.gate_up_proj, torch.cat([gate, gate + inter]))
+    return start, end
+
+
+def shard_mlp(mlp: MLP, rank: int, tp: int, group: ParallelGroup, name: str) -> None:
+    """Keep this rank's columns of gate and up, and the same rows of down (row-parallel);
+    the split falls on down_proj's quantization groups."""
+    start, end = _mlp_columns(mlp, rank, tp)
     mlp.down_proj = _row_parallel(mlp.down_proj, start, end, group, f"{name}.down_proj")
 
 
@@ -94,10 +102,7 @@ def shard_moe(moe: SparseMoE, rank: int, tp: int, expert_parallel: bool,
         moe.experts = slice_expert_columns(experts, start, end, f"{name}.experts")
     if moe.shared_expert is not None:
         shared = moe.shared_expert
-        inter = shared.down_proj.in_features
-        start, end = balanced_span(inter, tp, rank, _grid(shared.down_proj))
-        gate = _span(start, end - start)
-        shared.gate_up_proj = slice_rows(shared.gate_up_proj, torch.cat([gate, gate + inter]))
+        start, end = _mlp_columns(shared, rank, tp)
         try:  # a partial sum without its own all-reduce: the block's one adds it in
             shared.down_proj = slice_columns(shared.down_proj, start, end)
         except ValueError as e:

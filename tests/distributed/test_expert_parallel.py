@@ -59,22 +59,19 @@ def assert_split_matches(path: str, prompts: list, max_tokens: int, splits: list
 
 def test_mixtral_matches_one_process_through_chunking_caching_and_preemption(
         tmp_path_factory):
-    assert_split_matches(checkpoint(tmp_path_factory, "mixtral"), workload(), 32,
+    assert_split_matches(checkpoint(tmp_path_factory, "mixtral"), workload(), 16,
                          list(SPLITS), preempts=True)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", pytest.param("qwen3_moe",
-                                                              marks=pytest.mark.slow)])
-def test_qwen_moe_matches_one_process(tmp_path_factory, family):
+@pytest.mark.parametrize("family,splits", [
+    ("qwen2_moe", ["experts-split", "expert-parallel"]),
+    ("qwen3_moe", ["expert-parallel"]),
+    pytest.param("qwen3_moe", ["experts-split"], marks=pytest.mark.slow),
+])
+def test_qwen_moe_matches_one_process(tmp_path_factory, family, splits):
     """Qwen2-MoE's shared expert joins the routed experts' all-reduce; its middle layer is
-    a dense MLP split as usual."""
-    assert_split_matches(checkpoint(tmp_path_factory, family), workload()[:3], 12,
-                         list(SPLITS))
-
-
-def test_qwen3_moe_expert_parallel_matches_one_process(tmp_path_factory):
-    assert_split_matches(checkpoint(tmp_path_factory, "qwen3_moe"), workload()[:3], 12,
-                         ["expert-parallel"])
+    a dense MLP split as usual. Qwen3-MoE routes each token to 3 of 8 experts."""
+    assert_split_matches(checkpoint(tmp_path_factory, family), workload()[:3], 12, splits)
 
 
 def test_tied_router_scores_route_alike_on_every_rank(tmp_path_factory):
