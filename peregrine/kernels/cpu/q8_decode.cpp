@@ -592,9 +592,7 @@ inline void rope_row(float* x, const float* cs, int64_t D) {
   }
 }
 
-inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
-
-// e^x for x <= 0 (softmax after subtracting the max), 8 at a time: 2^n * e^r with
+// e^x for x <= 88 (softmax after subtracting the max; SiLU), 8 at a time: 2^n * e^r with
 // r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 polynomial (relative error ~2e-7).
 inline __m256 exp_neg(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
@@ -612,6 +610,22 @@ inline __m256 exp_neg(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                        _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// out = silu(g) * u over n values, silu(g) = g / (1 + e^-g), 8 at a time: at 32 rows a
+// step computes 1.5 million of these, which scalar expf made several percent of the step.
+inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    // e^-g with -g clamped to 88 (e^-g beyond float range: silu is then 0 either way)
+    const __m256 e = exp_neg(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv),
+                                           _mm256_set1_ps(88.0f)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                            _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 // One query (D floats) against keys [first, len) of one KV head of a sequence's paged
@@ -846,7 +860,7 @@ class Decoder {
         for (int64_t b = lo; b < hi; ++b) {
           const float* g = gup + b * 2 * I_;
           float* a = actp + b * I_;
-          for (int64_t i = 0; i < I_; ++i) a[i] = silu(g[i]) * g[I_ + i];
+          silu_mul_row(g, g + I_, a, I_);
           quantize_row(a, qx_i, b);
         }
 #pragma omp barrier
