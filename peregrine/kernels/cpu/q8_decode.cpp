@@ -506,6 +506,9 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
     }
     // four rows of x (L1) against each row of the band (L1), then the next four rows
     int64_t m = 0;
+    constexpr int MT = KIND != kInt8 && !HALF ? 8 : 4;
+    for (; m + MT <= M; m += MT)
+      for (int64_t n = b0; n < b1; ++n) qgemm_tile<KIND, HALF, 1, MT>(w, x, m, n, y, ldy, buf);
     for (; m + 4 <= M; m += 4)
       for (int64_t n = b0; n < b1; ++n) qgemm_tile<KIND, HALF, 1, 4>(w, x, m, n, y, ldy, buf);    for (int64_t n = b0; n < b1; ++n) {
       switch (M - m) {
