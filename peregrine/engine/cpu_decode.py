@@ -63,7 +63,8 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
 
 def _norm(norm: RMSNorm) -> torch.Tensor:
     """What the norm multiplies a normalized row by: its weight, plus 1 for Gemma's norms."""
-    return (norm.weight.data.float() + norm.weight_offset).contiguous()
+    w = norm.weight.data
+    return (w + norm.weight_offset).contiguous() if norm.weight_offset else w
 
 
 def _layer_options(ops, layer: torch.nn.Module, window: int | None, local_rope: bool):
