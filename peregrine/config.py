@@ -99,6 +99,10 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     """Processes that split the layers into contiguous stages, a step's micro-batches flowing
     through them in turn (combined with tensor_parallel_size: tp x pp processes)."""
+    enable_expert_parallel: bool = False
+    """Split mixture-of-experts layers over the tensor-parallel ranks by whole experts (rank
+    r of N holds experts E*r//N .. E*(r+1)//N - 1) instead of every expert's columns; no
+    effect on dense models or with tensor_parallel_size 1."""
     distributed_timeout: float = 60.0
     """Seconds a rank waits in one collective or transfer before the step fails (a stuck
     worker); a crashed worker is reported at once."""

@@ -329,6 +329,7 @@ def _env(ns: argparse.Namespace, cfg: EngineConfig | None = None) -> dict[str, A
     if cfg is not None:
         env["tensor_parallel_size"] = cfg.tensor_parallel_size
         env["pipeline_parallel_size"] = cfg.pipeline_parallel_size
+        env["enable_expert_parallel"] = cfg.enable_expert_parallel
     return env
 
 

@@ -93,9 +93,13 @@ def _load_label(run: dict[str, Any]) -> str:
 
 
 def _parallel_label(env: dict[str, Any]) -> str | None:
-    """'tensor parallel 2 x pipeline parallel 1' when the engine ran on several processes."""
+    """'tensor parallel 2 x pipeline parallel 1' when the engine ran on several processes
+    (', expert parallel' when it split MoE layers by experts)."""
     tp, pp = env.get("tensor_parallel_size", 1), env.get("pipeline_parallel_size", 1)
-    return None if tp * pp == 1 else f"tensor parallel {tp} x pipeline parallel {pp}"
+    if tp * pp == 1:
+        return None
+    ep = ", expert parallel" if env.get("enable_expert_parallel") else ""
+    return f"tensor parallel {tp} x pipeline parallel {pp}{ep}"
 
 
 def env_line(env: dict[str, Any] | None) -> str:

@@ -74,7 +74,8 @@ class DistributedExecutor:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.layout = ParallelLayout(config.tensor_parallel_size,
-                                     config.pipeline_parallel_size, 0)
+                                     config.pipeline_parallel_size, 0,
+                                     config.enable_expert_parallel)
         self.device = config.torch_device
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)

@@ -26,6 +26,11 @@ class RankGroups:
         """Seconds spent in collectives and transfers so far, all groups together."""
         return self.world.seconds + (self.tp.seconds if self.tp is not self.world else 0.0)
 
+    @property
+    def comm_calls(self) -> int:
+        """Collectives and transfers made so far, all groups together."""
+        return self.world.calls + (self.tp.calls if self.tp is not self.world else 0)
+
 
 def backend_for(device: torch.device) -> str:
     """gloo on the CPU, NCCL on CUDA."""

@@ -10,11 +10,14 @@ from peregrine.models.config import ModelConfig
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """One rank's place among tensor_parallel x pipeline_parallel ranks; rank 0 drives."""
+    """One rank's place among tensor_parallel x pipeline_parallel ranks; rank 0 drives.
+    With `expert_parallel` a stage's tensor-parallel ranks split MoE layers by whole
+    experts instead of each expert's columns."""
 
     tp: int
     pp: int
     rank: int = 0
+    expert_parallel: bool = False
 
     @property
     def world_size(self) -> int:
@@ -93,15 +96,32 @@ def attention_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int
     return kv * group + q_start, q_end - q_start, kv, 1
 
 
-def check_splittable(cfg: ModelConfig, tp: int, pp: int) -> None:
+def expert_span(num_experts: int, ranks: int, rank: int) -> range:
+    """The router ids of the whole experts rank `rank` of `ranks` holds under expert
+    parallelism: E*r//N .. E*(r+1)//N - 1, so counts differ by at most one and the larger
+    shares fall on later ranks (8 experts on 3 ranks: 2, 3, 3)."""
+    return range(num_experts * rank // ranks, num_experts * (rank + 1) // ranks)
+
+
+def check_splittable(cfg: ModelConfig, tp: int, pp: int, expert_parallel: bool = False
+                     ) -> None:
     """Raise ValueError saying why `cfg` cannot run on tp x pp ranks."""
     attention_heads(cfg.num_heads, cfg.num_kv_heads, tp, 0)
+    dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    widths = {"intermediate_size": cfg.intermediate_size if dense else 0}
     if tp > 1 and cfg.is_moe:
-        raise ValueError("tensor parallelism does not split mixture-of-experts layers yet "
-                         "(expert parallelism is future work); use pipeline parallelism")
-    if cfg.intermediate_size < 32 * tp:
-        raise ValueError(f"intermediate_size {cfg.intermediate_size} is too small to split "
-                         f"over tensor_parallel_size={tp}")
+        widths["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        if not expert_parallel:
+            widths["moe_intermediate_size"] = cfg.moe_intermediate_size
+        elif cfg.num_experts < tp:
+            raise ValueError(f"expert parallelism gives every rank whole experts: "
+                             f"{cfg.num_experts} experts are fewer than "
+                             f"tensor_parallel_size={tp}; split each expert instead (without "
+                             "enable_expert_parallel)")
+    for field, width in widths.items():
+        if width and width < 32 * tp:
+            raise ValueError(f"{field} {width} is too small to split over "
+                             f"tensor_parallel_size={tp}")
     if pp > cfg.num_layers:
         raise ValueError(f"pipeline_parallel_size={pp} is more stages than the model's "
                          f"{cfg.num_layers} layers")

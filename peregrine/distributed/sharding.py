@@ -1,5 +1,6 @@
 """Turn a loaded model into one rank's part of it, in place: its slice of every layer
-(tensor parallel) and its stage's layers (pipeline parallel).
+(tensor parallel; a mixture of experts' experts by columns or whole) and its stage's
+layers (pipeline parallel).
 
 Every rank loads the whole checkpoint and keeps its part; the rest is freed. The model's
 own forward then runs unchanged: the modules it calls are the sliced linears, the
@@ -15,14 +16,16 @@ from torch import nn
 
 from peregrine.distributed.groups import RankGroups
 from peregrine.distributed.layout import (ParallelLayout, attention_heads, balanced_span,
-                                          check_splittable)
+                                          check_splittable, expert_span)
 from peregrine.distributed.pipeline import StageInput, StageOutput
 from peregrine.layers.attention import Attention
 from peregrine.layers.comm import ParallelGroup
 from peregrine.layers.linear import Linear
+from peregrine.layers.moe import FusedExperts, SparseMoE
 from peregrine.layers.parallel_linear import (RowParallelLinear, VocabParallelEmbedding,
                                               VocabParallelLMHead, linear_from, slice_columns,
                                               slice_rows)
+from peregrine.layers.parallel_moe import ParallelMoE, keep_experts, slice_expert_columns
 from peregrine.models.config import ModelConfig
 from peregrine.models.llama import MLP, LlamaForCausalLM
 
@@ -64,14 +67,47 @@ def _grid(lin: nn.Module) -> int:
     return max(32, getattr(lin, "group_size", None) or 32)
 
 
-def shard_mlp(mlp: MLP, rank: int, tp: int, group: ParallelGroup, name: str) -> None:
-    """Keep this rank's columns of gate and up, and the same rows of down (row-parallel);
-    the split falls on down_proj's quantization groups."""
+def _mlp_columns(mlp: MLP, rank: int, tp: int) -> tuple[int, int]:
+    """Keep this rank's columns [start, end) of gate and up (falling on down_proj's
+    quantization groups); returns them for down_proj's split."""
     inter = mlp.down_proj.in_features
     start, end = balanced_span(inter, tp, rank, _grid(mlp.down_proj))
     gate = _span(start, end - start)
     mlp.gate_up_proj = slice_rows(mlp.gate_up_proj, torch.cat([gate, gate + inter]))
+    return start, end
+
+
+def shard_mlp(mlp: MLP, rank: int, tp: int, group: ParallelGroup, name: str) -> None:
+    """Keep this rank's columns of gate and up, and the same rows of down (row-parallel);
+    the split falls on down_proj's quantization groups."""
+    start, end = _mlp_columns(mlp, rank, tp)
     mlp.down_proj = _row_parallel(mlp.down_proj, start, end, group, f"{name}.down_proj")
+
+
+def shard_moe(moe: SparseMoE, rank: int, tp: int, expert_parallel: bool,
+              group: ParallelGroup, name: str) -> ParallelMoE:
+    """This rank's part of a sparse block, all-reduced once: whole experts
+    (`expert_span`) under expert parallelism, else every expert's columns as a dense MLP
+    splits them; the router stays whole, the shared expert splits by columns and adds its
+    partial sum before the same all-reduce."""
+    experts = moe.experts
+    if expert_parallel:
+        moe.experts = keep_experts(experts, expert_span(experts.num_experts, tp, rank))
+    else:
+        if isinstance(experts, FusedExperts):
+            inter, grid = experts.down_proj.shape[2], 1
+        else:  # every expert quantized alike: the first one's groups stand for all
+            inter, grid = experts.down_proj[0].in_features, _grid(experts.down_proj[0])
+        start, end = balanced_span(inter, tp, rank, grid)
+        moe.experts = slice_expert_columns(experts, start, end, f"{name}.experts")
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert
+        start, end = _mlp_columns(shared, rank, tp)
+        try:  # a partial sum without its own all-reduce: the block's one adds it in
+            shared.down_proj = slice_columns(shared.down_proj, start, end)
+        except ValueError as e:
+            raise ValueError(f"{name}.shared_expert.down_proj: {e}") from None
+    return ParallelMoE(moe, group)
 
 
 def shard_vocab(model: LlamaForCausalLM, rank: int, tp: int, group: ParallelGroup) -> None:
@@ -110,12 +146,16 @@ def shard_model(model: LlamaForCausalLM, layout: ParallelLayout, groups: RankGro
     """Reduce `model` to this rank's part; returns the config of the KV pool it needs (its
     layers, its KV heads)."""
     cfg = model.config
-    check_splittable(cfg, layout.tp, layout.pp)
+    check_splittable(cfg, layout.tp, layout.pp, layout.expert_parallel)
     tp, rank = layout.tp, layout.tp_rank
     if tp > 1:
         for i, layer in enumerate(model.layers):
             shard_attention(layer.self_attn, rank, tp, groups.tp, f"layers.{i}.self_attn")
-            shard_mlp(layer.mlp, rank, tp, groups.tp, f"layers.{i}.mlp")
+            if isinstance(layer.mlp, SparseMoE):
+                layer.mlp = shard_moe(layer.mlp, rank, tp, layout.expert_parallel, groups.tp,
+                                      f"layers.{i}.mlp")
+            else:
+                shard_mlp(layer.mlp, rank, tp, groups.tp, f"layers.{i}.mlp")
         shard_vocab(model, rank, tp, groups.tp)
     if layout.pp > 1:
         shard_pipeline(model, layout, groups.world)

@@ -74,7 +74,8 @@ def _serve(spec: WorkerSpec, conn: Connection) -> None:
         device = torch.device("cuda", spec.rank)
     else:
         torch.set_num_threads(rank_threads(cfg))
-    layout = ParallelLayout(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, spec.rank)
+    layout = ParallelLayout(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, spec.rank,
+                            cfg.enable_expert_parallel)
     conn.send(("hello", os.getpid()))
     store = dist.TCPStore("127.0.0.1", spec.store_port, layout.world_size, is_master=False,
                           timeout=timedelta(seconds=cfg.distributed_timeout))

@@ -5,7 +5,7 @@ each a few microseconds of dispatch, which on a 2-core CPU cost more than the ar
 When every linear of the model is int4, int6 or int8 (a GGUF file's blocks, or
 `--quantization int4|int8`) and the KV cache is float32, `FusedDecodeRunner` runs all layers
 of a step in one OpenMP region of q8_decode.cpp (int8 dot products against activations
-quantized per 32 values).
+quantized per 32 values, a scale per 8).
 
 Every token takes the same path: its K/V are written, then it attends to its sequence's
 cache up to its own position, with operations whose order depends on nothing but the token

@@ -21,6 +21,7 @@ class ParallelGroup:
         self.rank = rank
         self.ranks = ranks
         self.seconds = 0.0  # spent in this group's collectives, waiting for peers included
+        self.calls = 0  # collectives and transfers made (none in a group of one)
 
     @property
     def size(self) -> int:
@@ -33,6 +34,7 @@ class ParallelGroup:
         t0 = time.perf_counter()
         self.pg.allreduce([x]).wait()
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
         return x
 
     def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
@@ -47,6 +49,7 @@ class ParallelGroup:
         outs = [[torch.empty_like(x) for _ in self.ranks]] if self.rank == 0 else []
         self.pg.gather(outs, [x], opts).wait()
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
         return outs[0] if self.rank == 0 else None
 
     def send(self, x: torch.Tensor, dst: int) -> dist.Work:
@@ -55,6 +58,7 @@ class ParallelGroup:
         t0 = time.perf_counter()
         work = self.pg.send([x], dst, 0)
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
         return work
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -64,4 +68,5 @@ class ParallelGroup:
         x = torch.empty(shape, dtype=dtype, device=device)
         self.pg.recv([x], src, 0).wait()
         self.seconds += time.perf_counter() - t0
+        self.calls += 1
         return x

@@ -3,7 +3,8 @@
 A quantized linear keeps its weight packed (see peregrine/layers/quant_formats.py) and
 picks one of four paths per call:
   - CPU, float32, int4 weights, any rows: int8 dot products against activations quantized
-    per 32 values (q8_decode.cpp), faster than a float GEMM at every batch size;
+    per 32 values, four scales each (q8_decode.cpp), faster than a float GEMM at every
+    batch size;
   - CPU, float32, few rows (decode), other formats: our C++ kernels (quant_linear.cpp):
     int16 dot products for int8 weights, dequantization in registers for nf4/fp8;
   - CPU, many rows (prefill) or no kernel: dequantize the whole weight, then one matmul

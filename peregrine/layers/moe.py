@@ -7,7 +7,8 @@ each expert multiplies the contiguous rows routed to it in one matmul, and the r
 put back in (token, slot) order and summed with their weights. On CUDA the float experts
 run as two Triton grouped GEMMs (kernels/triton/fused_moe.py); quantized experts
 (`--quantization`) are one QuantLinear per expert projection, so they run on the same
-kernels as every other quantized linear."""
+kernels as every other quantized linear. Under expert parallelism a block holds only some
+experts (`held`) and computes only the pairs routed to them (layers/parallel_moe.py)."""
 
 from __future__ import annotations
 
@@ -47,23 +48,41 @@ def group_by_expert(ids: torch.Tensor, num_experts: int
 
 
 def grouped_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    num_experts: int, expert: ExpertFn) -> torch.Tensor:
+                    num_experts: int, expert: ExpertFn, held: range | None = None
+                    ) -> torch.Tensor:
     """sum_j weights[t, j] * expert(ids[t, j], x[t]) for every token t of x [T, hidden],
-    with each expert called once on all its rows (the torch path of the fused MoE)."""
+    with each expert called once on all its rows (the torch path of the fused MoE).
+
+    `held` (default: all `num_experts`) are the expert ids this process computes; the
+    (token, slot) pairs routed elsewhere add nothing here (expert parallelism: another
+    rank adds them, and an all-reduce sums the ranks)."""
+    held = range(num_experts) if held is None else held
     num_tokens, top_k = ids.shape
     if num_tokens == 1:  # one decoding sequence: nothing to group, its k experts in turn
-        out = torch.cat([expert(e, x) for e in ids[0].tolist()])
-        return (out * weights[0].unsqueeze(-1)).sum(dim=0, keepdim=True).to(x.dtype)
+        slots = [(j, e) for j, e in enumerate(ids[0].tolist()) if e in held]
+        if not slots:
+            return torch.zeros_like(x)
+        out = torch.cat([expert(e, x) for _, e in slots])
+        w = weights[0, [j for j, _ in slots]]
+        return (out * w.unsqueeze(-1)).sum(dim=0, keepdim=True).to(x.dtype)
     order, counts = group_by_expert(ids, num_experts)
-    rows = x[order // top_k]  # the tokens, sorted by the expert they go to
+    counts = counts.tolist()
+    first = sum(counts[:held.start])  # held experts' rows are contiguous in sorted order
+    last = first + sum(counts[held.start:held.stop])
+    mine = order[first:last]
+    rows = x[mine // top_k]  # the tokens, sorted by the expert they go to
     out = torch.empty_like(rows)
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e in held:
+        n = counts[e]
         if n:
             out[start:start + n] = expert(e, rows[start:start + n])
             start += n
-    unsorted = torch.empty_like(out)
-    unsorted[order] = out  # back to (token, slot) order
+    if len(mine) == len(order):
+        unsorted = torch.empty_like(out)
+    else:
+        unsorted = x.new_zeros(len(order), x.shape[-1])
+    unsorted[mine] = out  # back to (token, slot) order
     per_slot = unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)
     return per_slot.sum(dim=1).to(x.dtype)
 
@@ -83,49 +102,62 @@ class FloatLinear(nn.Module):
 
 class FusedExperts(nn.Module):
     """`num_experts` gated MLPs with their weights stacked as transformers 5 stores them:
-    gate_up_proj [E, 2I, hidden] (gate rows, then up rows) and down_proj [E, hidden, I]."""
+    gate_up_proj [E, 2I, hidden] (gate rows, then up rows) and down_proj [E, hidden, I].
+    Under expert parallelism the module holds only experts `held` (stacked in that order)
+    of the `num_experts` the router chooses from."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 act: str = "silu") -> None:
+                 act: str = "silu", held: range | None = None) -> None:
         super().__init__()
         self.num_experts, self.act = num_experts, act
+        self.held = range(num_experts) if held is None else held
         self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
+            torch.empty(len(self.held), 2 * intermediate_size, hidden_size),
+            requires_grad=False)
         self.down_proj = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+            torch.empty(len(self.held), hidden_size, intermediate_size), requires_grad=False)
         self.act_and_mul = GATED_ACTIVATIONS[act]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` on its rows x [n, hidden]."""
-        return F.linear(self.act_and_mul(F.linear(x, self.gate_up_proj[e])), self.down_proj[e])
+        """Expert `e` (a router id) on its rows x [n, hidden]."""
+        i = e - self.held.start
+        return F.linear(self.act_and_mul(F.linear(x, self.gate_up_proj[i])), self.down_proj[i])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
-        if x.is_cuda and self.act == "silu":
+        # the Triton kernel indexes experts by router id: it needs all of them
+        if x.is_cuda and self.act == "silu" and len(self.held) == self.num_experts:
             from peregrine.kernels.triton.fused_moe import fused_moe
             return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
-        return grouped_experts(x, weights, ids, self.num_experts, self.expert)
+        return grouped_experts(x, weights, ids, self.num_experts, self.expert, self.held)
 
 
 class QuantExperts(nn.Module):
     """The same experts with each projection a quantized linear: gate_up_proj[e] and
-    down_proj[e] run on the QuantLinear kernels (int4/int8 dot products on CPUs)."""
+    down_proj[e] run on the QuantLinear kernels (int4/int8 dot products on CPUs). `held`
+    as for FusedExperts (all of them unless given)."""
 
     def __init__(self, gate_up: list[QuantLinear], down: list[QuantLinear],
-                 act: str = "silu") -> None:
+                 act: str = "silu", num_experts: int | None = None,
+                 held: range | None = None) -> None:
         super().__init__()
-        self.num_experts, self.act = len(gate_up), act
+        self.num_experts = len(gate_up) if num_experts is None else num_experts
+        self.act = act
+        self.held = range(len(gate_up)) if held is None else held
+        if len(self.held) != len(gate_up):
+            raise ValueError(f"{len(gate_up)} experts given for the {len(self.held)} held")
         self.gate_up_proj = nn.ModuleList(gate_up)
         self.down_proj = nn.ModuleList(down)
         self.act_and_mul = GATED_ACTIVATIONS[act]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` on its rows x [n, hidden]."""
-        return self.down_proj[e](self.act_and_mul(self.gate_up_proj[e](x)))
+        """Expert `e` (a router id) on its rows x [n, hidden]."""
+        i = e - self.held.start
+        return self.down_proj[i](self.act_and_mul(self.gate_up_proj[i](x)))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
-        return grouped_experts(x, weights, ids, self.num_experts, self.expert)
+        return grouped_experts(x, weights, ids, self.num_experts, self.expert, self.held)
 
 
 class SparseMoE(nn.Module):

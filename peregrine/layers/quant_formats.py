@@ -213,13 +213,19 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor, top: float = 32767.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the CPU kernels do to x [M, K]: integers per run of 32 values, d = absmax / top,
-    xq = round(x / d) (as x * (1 / d), ties to even); top 32767 (int16) for quant_linear.cpp,
-    127 (int8) for q8_decode.cpp. Returns the dequantized x (float32) and d [M, K/32] -- the
-    reference for the kernels."""
+    """What the CPU kernels do to x [M, K]: integers with a scale d = absmax / top per
+    group, xq = round(x / d) (as x * (1 / d), ties to even). top 32767 (int16) is
+    quant_linear.cpp's, one group per run of 32 values; top 127 (int8) is q8_decode.cpp's,
+    four groups of 8 per run of 32 (group g = values 4g..4g+3 and 16+4g..16+4g+3, the values
+    one int32 lane of its dot product sums). Returns the dequantized x (float32) and each
+    value's step d [M, K] -- the reference for the kernels."""
     m, k = x.shape
-    xb = x.float().reshape(m, k // 32, 32)
-    d = xb.abs().amax(-1) / top
+    if top == 127.0:  # [rows, blocks, half, group, 4]: value 16 * half + 4 * group + j
+        xb = x.float().reshape(m, k // 32, 2, 4, 4)
+        d = xb.abs().amax(dim=(2, 4), keepdim=True) / top
+    else:
+        xb = x.float().reshape(m, k // 32, 32)
+        d = xb.abs().amax(-1, keepdim=True) / top
     inv = torch.where(d == 0, 0.0, 1.0 / torch.where(d == 0, 1.0, d))
-    xq = torch.round(xb * inv.unsqueeze(-1))
-    return (xq * d.unsqueeze(-1)).reshape(m, k), d
+    xq = torch.round(xb * inv)
+    return (xq * d).reshape(m, k), d.expand_as(xb).reshape(m, k)

@@ -34,7 +34,10 @@ def test_greedy_output_close_to_float_cache(tiny_model_dir, kv):
 
 
 def test_smollm2_with_int8_cache_answers(smollm2_path):
-    llm = LLM(kv_cache_dtype="int8", kv_cache_memory=0.05)
+    # float weights, so the cache is the only approximation: with int4 weights and int8
+    # activations too, this prompt's first token is a near-tie ("The" / "L'", 0.08 nats
+    # apart in float) that either path's rounding may flip
+    llm = LLM(kv_cache_dtype="int8", kv_cache_memory=0.05, quantization="none")
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16))[0]
     assert "Paris" in out.outputs[0].text

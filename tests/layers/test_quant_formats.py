@@ -87,5 +87,17 @@ def test_bad_shapes_are_refused():
 def test_activation_quantization_reference():
     x = torch.randn(3, 64)
     xd, d = formats.quantize_activations(x)
-    assert d.shape == (3, 2)
-    assert ((xd - x).abs() <= formats.expand_groups(d, 64, 32) / 2 + 1e-7).all()
+    assert d.shape == (3, 64) and (d.reshape(3, 2, 32) == d.reshape(3, 2, 32)[..., :1]).all()
+    assert ((xd - x).abs() <= d / 2 + 1e-7).all()
+
+
+def test_int8_activations_have_a_scale_per_lane_group_of_8():
+    """q8_decode.cpp's groups: values 4g..4g+3 and 16+4g..16+4g+3 of each run of 32, so an
+    outlier coarsens only the 8 values of its group."""
+    x = torch.randn(2, 64)
+    x[0, 5] = 100.0  # group 1 of block 0: values 4-7 and 20-23
+    xd, d = formats.quantize_activations(x, 127.0)
+    assert ((xd - x).abs() <= d / 2 + 1e-6).all()
+    big = d[0] == 100.0 / 127
+    assert big.nonzero().flatten().tolist() == [4, 5, 6, 7, 20, 21, 22, 23]
+    torch.testing.assert_close(d[0, 0], x[0, [0, 1, 2, 3, 16, 17, 18, 19]].abs().max() / 127)
