@@ -24,6 +24,7 @@ import torch
 from peregrine.attention_backend import AttentionMetadata, LayerCache
 from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear, QuantLinear
 from peregrine.layers.lora import LoRALinear
+from peregrine.layers.norm import RMSNorm
 from peregrine.layers.parallel_linear import is_parallel
 from peregrine.models.llama import LlamaForCausalLM
 
@@ -47,8 +48,8 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
         return ("the model is split over ranks (tensor/pipeline parallel): the fused step runs "
                 "every layer in one C++ call and cannot all-reduce or hand over mid-model")
     if not model.supports_fused_cpu_decode:
-        return (f"{model.config.architecture} layers (q/k norms, Gemma norms, experts) are "
-                "not the fused step's Llama layers")
+        return (f"{model.config.architecture} layers (experts) are not the fused step's "
+                "Llama or Gemma layers")
     if any(c.k_scale is not None or c.k.dtype != torch.float32 or c.k.device.type != "cpu"
            for c in kv_caches):
         return "the KV cache is not float32 on the CPU"
@@ -60,23 +61,56 @@ def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:
     return None
 
 
+def _norm(norm: RMSNorm) -> torch.Tensor:
+    """What the norm multiplies a normalized row by: its weight, plus 1 for Gemma's norms."""
+    w = norm.weight.data
+    return (w + norm.weight_offset).contiguous() if norm.weight_offset else w
+
+
+def _layer_options(ops, layer: torch.nn.Module, window: int | None, local_rope: bool):
+    """What layer `layer` has beyond a Llama layer, as the C++ decoder takes it."""
+    opts = ops.LayerOptions()
+    attn = layer.self_attn
+    if attn.has_qk_norm:
+        opts.q_norm, opts.k_norm = _norm(attn.q_norm), _norm(attn.k_norm)
+    if hasattr(layer, "post_feedforward_layernorm"):  # Gemma: each block's output is normed
+        opts.attn_out_norm = _norm(layer.post_attention_layernorm)
+        opts.mlp_out_norm = _norm(layer.post_feedforward_layernorm)
+    opts.window = window or 0
+    opts.rope_table = int(local_rope)
+    return opts
+
+
 class FusedDecodeRunner:
     """Runs a step's entries through the C++ decoder."""
 
     def __init__(self, ops, model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> None:
         cfg = model.config
         self.model = model
-        block_size = kv_caches[0].block_size
+        attn0 = model.layers[0].self_attn
+        options = ops.DecoderOptions()
+        options.gelu_tanh = cfg.hidden_act == "gelu_pytorch_tanh"
+        options.attn_scale = attn0.scale
+        options.attn_softcap = attn0.softcap or 0.0
         self.decoder = ops.Decoder(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                                    cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps,
-                                   cfg.sliding_window or 0, block_size)
-        for layer, cache in zip(model.layers, kv_caches):
+                                   kv_caches[0].block_size, options)
+        # Gemma 3's local layers rotate with their own table (the second one passed)
+        local = getattr(model, "rotary_local", None)
+        self.rope_tables = [model.rotary.cos_sin] + ([local.cos_sin] if local is not None else [])
+        self.embed_scale = getattr(model, "embed_scale", None)
+        for i, (layer, cache) in enumerate(zip(model.layers, kv_caches)):
             attn, mlp = layer.self_attn, layer.mlp
+            # Gemma's pre_feedforward_layernorm is the norm of the residual stream that
+            # Llama calls post_attention_layernorm
+            pre_mlp = getattr(layer, "pre_feedforward_layernorm", layer.post_attention_layernorm)
+            opts = _layer_options(ops, layer, cfg.layer_window(i),
+                                  local is not None and getattr(layer, "is_local", False))
             self.decoder.add_layer(_weight(attn.qkv_proj), _weight(attn.o_proj),
                                    _weight(mlp.gate_up_proj), _weight(mlp.down_proj),
-                                   layer.input_layernorm.weight.data,
-                                   layer.post_attention_layernorm.weight.data, cache.k, cache.v)
-        self.decoder.set_final_norm(model.norm.weight.data)
+                                   _norm(layer.input_layernorm), _norm(pre_mlp), cache.k,
+                                   cache.v, opts)
+        self.decoder.set_final_norm(_norm(model.norm))
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
             ) -> torch.Tensor:
@@ -88,8 +122,10 @@ class FusedDecodeRunner:
             lens = torch.tensor([qs[i + 1] - qs[i] for i in range(meta.num_seqs)])
             token_seq = torch.repeat_interleave(torch.arange(meta.num_seqs), lens)
         x = self.model.embed_tokens(input_ids)
-        hidden, = self.decoder.forward(x, positions, self.model.rotary.cos_sin,
-                                       meta.slot_mapping, meta.block_tables, token_seq, -1)
+        if self.embed_scale is not None:  # rounded to the activation dtype, as Gemma does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype).item()
+        hidden, = self.decoder.forward(x, positions, self.rope_tables, meta.slot_mapping,
+                                       meta.block_tables, token_seq, -1)
         return hidden
 
 

@@ -52,6 +52,11 @@ class GemmaForCausalLM(LlamaForCausalLM):
     layer_cls = GemmaDecoderLayer
     norm_cls = GemmaRMSNorm
 
+    @property
+    def supports_fused_cpu_decode(self) -> bool:
+        """The fused C++ step computes Gemma layers too (options of the Llama layer)."""
+        return True
+
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__(cfg, max_positions)
         # Gemma 3's local layers rotate with their own base and no scaling.

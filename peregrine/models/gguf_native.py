@@ -8,7 +8,8 @@ holds all their integers unchanged (memory_model.gguf_native_format), signed par
 to unsigned where the format is unsigned (q - qmin, offset qmin * scale: exact, qmin is a
 power of two). Q4_0/Q4_1 stay int4 with float16 scales and Q8_0 int8, as stored; K-quant
 scales (d * sc) keep float32. The loader's fusions carry over: Q/K rows are un-permuted and
-q/k/v and gate/up are concatenated along the output dimension."""
+q/k/v and gate/up are concatenated along the output dimension; tensors a file stores fused
+(Phi-3's attn_qkv, ffn_up) are already in that order and are taken whole."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ _FUSED = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"),
           "self_attn.o_proj": ("attn_output",),
           "mlp.gate_up_proj": ("ffn_gate", "ffn_up"),
           "mlp.down_proj": ("ffn_down",)}
+# Architectures whose files store a module's tensors already fused, in our row order:
+# Phi-3's attn_qkv is q, k, v rows and its ffn_up gate then up rows (llama.cpp's SwiGLU
+# takes the first half as the gate), as qkv_proj and gate_up_proj.
+_FUSED_BY_ARCH = {"phi3": {**_FUSED, "self_attn.qkv_proj": ("attn_qkv",),
+                           "mlp.gate_up_proj": ("ffn_up",)}}
 
 
 def _unpacked(f: GGUFFile, name: str, cfg: ModelConfig) -> Unpacked:
@@ -89,8 +95,9 @@ def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | No
 
 def gguf_module_tensors(cfg: ModelConfig) -> dict[str, list[str]]:
     """Our module name -> the GGUF tensors fused into it, in order along the output dim."""
+    fused = _FUSED_BY_ARCH.get(cfg.architecture, _FUSED)
     out = {f"layers.{i}.{module}": [f"blk.{i}.{p}.weight" for p in parts]
-           for i in range(cfg.num_layers) for module, parts in _FUSED.items()}
+           for i in range(cfg.num_layers) for module, parts in fused.items()}
     out["lm_head"] = ["token_embd.weight" if cfg.tie_word_embeddings else "output.weight"]
     return out
 

@@ -105,8 +105,9 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def supports_fused_cpu_decode(self) -> bool:
-        """Whether the fused C++ step computes this model's layers (no q/k norm, one window)."""
-        return self.llama_layers and not self.config.qk_norm
+        """Whether the fused C++ step computes this model's layers (dense Llama layers, with
+        or without q/k norms and windows)."""
+        return self.llama_layers
 
     # Whether the decode step may be captured as CUDA graphs (engine/cuda_graphs.py).
     supports_cuda_graphs = True

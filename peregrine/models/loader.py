@@ -119,12 +119,16 @@ def load_model_for(config: EngineConfig, device: torch.device | None = None) -> 
 
 
 def gguf_blocks_unfit(f: GGUFFile, cfg: ModelConfig) -> str | None:
-    """Why the GGUF-native linears (models/gguf_native.py, which fuse attn_q/k/v and
-    ffn_gate/up themselves) cannot keep this file's blocks; None when they can."""
+    """Why the GGUF-native linears (models/gguf_native.py: attn_q/k/v and ffn_gate/up
+    fused by us, or Phi-3's attn_qkv / ffn_up as stored) cannot keep this file's blocks;
+    None when they can."""
+    from peregrine.models.gguf_native import gguf_module_tensors
     if cfg.is_moe:
         return "is a mixture of experts"
-    if "blk.0.attn_qkv.weight" in f.tensors or "blk.0.ffn_gate.weight" not in f.tensors:
-        return "stores q/k/v or gate/up fused (attn_qkv, ffn_up)"
+    missing = [name for module, names in gguf_module_tensors(cfg).items()
+               if module.startswith("layers.0.") for name in names if name not in f.tensors]
+    if missing:
+        return f"has no {', '.join(missing)} (its projections are stored another way)"
     return None
 
 

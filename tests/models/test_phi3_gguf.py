@@ -1,16 +1,20 @@
 """Phi-3 from GGUF files as llama.cpp's converter writes them (fused attn_qkv, ffn_up
 holding gate and up, the window, longrope factors as rope_factors_short/long tensors)
-equals transformers on the same weights, and a Q8_0 file loads."""
+equals transformers on the same weights; Q8_0 and Q4_0 files serve from their blocks
+through the fused step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peregrine.models.errors import ModelLoadError
+from peregrine.attention_backend import AttentionMetadata, allocate_kv_pool
+from peregrine.engine.cpu_decode import fused_decode_runner
+from peregrine.layers.linear import Int4Linear, Int8Linear
 from peregrine.models.gguf_file import GGUFFile
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
+from tests.engine.test_cpu_decode import int8_dots
 from tests.models.gguf_writer import round_matrices, write_phi3_gguf
 from tests.models.parity import (assert_greedy_matches, assert_logits_match, random_prompts,
                                  sharpen_attention)
@@ -68,11 +72,46 @@ def test_q8_0_file_equals_transformers_on_the_rounded_weights(tmp_path, smollm2_
     assert_logits_match(path, ref, random_prompts([7, 29]))
 
 
-def test_fused_tensors_load_dequantized_not_as_native_blocks(tmp_path, smollm2_path):
-    """The GGUF-native linears fuse attn_q/k/v and ffn_gate/up themselves: a Phi-3 file's
-    fused tensors load dequantized under auto, and `gguf` says why it cannot."""
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_fused_tensors_stay_in_their_blocks_and_serve_fused(tmp_path, smollm2_path, qtype):
+    """attn_qkv and ffn_up are already qkv_proj's and gate_up_proj's rows: under auto they
+    are kept in their blocks as stored (the same weights as the dequantizing loader's),
+    the step runs fused, and its logits equal the dequantized-weights model's within what
+    int8 activations cost (the eager modules on the same blocks cost as much)."""
+    path, _ = gguf_checkpoint(tmp_path, smollm2_path, qtype=qtype, sliding_window=12)
+    cls = Int8Linear if qtype == "Q8_0" else Int4Linear
+    native = load_model(path, quantization="auto").model  # the engine's default
+    floats = load_model(path, quantization="none").model
+    assert dict(native.named_modules()).keys() == dict(floats.named_modules()).keys()
+    for name, lin in native.named_modules():
+        if name.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj")):
+            assert isinstance(lin, cls), name
+            assert torch.equal(lin.dequantize(), floats.get_submodule(name).weight), name
+    pool = allocate_kv_pool(native.config, 16, 4, torch.float32, torch.device("cpu"))
+    runner = fused_decode_runner(native, pool)
+    assert runner is not None
+    lens = [9, 29]  # the second past the window
+    prompts = random_prompts(lens)
+    meta = AttentionMetadata.build([0, 9, 38], lens, slot_mapping=torch.tensor(
+        list(range(9)) + list(range(12, 41))), block_tables=torch.tensor(
+        [[0, 1, 2, 0, 0, 0, 0, 0], [3, 4, 5, 6, 7, 8, 9, 10]], dtype=torch.int32))
+    ids = torch.tensor([t for p in prompts for t in p])
+    positions = torch.cat([torch.arange(n) for n in lens])
+    with torch.inference_mode():
+        fused = native.compute_logits(runner.run(ids, positions, meta))
+        with int8_dots(True):  # the modules on the int8 activations the fused step uses
+            modules = native.compute_logits(native(ids, positions,
+                                                   AttentionMetadata.prefill_only(lens)))
+        want = floats.compute_logits(floats(ids, positions, AttentionMetadata.prefill_only(
+            lens)))
+    assert (modules - want).abs().amax() > 0  # the modules' int8 activations round too
+    scale = want.abs().amax()
+    assert (fused - want).abs().amax() <= 0.02 * scale
+    assert (fused - want).norm() <= 1.3 * (modules - want).norm() + 1e-4
+    assert torch.equal(fused.argmax(-1), want.argmax(-1))
+
+
+def test_gguf_quantization_keeps_phi3_blocks(tmp_path, smollm2_path):
     path, _ = gguf_checkpoint(tmp_path, smollm2_path, qtype="Q8_0")
-    assert load_model(path, quantization="auto").model.layers[0].self_attn.qkv_proj.weight.dtype \
-        == torch.float32
-    with pytest.raises(ModelLoadError, match="fused"):
-        load_model(path, quantization="gguf")
+    net = load_model(path, quantization="gguf").model
+    assert isinstance(net.layers[0].mlp.gate_up_proj, Int8Linear)

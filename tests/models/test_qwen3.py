@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from peregrine.engine.cpu_decode import fusable
 from peregrine.models.loader import load_model
@@ -42,13 +41,20 @@ def test_config_and_param_count(tmp_path):
     assert loaded.model.layers[0].self_attn.q_norm.weight.shape == (32,)
 
 
-def test_fused_cpu_step_is_refused(tmp_path):
-    """The C++ step has no q/k norm: an int8 Qwen3 runs the eager layers instead."""
+def test_the_fused_cpu_step_runs_it(tmp_path):
+    """The C++ step norms each q/k head too: an int4 Qwen3 decodes fused, with the eager
+    modules' greedy tokens (tests/engine/test_cpu_decode_arch.py checks it step by step)."""
+    from peregrine import LLM, SamplingParams
     path, _ = write_hf_checkpoint(tmp_path, "qwen3", **QWEN3)
-    net = load_model(path, quantization="int8").model
-    caches = [type("C", (), {"k_scale": None, "k": torch.zeros(1)})()]
-    reason = fusable(net, caches)
-    assert reason is not None and "qwen3" in reason
+    engine = dict(quantization="int4", block_size=4, num_kv_blocks=64)
+    fused = LLM(path, **engine)
+    assert fusable(fused.engine.runner.model, fused.engine.runner.kv_caches) is None
+    assert fused.engine.runner.fused is not None
+    eager = LLM(path, enforce_eager=True, **engine)
+    prompts = [{"prompt_token_ids": p} for p in random_prompts([7, 29])]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
 
 
 @pytest.mark.parametrize("name", ["qwen3-0.6b", "qwen3-8b"])

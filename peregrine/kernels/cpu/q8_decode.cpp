@@ -550,10 +550,32 @@ void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, flo
 
 // --- the fused decode step -------------------------------------------------------------------
 
+// What a model family changes in every layer, set from Python before the layers are added.
+struct DecoderOptions {
+  bool gelu_tanh = false;     // GeGLU with tanh gelu (Gemma) instead of SwiGLU
+  double attn_scale = 0.0;    // the scores' scale; 0: head_dim^-1/2
+  double attn_softcap = 0.0;  // scores become cap * tanh(s / cap) (Gemma 2); 0: none
+};
+
+// What one layer has beyond a Llama layer. Norm weights are what the row is multiplied by
+// (Gemma's 1 + w already added).
+struct LayerOptions {
+  c10::optional<torch::Tensor> q_norm, k_norm;  // [head_dim]: each q/k head before RoPE
+  c10::optional<torch::Tensor> attn_out_norm;   // [hidden]: the attention block's output
+  c10::optional<torch::Tensor> mlp_out_norm;    // [hidden]: the MLP block's output
+  int64_t window = 0;      // attend to the last `window` positions; 0: to all
+  int64_t rope_table = 0;  // which of forward's RoPE tables rotates this layer's q and k
+};
+
 struct Layer {
   QW qkv, o, gate_up, down;
   const float* in_norm;
-  const float* post_norm;
+  const float* post_norm;  // on the residual stream before the MLP
+  const float* q_norm = nullptr;
+  const float* k_norm = nullptr;
+  const float* attn_out_norm = nullptr;
+  const float* mlp_out_norm = nullptr;
+  int64_t window = 0, rope_table = 0;
   float* k_cache;  // [num_blocks, block_size, Hkv, D]
   float* v_cache;
   std::vector<torch::Tensor> keep;  // owns what the pointers point into
@@ -631,15 +653,43 @@ inline void silu_mul_row(const float* g, const float* u, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// out = gelu_tanh(g) * u over n values, 8 at a time, with torch's tanh approximation
+// 0.5 g (1 + tanh(t)), t = sqrt(2/pi) (g + 0.044715 g^3), written as g / (1 + e^(-2t)) to
+// share silu_mul_row's exp.
+inline void gelu_tanh_mul_row(const float* g, const float* u, float* out, int64_t n) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 m2k = _mm256_set1_ps(-2.0f * k);
+  const __m256 c = _mm256_set1_ps(0.044715f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 inner = _mm256_fmadd_ps(_mm256_mul_ps(c, gv), _mm256_mul_ps(gv, gv), gv);
+    // e^(-2t) with -2t clamped to 88 (beyond float range the product is 0 either way)
+    const __m256 e = exp_neg(_mm256_min_ps(_mm256_mul_ps(m2k, inner), _mm256_set1_ps(88.0f)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)),
+                                            _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i)
+    out[i] = 0.5f * g[i] * (1.0f + std::tanh(k * (g[i] + 0.044715f * g[i] * g[i] * g[i]))) * u[i];
+}
+
 // One query (D floats) against keys [first, len) of one KV head of a sequence's paged
-// cache: softmax(q k^T * scale) v into out. Every query's result follows the same sequence
-// of operations whatever else is computed, so a token's attention does not depend on how
-// its sequence was chunked or batched. scores holds len - first + 8 floats.
+// cache: softmax(q k^T * scale) v into out, with the scaled scores soft-capped to
+// softcap * tanh(s / softcap) when softcap > 0. Every query's result follows the same
+// sequence of operations whatever else is computed, so a token's attention does not depend
+// on how its sequence was chunked or batched. scores holds len - first + 8 floats.
 void attend(const float* q, const int32_t* table, int64_t first, int64_t len,
             const float* kc, const float* vc, int64_t kv_stride, int64_t bs, int64_t D,
-            float scale, float* scores, float* out) {
+            float scale, float softcap, float* scores, float* out) {
   auto key = [&](const float* cache, int64_t j) {
     return cache + (static_cast<int64_t>(table[j / bs]) * bs + j % bs) * kv_stride;
+  };
+  // the module computes tanh(q.k * (scale / cap)) * cap
+  const float capped_scale = softcap > 0.0f ? scale / softcap : scale;
+  auto score = [&](__m256 acc) {
+    const float s = hsum(acc) * capped_scale;
+    return softcap > 0.0f ? std::tanh(s) * softcap : s;
   };
   const int64_t n = len - first;
   // scores, four keys at a time (four independent FMA chains)
@@ -657,17 +707,17 @@ void attend(const float* q, const int32_t* table, int64_t first, int64_t len,
       a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + d), a2);
       a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + d), a3);
     }
-    scores[j] = hsum(a0) * scale;
-    scores[j + 1] = hsum(a1) * scale;
-    scores[j + 2] = hsum(a2) * scale;
-    scores[j + 3] = hsum(a3) * scale;
+    scores[j] = score(a0);
+    scores[j + 1] = score(a1);
+    scores[j + 2] = score(a2);
+    scores[j + 3] = score(a3);
   }
   for (; j < n; ++j) {
     const float* k0 = key(kc, first + j);
     __m256 a0 = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8)
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k0 + d), a0);
-    scores[j] = hsum(a0) * scale;
+    scores[j] = score(a0);
   }
   // softmax
   __m256 mv = _mm256_set1_ps(-INFINITY);
@@ -709,42 +759,70 @@ void attend(const float* q, const int32_t* table, int64_t first, int64_t len,
   }
 }
 
+// One step's tokens and buffers, shared by every thread of the parallel region.
+struct Step {
+  int64_t B;  // tokens
+  float* res;  // [B, hidden] residual stream
+  float* h;    // [B, hidden] block input / output
+  float* qkv;  // [B, (Hq + 2 Hkv) D]
+  float* attn;  // [B, Hq D]
+  float* gate_up;  // [B, 2 I]
+  float* act;  // [B, I]
+  QX *qx_h, *qx_a, *qx_i;
+  const int64_t* pos;
+  const int64_t* slots;
+  const int64_t* token_seq;
+  const int32_t* tables;  // [sequences, max_blocks]
+  int64_t max_blocks;
+  std::vector<const float*> rope;  // [positions, 2, D] tables
+};
+
 class Decoder {
  public:
   Decoder(int64_t hidden, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-          int64_t intermediate, double eps, int64_t sliding_window, int64_t block_size)
+          int64_t intermediate, double eps, int64_t block_size, const DecoderOptions& options)
       : H_(hidden), Hq_(num_heads), Hkv_(num_kv_heads), D_(head_dim), I_(intermediate),
-        eps_(static_cast<float>(eps)), window_(sliding_window), bs_(block_size) {
+        eps_(static_cast<float>(eps)), bs_(block_size), gelu_(options.gelu_tanh),
+        scale_(options.attn_scale > 0 ? static_cast<float>(options.attn_scale)
+                                      : 1.0f / std::sqrt(static_cast<float>(head_dim))),
+        softcap_(static_cast<float>(options.attn_softcap)) {
     TORCH_CHECK(head_dim % 8 == 0 && hidden % 32 == 0 && intermediate % 32 == 0 &&
                 num_heads % num_kv_heads == 0, "the fused step needs head_dim % 8 == 0 and "
                 "hidden/intermediate sizes that are multiples of 32");
+    TORCH_CHECK(options.attn_softcap >= 0, "the attention soft-cap must be >= 0");
   }
 
-  // One layer's weights (int4: q, scale, offset; int8: q, scale, None), norms and caches.
+  // One layer's weights (int4: q, scale, offset; int8: q, scale, None), norms, caches and
+  // what it has beyond a Llama layer.
   void add_layer(std::vector<c10::optional<torch::Tensor>> qkv,
                  std::vector<c10::optional<torch::Tensor>> o,
                  std::vector<c10::optional<torch::Tensor>> gate_up,
                  std::vector<c10::optional<torch::Tensor>> down, torch::Tensor in_norm,
-                 torch::Tensor post_norm, torch::Tensor k_cache, torch::Tensor v_cache) {
+                 torch::Tensor post_norm, torch::Tensor k_cache, torch::Tensor v_cache,
+                 const LayerOptions& options) {
     Layer L;
     L.qkv = take(qkv, L.keep, (Hq_ + 2 * Hkv_) * D_, H_);
     L.o = take(o, L.keep, H_, Hq_ * D_);
     L.gate_up = take(gate_up, L.keep, 2 * I_, H_);
     L.down = take(down, L.keep, H_, I_);
-    for (auto* t : {&in_norm, &post_norm}) {
-      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
-                  t->numel() == H_, "norm weights must be float32 [hidden]");
-    }
+    L.in_norm = norm_weight(in_norm, H_, L.keep);
+    L.post_norm = norm_weight(post_norm, H_, L.keep);
+    L.q_norm = optional_norm(options.q_norm, D_, L.keep);
+    L.k_norm = optional_norm(options.k_norm, D_, L.keep);
+    L.attn_out_norm = optional_norm(options.attn_out_norm, H_, L.keep);
+    L.mlp_out_norm = optional_norm(options.mlp_out_norm, H_, L.keep);
+    TORCH_CHECK(options.window >= 0 && options.rope_table >= 0,
+                "a window and a RoPE table index are >= 0");
+    L.window = options.window;
+    L.rope_table = options.rope_table;
     for (auto* t : {&k_cache, &v_cache}) {
       TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 4 &&
                   t->size(1) == bs_ && t->size(2) == Hkv_ && t->size(3) == D_,
                   "KV caches must be float32 [blocks, block_size, kv_heads, head_dim]");
     }
-    L.in_norm = in_norm.data_ptr<float>();
-    L.post_norm = post_norm.data_ptr<float>();
     L.k_cache = k_cache.data_ptr<float>();
     L.v_cache = v_cache.data_ptr<float>();
-    L.keep.insert(L.keep.end(), {in_norm, post_norm, k_cache, v_cache});
+    L.keep.insert(L.keep.end(), {k_cache, v_cache});
     layers_.push_back(std::move(L));
   }
 
@@ -753,12 +831,12 @@ class Decoder {
   // that each attend to their sequence's cache up to their own position (decodes, and
   // drafts being verified): x [T, hidden] embeddings, positions [T], token_seq [T] (each
   // token's row of block_tables), slot_mapping [T], block_tables [B, max_blocks] int32,
-  // rope table [P, 2, D] (cos, signed sin). The step's K/V are all written before any
-  // token attends.
+  // rope tables, each [P, 2, D] (cos, signed sin), indexed by the layers' rope_table. The
+  // step's K/V are all written before any token attends.
   std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor positions,
-                                     torch::Tensor cos_sin, torch::Tensor slot_mapping,
-                                     torch::Tensor block_tables, torch::Tensor token_seq,
-                                     int64_t num_layers) {
+                                     std::vector<torch::Tensor> rope_tables,
+                                     torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                     torch::Tensor token_seq, int64_t num_layers) {
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == H_ &&
                 x.is_contiguous(), "x must be contiguous float32 [T, hidden]");
     const int64_t B = x.size(0);  // tokens
@@ -770,24 +848,37 @@ class Decoder {
     auto slots = slot_mapping.to(torch::kInt64).contiguous();
     auto tables = block_tables.to(torch::kInt32).contiguous();
     auto tseq = token_seq.to(torch::kInt64).contiguous();
-    auto rope = cos_sin.contiguous();
-    TORCH_CHECK(rope.scalar_type() == torch::kFloat32 && rope.dim() == 3 && rope.size(1) == 2 &&
-                rope.size(2) == D_, "rope table must be float32 [positions, 2, head_dim]");
-    const int64_t* posp = pos.data_ptr<int64_t>();
-    const int64_t* tseqp = tseq.data_ptr<int64_t>();
-    const int64_t max_blocks = tables.size(1);
+    Step s;
+    s.B = B;
+    s.pos = pos.data_ptr<int64_t>();
+    s.slots = slots.data_ptr<int64_t>();
+    s.token_seq = tseq.data_ptr<int64_t>();
+    s.tables = tables.data_ptr<int32_t>();
+    s.max_blocks = tables.size(1);
+    int64_t min_rope_len = INT64_MAX;
+    for (auto& t : rope_tables) {
+      t = t.contiguous();
+      TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.dim() == 3 && t.size(1) == 2 &&
+                  t.size(2) == D_, "rope tables must be float32 [positions, 2, head_dim]");
+      s.rope.push_back(t.data_ptr<float>());
+      min_rope_len = std::min(min_rope_len, t.size(0));
+    }
+    for (int64_t l = 0; l < nl; ++l)
+      TORCH_CHECK(layers_[l].rope_table < static_cast<int64_t>(rope_tables.size()),
+                  "layer ", l, " rotates with rope table ", layers_[l].rope_table, " of ",
+                  rope_tables.size());
     int64_t max_len = 1;
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(posp[b] >= 0 && posp[b] < rope.size(0), "position out of the rope table");
-      TORCH_CHECK(tseqp[b] >= 0 && tseqp[b] < tables.size(0), "token_seq out of range");
-      TORCH_CHECK(posp[b] < max_blocks * bs_, "position beyond the block table");
-      max_len = std::max(max_len, posp[b] + 1);
+      TORCH_CHECK(s.pos[b] >= 0 && s.pos[b] < min_rope_len, "position out of the rope table");
+      TORCH_CHECK(s.token_seq[b] >= 0 && s.token_seq[b] < tables.size(0),
+                  "token_seq out of range");
+      TORCH_CHECK(s.pos[b] < s.max_blocks * bs_, "position beyond the block table");
+      max_len = std::max(max_len, s.pos[b] + 1);
     }
 
     auto residual = x.clone();
     auto h = torch::empty({B, H_}, x.options());
-    const int64_t qkv_n = (Hq_ + 2 * Hkv_) * D_;
-    auto qkv = torch::empty({B, qkv_n}, x.options());
+    auto qkv = torch::empty({B, qkv_n()}, x.options());
     auto attn = torch::empty({B, Hq_ * D_}, x.options());
     auto gu = torch::empty({B, 2 * I_}, x.options());
     auto act = torch::empty({B, I_}, x.options());
@@ -795,116 +886,160 @@ class Decoder {
     qx_h.resize(B, H_);
     qx_a.resize(B, Hq_ * D_);
     qx_i.resize(B, I_);
-
-    float* res = residual.data_ptr<float>();
-    float* hp = h.data_ptr<float>();
-    float* qkvp = qkv.data_ptr<float>();
-    float* ap = attn.data_ptr<float>();
-    float* gup = gu.data_ptr<float>();
-    float* actp = act.data_ptr<float>();
-    const float* ropep = rope.data_ptr<float>();
-    const int64_t* slotp = slots.data_ptr<int64_t>();
-    const int32_t* tabp = tables.data_ptr<int32_t>();
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D_));
-    const int64_t group = Hq_ / Hkv_;
+    s.res = residual.data_ptr<float>();
+    s.h = h.data_ptr<float>();
+    s.qkv = qkv.data_ptr<float>();
+    s.attn = attn.data_ptr<float>();
+    s.gate_up = gu.data_ptr<float>();
+    s.act = act.data_ptr<float>();
+    s.qx_h = &qx_h;
+    s.qx_a = &qx_a;
+    s.qx_i = &qx_i;
+    const bool finish = final_norm_.defined() && nl == static_cast<int64_t>(layers_.size());
     const int nt = std::max(1, at::get_num_threads());
 
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
       std::vector<float> scores(static_cast<size_t>(max_len) + 16);
-      int64_t lo, hi;
       for (int64_t l = 0; l < nl; ++l) {
         const Layer& L = layers_[l];
-        // 1. residual += previous MLP output; h = norm(residual); quantize h
-        add_norm_quantize(res, hp, L.in_norm, qx_h, B, l > 0, tid, nth);
+        // residual += the previous layer's (normed) MLP output; h = norm(residual)
+        residual_norm(s, l > 0 ? layers_[l - 1].mlp_out_norm : nullptr, l > 0, L.in_norm,
+                      tid, nth);
 #pragma omp barrier
-        // 2. qkv projection
-        split(qkv_n, tid, nth, 8, lo, hi);
-        qgemm_rows(L.qkv, qx_h, B, lo, hi, qkvp, qkv_n);
+        attention_block(L, s, scores.data(), tid, nth);
+        residual_norm(s, L.attn_out_norm, true, L.post_norm, tid, nth);
 #pragma omp barrier
-        // 3. RoPE on q and k, K/V into the cache (one thread per sequence's rows)
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) {
-          float* row = qkvp + b * qkv_n;
-          const float* cs = ropep + posp[b] * 2 * D_;
-          for (int64_t hh = 0; hh < Hq_ + Hkv_; ++hh) rope_row(row + hh * D_, cs, D_);
-          const int64_t slot = slotp[b];
-          std::memcpy(L.k_cache + slot * Hkv_ * D_, row + Hq_ * D_, sizeof(float) * Hkv_ * D_);
-          std::memcpy(L.v_cache + slot * Hkv_ * D_, row + (Hq_ + Hkv_) * D_,
-                      sizeof(float) * Hkv_ * D_);
-        }
-#pragma omp barrier
-        // 4. attention: one (token, query head) per work item
-        split(B * Hq_, tid, nth, 1, lo, hi);
-        for (int64_t it = lo; it < hi; ++it) {
-          const int64_t b = it / Hq_, hq = it % Hq_, g = hq / group;
-          const int64_t len = posp[b] + 1;
-          const int64_t first = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0;
-          attend(qkvp + b * qkv_n + hq * D_, tabp + tseqp[b] * max_blocks, first, len,
-                 L.k_cache + g * D_, L.v_cache + g * D_, Hkv_ * D_, bs_, D_, scale,
-                 scores.data(), ap + b * Hq_ * D_ + hq * D_);
-        }
-#pragma omp barrier
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) quantize_row(ap + b * Hq_ * D_, qx_a, b);
-#pragma omp barrier
-        // 5. output projection into h, then residual += h; h = norm(residual)
-        split(H_, tid, nth, 8, lo, hi);
-        qgemm_rows(L.o, qx_a, B, lo, hi, hp, H_);
-#pragma omp barrier
-        add_norm_quantize(res, hp, L.post_norm, qx_h, B, true, tid, nth);
-#pragma omp barrier
-        // 6. SwiGLU MLP: gate_up, silu(gate) * up, down into h
-        split(2 * I_, tid, nth, 8, lo, hi);
-        qgemm_rows(L.gate_up, qx_h, B, lo, hi, gup, 2 * I_);
-#pragma omp barrier
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) {
-          const float* g = gup + b * 2 * I_;
-          float* a = actp + b * I_;
-          silu_mul_row(g, g + I_, a, I_);
-          quantize_row(a, qx_i, b);
-        }
-#pragma omp barrier
-        split(H_, tid, nth, 8, lo, hi);
-        qgemm_rows(L.down, qx_i, B, lo, hi, hp, H_);
-#pragma omp barrier
+        mlp_block(L, s, tid, nth);
       }
-      if (final_norm_.defined() && nl == static_cast<int64_t>(layers_.size())) {
-        split(B, tid, nth, 1, lo, hi);
-        for (int64_t b = lo; b < hi; ++b) {
-          add_row(res + b * H_, hp + b * H_, H_);
-          rmsnorm_row(res + b * H_, final_norm_.data_ptr<float>(), hp + b * H_, H_, eps_);
+      // h = the last MLP's output as the layers give it (normed where the layer norms it)
+      const float* last_out_norm = nl > 0 ? layers_[nl - 1].mlp_out_norm : nullptr;
+      int64_t lo, hi;
+      split(B, tid, nth, 1, lo, hi);
+      for (int64_t b = lo; b < hi; ++b) {
+        float* hb = s.h + b * H_;
+        if (last_out_norm != nullptr) rmsnorm_row(hb, last_out_norm, hb, H_, eps_);
+        if (finish) {
+          add_row(s.res + b * H_, hb, H_);
+          rmsnorm_row(s.res + b * H_, final_norm_.data_ptr<float>(), hb, H_, eps_);
         }
       }
     }
-    if (final_norm_.defined() && nl == static_cast<int64_t>(layers_.size())) return {h};
+    if (finish) return {h};
     return {h, residual};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // This thread's rows of: residual += h (when `add`); h = norm(residual) * w; quantize h.
-  void add_norm_quantize(float* res, float* h, const float* w, QX& qx, int64_t B, bool add,
-                         int tid, int nth) const {
-    int64_t lo, hi;
-    split(B, tid, nth, 1, lo, hi);
-    for (int64_t b = lo; b < hi; ++b) {
-      if (add) add_row(res + b * H_, h + b * H_, H_);
-      rmsnorm_row(res + b * H_, w, h + b * H_, H_, eps_);
-      quantize_row(h + b * H_, qx, b);
-    }
-  }
-
   // The final norm's weight: forward then returns norm(h + residual) alone.
   void set_final_norm(torch::Tensor w) {
-    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == H_,
-                "the final norm weight must be float32 [hidden]");
+    std::vector<torch::Tensor> keep;
+    norm_weight(w, H_, keep);
     final_norm_ = w;
   }
 
  private:
+  int64_t qkv_n() const { return (Hq_ + 2 * Hkv_) * D_; }
+
+  // This thread's rows of: h = out_norm(h) (when given: the block's output norm);
+  // residual += h (when `add`); h = norm(residual); quantize h.
+  void residual_norm(const Step& s, const float* out_norm, bool add, const float* norm,
+                     int tid, int nth) const {
+    int64_t lo, hi;
+    split(s.B, tid, nth, 1, lo, hi);
+    for (int64_t b = lo; b < hi; ++b) {
+      float* hb = s.h + b * H_;
+      float* rb = s.res + b * H_;
+      if (out_norm != nullptr) rmsnorm_row(hb, out_norm, hb, H_, eps_);
+      if (add) add_row(rb, hb, H_);
+      rmsnorm_row(rb, norm, hb, H_, eps_);
+      quantize_row(hb, *s.qx_h, b);
+    }
+  }
+
+  // qkv projection of the quantized h, q/k head norms, RoPE, the K/V write, attention and
+  // the output projection into h. Ends at a barrier.
+  void attention_block(const Layer& L, const Step& s, float* scores, int tid, int nth) const {
+    const int64_t n = qkv_n(), group = Hq_ / Hkv_;
+    int64_t lo, hi;
+    split(n, tid, nth, 8, lo, hi);
+    qgemm_rows(L.qkv, *s.qx_h, s.B, lo, hi, s.qkv, n);
+#pragma omp barrier
+    split(s.B, tid, nth, 1, lo, hi);
+    for (int64_t b = lo; b < hi; ++b) rotate_and_store(L, s, b);
+#pragma omp barrier
+    // one (token, query head) per work item
+    split(s.B * Hq_, tid, nth, 1, lo, hi);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t b = it / Hq_, hq = it % Hq_, g = hq / group;
+      const int64_t len = s.pos[b] + 1;
+      const int64_t first = L.window > 0 ? std::max<int64_t>(0, len - L.window) : 0;
+      attend(s.qkv + b * n + hq * D_, s.tables + s.token_seq[b] * s.max_blocks, first, len,
+             L.k_cache + g * D_, L.v_cache + g * D_, Hkv_ * D_, bs_, D_, scale_, softcap_,
+             scores, s.attn + (b * Hq_ + hq) * D_);
+    }
+#pragma omp barrier
+    split(s.B, tid, nth, 1, lo, hi);
+    for (int64_t b = lo; b < hi; ++b) quantize_row(s.attn + b * Hq_ * D_, *s.qx_a, b);
+#pragma omp barrier
+    split(H_, tid, nth, 8, lo, hi);
+    qgemm_rows(L.o, *s.qx_a, s.B, lo, hi, s.h, H_);
+#pragma omp barrier
+  }
+
+  // Token b's q and k heads normed (when the layer norms them) and rotated; its K/V
+  // written to its cache slot.
+  void rotate_and_store(const Layer& L, const Step& s, int64_t b) const {
+    float* row = s.qkv + b * qkv_n();
+    for (int64_t hh = 0; hh < Hq_ + Hkv_; ++hh) {
+      const float* w = hh < Hq_ ? L.q_norm : L.k_norm;
+      if (w != nullptr) rmsnorm_row(row + hh * D_, w, row + hh * D_, D_, eps_);
+    }
+    const float* cs = s.rope[L.rope_table] + s.pos[b] * 2 * D_;
+    for (int64_t hh = 0; hh < Hq_ + Hkv_; ++hh) rope_row(row + hh * D_, cs, D_);
+    const int64_t at = s.slots[b] * Hkv_ * D_;
+    std::memcpy(L.k_cache + at, row + Hq_ * D_, sizeof(float) * Hkv_ * D_);
+    std::memcpy(L.v_cache + at, row + (Hq_ + Hkv_) * D_, sizeof(float) * Hkv_ * D_);
+  }
+
+  // The gated MLP of the quantized h: gate_up, act(gate) * up, down into h. Ends at a
+  // barrier.
+  void mlp_block(const Layer& L, const Step& s, int tid, int nth) const {
+    int64_t lo, hi;
+    split(2 * I_, tid, nth, 8, lo, hi);
+    qgemm_rows(L.gate_up, *s.qx_h, s.B, lo, hi, s.gate_up, 2 * I_);
+#pragma omp barrier
+    split(s.B, tid, nth, 1, lo, hi);
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* g = s.gate_up + b * 2 * I_;
+      float* a = s.act + b * I_;
+      if (gelu_) {
+        gelu_tanh_mul_row(g, g + I_, a, I_);
+      } else {
+        silu_mul_row(g, g + I_, a, I_);
+      }
+      quantize_row(a, *s.qx_i, b);
+    }
+#pragma omp barrier
+    split(H_, tid, nth, 8, lo, hi);
+    qgemm_rows(L.down, *s.qx_i, s.B, lo, hi, s.h, H_);
+#pragma omp barrier
+  }
+
+  static const float* norm_weight(const torch::Tensor& t, int64_t n,
+                                  std::vector<torch::Tensor>& keep) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.numel() == n,
+                "a norm weight must be contiguous float32 [", n, "]");
+    keep.push_back(t);
+    return t.data_ptr<float>();
+  }
+
+  static const float* optional_norm(const c10::optional<torch::Tensor>& t, int64_t n,
+                                    std::vector<torch::Tensor>& keep) {
+    return t.has_value() ? norm_weight(*t, n, keep) : nullptr;
+  }
+
   static QW take(const std::vector<c10::optional<torch::Tensor>>& t, std::vector<torch::Tensor>& keep,
                  int64_t N, int64_t K) {
     TORCH_CHECK(t.size() == 5 || t.size() == 6, "a weight is (q, scale, offset or None, bias "
@@ -923,7 +1058,9 @@ class Decoder {
 
   int64_t H_, Hq_, Hkv_, D_, I_;
   float eps_;
-  int64_t window_, bs_;
+  int64_t bs_;
+  bool gelu_;
+  float scale_, softcap_;
   std::vector<Layer> layers_;
   torch::Tensor final_norm_;
 };
@@ -965,8 +1102,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "None), x quantized to int8 per 32 values",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
         py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1);
+  py::class_<DecoderOptions>(m, "DecoderOptions")
+      .def(py::init<>())
+      .def_readwrite("gelu_tanh", &DecoderOptions::gelu_tanh)
+      .def_readwrite("attn_scale", &DecoderOptions::attn_scale)
+      .def_readwrite("attn_softcap", &DecoderOptions::attn_softcap);
+  py::class_<LayerOptions>(m, "LayerOptions")
+      .def(py::init<>())
+      .def_readwrite("q_norm", &LayerOptions::q_norm)
+      .def_readwrite("k_norm", &LayerOptions::k_norm)
+      .def_readwrite("attn_out_norm", &LayerOptions::attn_out_norm)
+      .def_readwrite("mlp_out_norm", &LayerOptions::mlp_out_norm)
+      .def_readwrite("window", &LayerOptions::window)
+      .def_readwrite("rope_table", &LayerOptions::rope_table);
   py::class_<Decoder>(m, "Decoder")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
+                    const DecoderOptions&>())
       .def("add_layer", &Decoder::add_layer)
       .def("forward", &Decoder::forward)
       .def("num_layers", &Decoder::num_layers)
