@@ -24,6 +24,10 @@ class RayArgs:
     """With --ray: autoscale on queue depth, never above this many replicas."""
     target_ongoing_requests: float = 8.0
     """With autoscaling: the requests in flight per replica the autoscaler aims at."""
+    upscale_delay_s: float = 30.0
+    """With autoscaling: seconds the queue must stay above target before replicas are added."""
+    downscale_delay_s: float = 600.0
+    """With autoscaling: seconds the queue must stay below target before replicas go."""
     max_ongoing_requests: int | None = None
     """With --ray: most requests one replica runs at once (the rest wait at the ingress);
     default: the engine's --max-num-seqs."""
@@ -63,6 +67,8 @@ class RayArgs:
                 self.num_replicas = self.min_replicas
         if self.target_ongoing_requests <= 0:
             raise ValueError("--target-ongoing-requests must be > 0")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise ValueError("--upscale-delay-s and --downscale-delay-s must be >= 0")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
             raise ValueError("--max-ongoing-requests must be >= 1")
         if self.replica_cpus < 0 or self.replica_gpus < 0:

@@ -125,13 +125,17 @@ class _Relayed(Response):
                 async for message in self.stream:
                     if message["type"] == "http.response.body":
                         await send(message)
-            except REPLICA_GONE as e:
-                self.ingress.broken.inc()
-                logger.warning("a replica died mid-response to %s: %s", self.path, e)
+            except Exception as e:  # noqa: BLE001 - the stream ends, with a reason if SSE
+                if isinstance(e, REPLICA_GONE):
+                    self.ingress.broken.inc()
+                    reason = ("the replica serving this stream died after it had started; "
+                              "retry the request")
+                else:
+                    reason = f"relaying the stream failed: {type(e).__name__}: {e}"
+                logger.warning("response to %s cut short: %s", self.path, e)
                 end = b""
                 if is_event_stream(self.start.get("headers", [])):
-                    end = broken_stream_event(self.path, "the replica serving this stream "
-                                              "died after it had started; retry the request")
+                    end = broken_stream_event(self.path, reason)
                 await send({"type": "http.response.body", "body": end, "more_body": False})
         finally:
             if self.stream is not None:
@@ -221,8 +225,15 @@ class Ingress:
                                fwd.method, fwd.path, attempt + 1, e)
                 if attempt < self.ray_args.max_retries:
                     self.retried.inc()
+                    # Give Serve a moment to drop the dead replica from the handle's set.
+                    await asyncio.sleep(0.05 * 2 ** attempt)
                 continue
-            except BaseException:
+            except Exception as e:  # noqa: BLE001 - one request fails, in OpenAI's shape
+                stream.cancel()
+                logger.exception("forwarding %s %s failed", fwd.method, fwd.path)
+                return error_response(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: "
+                                      f"{type(e).__name__}: {e}", code="internal_error")
+            except BaseException:  # cancelled: the client went away
                 stream.cancel()
                 raise
             return _Relayed(self, fwd.path, start, held, None if finished else stream)
@@ -250,6 +261,8 @@ class Ingress:
                 assert start is not None
                 return start, held, False
         assert start is not None, "the replica's app sent no response"
+        if not held or held[-1].get("more_body", False):
+            held.append({"type": "http.response.body", "body": b"", "more_body": False})
         return start, held, True
 
     async def metrics(self) -> bytes:
@@ -290,17 +303,16 @@ def split_args(args: Mapping[str, Any]) -> tuple[ServerArgs, EngineConfig, RayAr
     return server, config, ray_args
 
 
-def build(server_args: ServerArgs, config: EngineConfig, ray_args: RayArgs
-          ) -> serve.Application:
-    """The Serve application: the replicas deployment and the ingress bound to it."""
-    if config.num_threads is None and ray_args.replica_cpus >= 1:
-        # Without this every replica would take all the machine's cores and contend.
-        config = dataclasses.replace(config, num_threads=int(ray_args.replica_cpus))
+def replica_options(server_args: ServerArgs, config: EngineConfig, ray_args: RayArgs
+                    ) -> dict[str, Any]:
+    """The replicas deployment's Serve options: resources, scaling, routing."""
     if ray_args.autoscaling:
         scaling: dict[str, Any] = {"autoscaling_config": {
             "min_replicas": ray_args.min_replicas, "max_replicas": ray_args.max_replicas,
             "initial_replicas": ray_args.num_replicas,
-            "target_ongoing_requests": ray_args.target_ongoing_requests}}
+            "target_ongoing_requests": ray_args.target_ongoing_requests,
+            "upscale_delay_s": ray_args.upscale_delay_s,
+            "downscale_delay_s": ray_args.downscale_delay_s}}
     else:
         scaling = {"num_replicas": ray_args.num_replicas}
     router = RequestRouterConfig(
@@ -309,14 +321,23 @@ def build(server_args: ServerArgs, config: EngineConfig, ray_args: RayArgs
         request_router_kwargs={"affinity": ray_args.ray_router == "prefix",
                                "max_imbalance": ray_args.route_max_imbalance})
     threads = str(config.num_threads or 1)
-    replicas = serve.deployment(
-        EngineReplica, name=REPLICA,
-        ray_actor_options={"num_cpus": ray_args.replica_cpus,
-                           "num_gpus": ray_args.replica_gpus,
-                           "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads}}},
-        max_ongoing_requests=ray_args.max_ongoing_requests or config.max_num_seqs,
-        request_router_config=router,
-        graceful_shutdown_timeout_s=server_args.shutdown_timeout, **scaling)
+    return {"name": REPLICA,
+            "ray_actor_options": {"num_cpus": ray_args.replica_cpus,
+                                  "num_gpus": ray_args.replica_gpus,
+                                  "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads}}},
+            "max_ongoing_requests": ray_args.max_ongoing_requests or config.max_num_seqs,
+            "request_router_config": router,
+            "graceful_shutdown_timeout_s": server_args.shutdown_timeout, **scaling}
+
+
+def build(server_args: ServerArgs, config: EngineConfig, ray_args: RayArgs
+          ) -> serve.Application:
+    """The Serve application: the replicas deployment and the ingress bound to it."""
+    if config.num_threads is None and ray_args.replica_cpus >= 1:
+        # Without this every replica would take all the machine's cores and contend.
+        config = dataclasses.replace(config, num_threads=int(ray_args.replica_cpus))
+    replicas = serve.deployment(EngineReplica,
+                                **replica_options(server_args, config, ray_args))
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS,
                                ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import random
 import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -30,7 +32,7 @@ from peregrine.server.prefix_routing import (PrefixTable, prefix_hashes, prompt_
 from peregrine.server.ray_args import RayArgs  # noqa: E402
 from peregrine.server.ray_router import PREFIX_KWARG, REPLICA_KWARG, PrefixAwareRouter  # noqa: E402
 from peregrine.server.ray_serve import (APP_NAME, REPLICA, REPLICA_HEADER, build,  # noqa: E402
-                                        split_args)
+                                        replica_options, split_args)
 from peregrine.server.relay import broken_stream_event, carries_output  # noqa: E402
 from peregrine.server.replica_metrics import merge_replica_metrics  # noqa: E402
 from tests.server.conftest import parse_metrics  # noqa: E402
@@ -151,12 +153,32 @@ def test_config_args_are_split_and_checked():
                                            "max_replicas": 4})
     assert (ray_args.num_replicas, ray_args.autoscaling) == (3, True)
     assert (config.kv_cache_memory, server.api_key) == (0.5, "k")
+    options = replica_options(server, config, ray_args)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 4, "initial_replicas": 3,
+        "target_ongoing_requests": 8.0, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
+    assert options["max_ongoing_requests"] == config.max_num_seqs
+    fixed = replica_options(server, config, RayArgs(num_replicas=2, ray_router="balanced"))
+    assert fixed["num_replicas"] == 2
+    assert fixed["request_router_config"].request_router_kwargs["affinity"] is False
     with pytest.raises(ValueError, match="unknown peregrine serve options: bogus"):
         split_args({"bogus": 1})
     with pytest.raises(ValueError, match="both --min-replicas and --max-replicas"):
         RayArgs(min_replicas=1)
     with pytest.raises(ValueError, match="num-replicas"):
         RayArgs(num_replicas=0)
+
+
+def test_the_documented_serve_config_is_valid():
+    yaml = pytest.importorskip("yaml")
+    from ray.serve.schema import ServeDeploySchema
+    path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "ray_serve.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    application = config.applications[0]
+    assert application.import_path == "peregrine.server.ray_serve:app"
+    _, engine, ray_args = split_args(application.args)
+    assert (ray_args.num_replicas, engine.max_model_len) == (2, 2048)
 
 
 # --- two real replicas --------------------------------------------------------------------------
@@ -299,9 +321,55 @@ def test_a_replica_killed_mid_run_loses_no_request(cluster, reference):
     assert m["peregrine:ray_requests_retried_total"] >= 1
 
 
+def _wait_for_replicas(n: int, app_name: str = APP_NAME, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while _running_replicas(app_name) < n:
+        assert time.monotonic() < deadline, f"{n} replicas did not come back"
+        time.sleep(0.5)
+
+
+def test_a_stream_whose_replica_dies_before_its_first_token_is_sent_elsewhere(cluster,
+                                                                              reference):
+    """A chat stream with a long prompt goes (by its prefix) to a known replica, which is
+    killed during the prefill: the client sees nothing of it, and gets the whole answer
+    from the other replica."""
+    from peregrine import SamplingParams
+    _wait_for_replicas(2)
+    system = "Background for the question that follows. " + SYSTEM * 12
+    messages = [{"role": "system", "content": system},
+                {"role": "user", "content": "Summarize the rules in one sentence."}]
+    expected = reference.chat(messages, SamplingParams(temperature=0, max_tokens=16))
+    holder = httpx.post(cluster + "/v1/chat/completions", timeout=120, json={
+        "messages": messages[:1] + [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    ).headers[REPLICA_HEADER.decode()]
+    retried = parse_metrics(httpx.get(cluster + "/metrics", timeout=60).text).get(
+        "peregrine:ray_requests_retried_total", 0)
+    body = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        def stream() -> tuple[str, list[str]]:
+            with httpx.stream("POST", cluster + "/v1/chat/completions", json=body,
+                              timeout=300) as r:
+                return r.headers[REPLICA_HEADER.decode()], list(r.iter_lines())
+        future = pool.submit(stream)
+        time.sleep(0.3)  # routed to the holder, whose prefill takes far longer than this
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{REPLICA}#{holder}",
+                               namespace="serve"), no_restart=True)
+        replica, lines = future.result(timeout=300)
+    assert replica != holder
+    events = [json.loads(line[6:]) for line in lines
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert lines[-1] == "data: [DONE]" and not any("error" in e for e in events)
+    assert [e["choices"][0]["delta"].get("role") for e in events].count("assistant") == 1
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) \
+        == expected[0].outputs[0].text
+    m = parse_metrics(httpx.get(cluster + "/metrics", timeout=60).text)
+    assert m["peregrine:ray_requests_retried_total"] > retried
+
+
 def test_a_stream_whose_replica_dies_after_its_first_token_ends_with_an_error(cluster):
     """Past its first token a stream cannot be replayed elsewhere: it ends with an error
     event (which OpenAI's client raises) and [DONE], not with a hang or a silent cut."""
+    _wait_for_replicas(2)
     body = {"prompt": "Write a long story about a lighthouse keeper.", "max_tokens": 400,
             "temperature": 0, "stream": True}
     with httpx.stream("POST", cluster + "/v1/completions", json=body, timeout=180) as r:
@@ -315,3 +383,46 @@ def test_a_stream_whose_replica_dies_after_its_first_token_ends_with_an_error(cl
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]"
     assert '"code": "replica_died"' in rest[-2]
+
+
+def _running_replicas(app_name: str) -> int:
+    status = serve.status().applications.get(app_name)
+    if status is None or REPLICA not in status.deployments:
+        return 0
+    return status.deployments[REPLICA].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow
+def test_replicas_scale_up_with_the_queue_and_back_down(cluster):
+    """1..2 replicas aiming at one request in flight each: a burst of concurrent requests
+    adds the second replica, and it goes again once they are done. Replaces the module's
+    application (run it last)."""
+    _wait_for_replicas(2)
+    serve.delete(APP_NAME)
+    serve.run(build(ServerArgs(), EngineConfig(**ENGINE),
+                    RayArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
+                            upscale_delay_s=1, downscale_delay_s=5, replica_cpus=1)),
+              name="autoscale", route_prefix="/")
+    assert _running_replicas("autoscale") == 1
+
+    def complete(i: int) -> int:
+        r = httpx.post(cluster + "/v1/completions", timeout=300, json={
+            "prompt": f"Story {i}: the storm", "max_tokens": 64, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["completion_tokens"]
+
+    peak = 0
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(complete, i) for i in range(6)]
+        while not all(f.done() for f in futures):
+            peak = max(peak, _running_replicas("autoscale"))
+            time.sleep(0.5)
+        assert [f.result() for f in futures] == [64] * 6
+    deadline = time.monotonic() + 180
+    while peak < 2 and time.monotonic() < deadline:  # the burst ended before the new one ran
+        peak = max(peak, _running_replicas("autoscale"))
+        time.sleep(0.5)
+    assert peak == 2
+    while _running_replicas("autoscale") > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _running_replicas("autoscale") == 1
