@@ -197,7 +197,8 @@ def main() -> int:
         print(f"{r['name']:30} {r['output_tok_s']:7.1f} {r['ttft_p50_s']:8.2f}s "
               f"{r['ttft_p99_s']:8.2f}s {r['prefix_hit_rate']:11.0%} "
               f"{r['tiny_request_p50_s'] * 1000:9.0f}ms")
-    save_json({"env": env, "workload": vars(ns) | {"requests": len(reqs)}, "runs": runs},
+    workload_args = {k: v for k, v in vars(ns).items() if k != "out"}
+    save_json({"env": env, "workload": workload_args | {"requests": len(reqs)}, "runs": runs},
               ns.out)
     print(f"saved {os.path.relpath(ns.out, ROOT)}")
     return 0

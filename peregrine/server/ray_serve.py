@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import typing
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 from typing import Any
@@ -288,19 +289,41 @@ class Ingress:
 
 
 # --- building the application -------------------------------------------------------------------
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """A value given as text (`serve run ... num_replicas=2`) as the field's type."""
+    if not isinstance(value, str):
+        return value
+    hint = typing.get_type_hints(cls)[name]
+    kinds = [a for a in (typing.get_args(hint) or (hint,)) if a is not type(None)]
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    for kind in kinds:
+        if kind is bool:
+            if value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+        elif kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    return value
+
+
 def split_args(args: Mapping[str, Any]) -> tuple[ServerArgs, EngineConfig, RayArgs]:
-    """A Serve config's `args` (any `peregrine serve` flag, dashes or underscores) as the
-    server's, the engine's and the replicas' options; unknown names are refused."""
+    """A Serve config's `args` (any `peregrine serve` flag, dashes or underscores; text is
+    read as the flag's type) as the server's, the engine's and the replicas' options;
+    unknown names are refused."""
     given = {k.replace("-", "_"): v for k, v in args.items()}
-    fields = {cls: set(cls.__dataclass_fields__) for cls in (ServerArgs, RayArgs)}
-    engine_fields = set(EngineConfig.field_names()) - {"extra"}
-    unknown = sorted(set(given) - engine_fields - fields[ServerArgs] - fields[RayArgs])
+    fields = {cls: set(cls.__dataclass_fields__) for cls in (ServerArgs, RayArgs, EngineConfig)}
+    fields[EngineConfig] -= {"extra"}
+    unknown = sorted(set(given) - set().union(*fields.values()))
     if unknown:
         raise ValueError(f"unknown peregrine serve options: {', '.join(unknown)}")
-    server = ServerArgs(**{k: v for k, v in given.items() if k in fields[ServerArgs]})
-    ray_args = RayArgs(**{k: v for k, v in given.items() if k in fields[RayArgs]})
-    config = EngineConfig(**{k: v for k, v in given.items() if k in engine_fields})
-    return server, config, ray_args
+
+    def part(cls: type) -> dict[str, Any]:
+        return {k: _coerce(cls, k, v) for k, v in given.items() if k in fields[cls]}
+    return ServerArgs(**part(ServerArgs)), EngineConfig(**part(EngineConfig)), \
+        RayArgs(**part(RayArgs))
 
 
 def replica_options(server_args: ServerArgs, config: EngineConfig, ray_args: RayArgs

@@ -162,6 +162,13 @@ def test_config_args_are_split_and_checked():
     fixed = replica_options(server, config, RayArgs(num_replicas=2, ray_router="balanced"))
     assert fixed["num_replicas"] == 2
     assert fixed["request_router_config"].request_router_kwargs["affinity"] is False
+    # `serve run peregrine.server.ray_serve:app num_replicas=2 ...` passes text
+    server, config, ray_args = split_args({"num_replicas": "2", "kv_cache_memory": "0.5",
+                                           "max_model_len": "none", "ray": "true",
+                                           "ray_router": "balanced", "max_retries": "0"})
+    assert (ray_args.num_replicas, ray_args.ray, ray_args.ray_router, ray_args.max_retries) \
+        == (2, True, "balanced", 0)
+    assert (config.kv_cache_memory, config.max_model_len) == (0.5, None)
     with pytest.raises(ValueError, match="unknown peregrine serve options: bogus"):
         split_args({"bogus": 1})
     with pytest.raises(ValueError, match="both --min-replicas and --max-replicas"):
@@ -290,16 +297,19 @@ def test_shared_prefixes_go_to_one_replica_and_metrics_name_both(cluster):
     assert m["peregrine:ray_prefix_affinity"] >= 6 and m["peregrine:ray_replicas"] == 2
 
 
-def _running_replicas(app_name: str) -> int:
+def _replicas(app_name: str, states: tuple[str, ...] = ("STARTING", "UPDATING",
+                                                          "RECOVERING", "RUNNING")) -> int:
+    """Replicas of the engine deployment in `states` (by default: all not stopping)."""
     status = serve.status().applications.get(app_name)
     if status is None or REPLICA not in status.deployments:
         return 0
-    return status.deployments[REPLICA].replica_states.get("RUNNING", 0)
+    counts = status.deployments[REPLICA].replica_states
+    return sum(counts.get(state, 0) for state in states)
 
 
 def _wait_for_replicas(n: int, app_name: str = APP_NAME, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
-    while _running_replicas(app_name) < n:
+    while _replicas(app_name, ("RUNNING",)) < n:
         assert time.monotonic() < deadline, f"{n} replicas did not come back"
         time.sleep(0.5)
 
@@ -397,33 +407,31 @@ def test_a_stream_whose_replica_dies_after_its_first_token_ends_with_an_error(cl
 @pytest.mark.slow
 def test_replicas_scale_up_with_the_queue_and_back_down(cluster):
     """1..2 replicas aiming at one request in flight each: a burst of concurrent requests
-    adds the second replica, and it goes again once they are done. Replaces the module's
-    application (run it last)."""
+    makes the autoscaler add a second replica, and once they are done it goes again.
+    Replaces the module's application (run it last)."""
     serve.delete(APP_NAME)
     serve.run(build(ServerArgs(), EngineConfig(**ENGINE),
                     RayArgs(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                            upscale_delay_s=1, downscale_delay_s=5, replica_cpus=1)),
+                            upscale_delay_s=1, downscale_delay_s=10, replica_cpus=1)),
               name="autoscale", route_prefix="/")
-    assert _running_replicas("autoscale") == 1
+    assert _replicas("autoscale") == 1
 
     def complete(i: int) -> int:
-        r = httpx.post(cluster + "/v1/completions", timeout=300, json={
-            "prompt": f"Story {i}: the storm", "max_tokens": 64, "temperature": 0})
+        r = httpx.post(cluster + "/v1/completions", timeout=600, json={
+            "prompt": f"Story {i}: the storm", "max_tokens": 384, "temperature": 0,
+            "ignore_eos": True})
         assert r.status_code == 200, r.text
         return r.json()["usage"]["completion_tokens"]
 
     peak = 0
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(complete, i) for i in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(complete, i) for i in range(8)]
         while not all(f.done() for f in futures):
-            peak = max(peak, _running_replicas("autoscale"))
+            peak = max(peak, _replicas("autoscale"))
             time.sleep(0.5)
-        assert [f.result() for f in futures] == [64] * 6
+        assert [f.result() for f in futures] == [384] * 8
+    assert peak == 2  # started (a burst may end before the new replica has loaded)
     deadline = time.monotonic() + 180
-    while peak < 2 and time.monotonic() < deadline:  # the burst ended before the new one ran
-        peak = max(peak, _running_replicas("autoscale"))
-        time.sleep(0.5)
-    assert peak == 2
-    while _running_replicas("autoscale") > 1 and time.monotonic() < deadline:
+    while _replicas("autoscale") > 1 and time.monotonic() < deadline:
         time.sleep(1)
-    assert _running_replicas("autoscale") == 1
+    assert _replicas("autoscale") == 1
