@@ -186,6 +186,14 @@ def test_the_documented_serve_config_is_valid():
     assert application.import_path == "peregrine.server.ray_serve:app"
     _, engine, ray_args = split_args(application.args)
     assert (ray_args.num_replicas, engine.max_model_len) == (2, 2048)
+    # what `serve run` / a config's import_path does with the builder and its args
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from peregrine.server import ray_serve
+    built = call_user_app_builder_with_args_if_necessary(
+        ray_serve.app, {"num_replicas": "2", "kv_cache_memory": "0.5"})
+    assert isinstance(built, serve.Application)
+    with pytest.raises(ValueError, match="unknown peregrine serve options: num_replica"):
+        call_user_app_builder_with_args_if_necessary(ray_serve.app, {"num_replica": "2"})
 
 
 # --- two real replicas --------------------------------------------------------------------------
