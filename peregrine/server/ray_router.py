@@ -6,6 +6,7 @@ unless that replica's queue is much longer than the others'; a call may also nam
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Any
 
 from ray.serve.request_router import (FIFOMixin, PendingRequest, ReplicaID, RequestRouter,
@@ -33,6 +34,8 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         self.rng = random.Random(seed)
         self.routed = 0
         self.affinity_hits = 0
+        # request id -> the replica that held its prefix when it was ranked (None: none)
+        self._preferred: OrderedDict[str, ReplicaID | None] = OrderedDict()
         router_registry.register(self)
 
     def queue_lens(self, candidates: list[RunningReplica]) -> dict[ReplicaID, int]:
@@ -55,16 +58,26 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             preferred, _ = self.table.lookup(hashes, by_id)
         ranks = rank_replicas(preferred, self.queue_lens(candidate_replicas),
                               self.max_imbalance, self.rng)
+        if hashes and ranks and pending_request is not None:
+            # Claim the prefix for the first choice now, not once Serve has placed the
+            # request: requests sharing it that arrive meanwhile (a burst) then follow it
+            # instead of each going to the least-loaded replica. on_request_routed
+            # corrects the claim when Serve places the request elsewhere.
+            self.table.record(hashes, ranks[0][0])
+            self._preferred[pending_request.metadata.internal_request_id] = preferred
+            while len(self._preferred) > 10_000:  # requests cancelled before placement
+                self._preferred.popitem(last=False)
         return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         """Remember which replica took the request's prefix."""
+        preferred = self._preferred.pop(pending_request.metadata.internal_request_id, None)
         hashes = pending_request.kwargs.get(PREFIX_KWARG)
         if not hashes or REPLICA_KWARG in pending_request.kwargs:
             return
         self.routed += 1
-        if self.table.lookup(hashes)[0] == replica_id:
+        if preferred is not None and preferred == replica_id:
             self.affinity_hits += 1
         self.table.record(hashes, replica_id)
 
