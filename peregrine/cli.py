@@ -10,6 +10,7 @@ import time
 
 from peregrine.config import EngineConfig, add_dataclass_args, add_engine_args, field_docs
 from peregrine.server.args import ServerArgs
+from peregrine.server.ray_args import RayArgs
 
 
 def engine_config(ns: argparse.Namespace) -> EngineConfig:
@@ -137,12 +138,29 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     models: list[str | None] = [*given] or [None]
     ns.model = models[0]
     config = engine_config(ns)
+    if ns.ray:
+        return _serve_on_ray(ns, config, len(models))
     if len(models) == 1 and not ns.models_config:
         return run_server(ns, config)
     entries = entries_from_flags(models, config, ns.served_model_name) if given else []
     if ns.models_config:
         entries += entries_from_file(ns.models_config, config)
     return run_server(ns, config, entries)
+
+
+def _serve_on_ray(ns: argparse.Namespace, config: EngineConfig, num_models: int) -> int:
+    """`peregrine serve --ray`: replicas of one model on Ray Serve."""
+    if num_models > 1 or ns.models_config:
+        raise ValueError("--ray serves one model (replicas of it); drop the extra --model / "
+                         "--models-config")
+    RayArgs.from_namespace(ns)  # refuse bad flags before importing Ray
+    try:
+        from peregrine.server.ray_serve import run
+    except ImportError as e:
+        print(f"peregrine: error: --ray needs Ray Serve ({e}); install it with "
+              "pip install 'peregrine[ray]'", file=sys.stderr)
+        return 2
+    return run(ns, config)
 
 
 def cmd_quantize(ns: argparse.Namespace) -> int:
@@ -216,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a playground")
     add_dataclass_args(p, ServerArgs, "server")
+    add_dataclass_args(p, RayArgs, "replicas on Ray Serve (docs/distributed.md)")
     add_engine_args(p, exclude=("model",))
     p.add_argument("--model", action="append", help=field_docs(EngineConfig)["model"]
                    + " Repeat to serve several (docs/multi_model.md).")

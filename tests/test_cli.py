@@ -52,3 +52,11 @@ def test_chat_streams_an_answer():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout and "tok/s" in proc.stdout
+
+
+def test_serve_ray_refuses_bad_replica_flags_before_starting_anything():
+    res = run_cli("serve", "--ray", "--model", "a", "--model", "b", timeout=60)
+    assert res.returncode == 2 and "--ray serves one model" in res.stderr
+    res = run_cli("serve", "--ray", "--min-replicas", "2", timeout=60)
+    assert res.returncode == 2 and "both --min-replicas and --max-replicas" in res.stderr
+    assert "Traceback" not in res.stderr
