@@ -16,23 +16,18 @@ from peregrine.models.gguf_file import GGUFFile
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
 from tests.models.gguf_writer import round_matrices, write_gemma_gguf
+from tests.models.test_gemma import CASES as HF_CASES
 from tests.models.parity import (assert_greedy_matches, assert_logits_match, hf_generate,
                                  random_prompts, sharpen_attention)
 
-# A GGUF file has no query_pre_attn_scalar: llama.cpp scales by head_dim^-1/2 (below 27B).
-TINY = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
-CASES = {
-    "gemma2": ("gemma2", dict(num_hidden_layers=3, **TINY)),
-    "gemma2-low-caps": ("gemma2", dict(attn_logit_softcapping=0.5,
-                                       final_logit_softcapping=0.3, **TINY)),
-    "gemma3": ("gemma3", dict(num_hidden_layers=4, sliding_window_pattern=2,
-                              rope_theta=1000000.0, **TINY)),
-    "gemma3-linear-rope": ("gemma3", dict(
-        num_hidden_layers=3, layer_types=[SLIDING, FULL, SLIDING],
-        rope_parameters={FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                         SLIDING: {"rope_type": "default", "rope_theta": 20000.0}},
-        **TINY)),
-}
+# The HF tests' cases, with the scale a GGUF file implies (it has no query_pre_attn_scalar:
+# llama.cpp scales by head_dim^-1/2 below 27B) and, in the linear-rope case, a local RoPE
+# base of its own for the sliding layers (not the 10000 default).
+CASES = {name: (family, {**kw, "query_pre_attn_scalar": 16})
+         for name, (family, kw) in HF_CASES.items()}
+CASES["gemma3-linear-rope"][1]["rope_parameters"] = {
+    FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    SLIDING: {"rope_type": "default", "rope_theta": 20000.0}}
 
 
 def gguf_checkpoint(tmp_path, case: str, smollm2_path: str, qtype: str = "F32"
