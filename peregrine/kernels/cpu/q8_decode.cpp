@@ -24,10 +24,12 @@
 // After maddubs + madd, lanes 0-3 hold block A's partial sums and lanes 4-7 block B's, so a
 // per-lane scale vector [sA x4, sB x4] applies both blocks' scales in one FMA.
 //
-// `Decoder` runs every layer of a Llama-family model for a decode-only step (one new token
-// per sequence) in one call and one OpenMP parallel region: norms, linears, RoPE, the paged
-// KV write and attention, SwiGLU, residuals. It replaces ~40 eager torch ops per layer; the
-// torch modules remain the reference it is tested against.
+// `Decoder` runs every layer of a Llama-family, Qwen3 or Gemma 2/3 model for a step's
+// decodes and verification drafts (tokens that attend to their cached context) in one call
+// and one OpenMP parallel region: norms (and q/k head norms), linears, RoPE, the paged KV
+// write and attention (windows, soft-cap), the gated MLP (SiLU or GELU), residuals. It
+// replaces ~40 eager torch ops per layer; the torch modules remain the reference it is
+// tested against.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
