@@ -131,6 +131,13 @@ class Harness:
         self.gen = torch.Generator().manual_seed(3)
         self.vocab = cfg.vocab_size
 
+    def decode_all(self, lens: list[int], steps: int) -> None:
+        """Prefill one context of each length in `lens`, then decode every sequence one
+        token per step for `steps` steps, each step checked."""
+        self.prefill(lens)
+        for _ in range(steps):
+            self.step([(s, 1) for s in range(len(lens))], len(lens))
+
     def meta(self, entries: list[tuple[int, int]]) -> tuple[torch.Tensor, AttentionMetadata]:
         """Positions and metadata of a step: entries are (sequence, new tokens)."""
         starts, seq_lens, positions, slots, rows = [0], [], [], [], []
@@ -236,10 +243,7 @@ def net(tmp_path_factory, quant):
 def test_pure_decode_steps_across_many_blocks(net):
     # contexts of 1 to 41 tokens: up to 11 blocks of 4, some ending on a block boundary
     lens = [1, 3, 4, 5, 8, 17, 30, 41]
-    h = Harness(net, len(lens))
-    h.prefill(lens)
-    for _ in range(6):
-        h.step([(s, 1) for s in range(len(lens))], len(lens))
+    Harness(net, len(lens)).decode_all(lens, steps=6)
 
 
 def test_one_sequence_alone(net):

@@ -70,11 +70,7 @@ def test_the_models_are_what_the_cases_say(net, arch):
 
 
 def test_pure_decode_steps_across_many_blocks_and_past_the_window(net):
-    lens = [1, 3, 4, 5, 8, 17, 30, 41]
-    h = Harness(net, len(lens))
-    h.prefill(lens)
-    for _ in range(4):
-        h.step([(s, 1) for s in range(len(lens))], len(lens))
+    Harness(net, 8).decode_all([1, 3, 4, 5, 8, 17, 30, 41], steps=4)
 
 
 def test_prefill_chunks_and_verification_entries(net):
