@@ -17,6 +17,7 @@ from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
+from peregrine.models.huge_pages import move_to_huge_pages
 from peregrine.layers.norm import RMSNorm
 from peregrine.layers.rotary import RotaryEmbedding
 from peregrine.models.gemma import GemmaForCausalLM
@@ -104,6 +105,8 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
         init_dummy_weights(net, seed)
     _quantize(net, quantization, quant_group_size, quant_symmetric, gguf_file is not None,
               native)
+    if device.type == "cpu":
+        move_to_huge_pages(net)
     return LoadedModel(net.eval(), cfg, tok, source, gguf_file)
 
 

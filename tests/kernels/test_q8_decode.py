@@ -154,6 +154,19 @@ def test_gguf_block_formats_equal_the_reference_on_quantized_activations(q8, kin
     torch.testing.assert_close(got, q8_activations(x)[0] @ w.t(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", sorted(GGUF_KINDS))
+@pytest.mark.parametrize("group", [16, 32])
+@pytest.mark.parametrize("k", [96, 160, 576, 1536])
+def test_gguf_block_formats_give_a_row_the_same_bits_in_any_batch(q8, kind, group, k):
+    """One row alone (the one-row kernel, bands of eight blocks and their tails) equals the
+    same row in a batch (the general tile), bit for bit, in every GGUF block format."""
+    (q, scale, offset, kid), _ = make_gguf_weight(kind, N + 1, k, group, seed=k)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(k))
+    alone = torch.cat([q8.q8_linear(x[i:i + 1], q, scale, offset, None, group, kid)
+                       for i in range(6)])
+    assert torch.equal(q8.q8_linear(x, q, scale, offset, None, group, kid), alone)
+
+
 def test_int5_packing_round_trips():
     q = torch.randint(0, 32, (3, 96), dtype=torch.uint8)
     packed = formats.pack_int5(q)

@@ -296,10 +296,12 @@ inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob
 }
 
 // Pair p of an int4 row: [A 0..15 | B 0..15] (lo) and [A 16..31 | B 16..31] (hi), unsigned.
-inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
+// `whole`: the caller knows block B exists.
+inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi,
+                      bool whole = false) {
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256i v;
-  if (2 * p + 1 < nb) {
+  if (whole || 2 * p + 1 < nb) {
     v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32));
   } else {  // odd tail: block A only (never read past the row)
     v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + p * 32)));
@@ -313,17 +315,17 @@ inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __
 // each byte of lo / hi picks the byte holding its bit: lo takes A's bits 0-15 (bytes 0, 1)
 // and B's (4, 5), hi A's 16-31 (2, 3) and B's (6, 7).
 inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m256i& lo,
-                      __m256i& hi) {
+                      __m256i& hi, bool whole = false) {
   const __m256i pick_lo = _mm256_set_epi64x(0x0505050505050505, 0x0404040404040404,
                                             0x0101010101010101, 0x0000000000000000);
   const __m256i pick_hi = _mm256_set_epi64x(0x0707070707070707, 0x0606060606060606,
                                             0x0303030303030303, 0x0202020202020202);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   const __m256i five = _mm256_set1_epi8(0x10);
-  int4_pair(row, p, nb, lo, hi);
+  int4_pair(row, p, nb, lo, hi, whole);
   const uint8_t* qh = row + K / 2 + p * 8;
   int64_t ab = 0;
-  std::memcpy(&ab, qh, 2 * p + 1 < nb ? 8 : 4);  // an odd tail has block A only
+  std::memcpy(&ab, qh, whole || 2 * p + 1 < nb ? 8 : 4);  // an odd tail has block A only
   const __m256i v = _mm256_set1_epi64x(ab);
   const __m256i bl = _mm256_and_si256(_mm256_shuffle_epi8(v, pick_lo), bit);
   const __m256i bh = _mm256_and_si256(_mm256_shuffle_epi8(v, pick_hi), bit);
@@ -332,9 +334,10 @@ inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m2
 }
 
 // Pair p of a one-byte-per-weight row (int8 or int6) in the same arrangement.
-inline void byte_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi) {
+inline void byte_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi,
+                      bool whole = false) {
   const uint8_t* a = row + p * 64;
-  if (2 * p + 1 < nb) {
+  if (whole || 2 * p + 1 < nb) {
     lo = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(a + 32),
                              reinterpret_cast<const __m128i*>(a));
     hi = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(a + 48),
@@ -491,11 +494,150 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
   }
 }
 
+// Eight stored scales (or offsets) of one row as floats.
+template <bool F16>
+inline __m256 load8(const void* p, int64_t i) {
+  if (F16) {
+    return _mm256_cvtph_ps(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+template <bool F16>
+inline float load1(const void* p, int64_t i) {
+  return F16 ? _cvtsh_ss(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+// Pair p of weight row r as (lo, hi) halves, for any KIND.
+template <int KIND, bool WHOLE>
+inline void weight_pair(const QW& w, const uint8_t* r, int64_t p, int64_t nb, __m256i& lo,
+                        __m256i& hi) {
+  if (KIND == kInt4) {
+    int4_pair(r, p, nb, lo, hi, WHOLE);
+  } else if (KIND == kInt5) {
+    int5_pair(r, w.K, p, nb, lo, hi, WHOLE);
+  } else {
+    byte_pair(r, p, nb, lo, hi, WHOLE);
+  }
+}
+
+// Pair p's 8 int32 lanes (4 per block) of one weight row against x.
+template <int KIND>
+inline __m256i pair_dot(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+  if (KIND == kInt8) return _mm256_add_epi32(half_dot<KIND>(lo, x0), half_dot<KIND>(hi, x1));
+  // int4 / int5 / int6 lanes are at most 2 * 63 * 127: two still fit in 16 bits
+  return _mm256_madd_epi16(
+      _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)),
+      _mm256_set1_epi16(1));
+}
+
+// Four pairs (eight blocks) from pair p8 on of two weight rows r0, r1 against x, into
+// acc0 / acc1, with the rows' eight block scales s0 / s1: qgemm_tile's operations in its order.
+template <int KIND, int NP>
+inline void gemv2_group(const QW& w, const uint8_t* r0, const uint8_t* r1, const QX& x,
+                        int64_t p8, __m256 s0, __m256 s1, __m256& acc0, __m256& acc1) {
+  const int64_t nb = w.K / 32;
+  const int8_t* xq = x.qrow(0);
+  const float* de = x.derow(0);
+  for (int k = 0; k < NP; ++k) {
+    const int64_t p = p8 + k;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + p * 64));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + p * 64 + 32));
+    const __m256 d = _mm256_loadu_ps(de + p * 8);
+    const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
+                                          2 * k + 1, 2 * k + 1);
+    __m256i lo, hi;
+    weight_pair<KIND, NP == 4>(w, r0, p, nb, lo, hi);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)),
+                           _mm256_mul_ps(_mm256_permutevar8x32_ps(s0, idx), d), acc0);
+    weight_pair<KIND, NP == 4>(w, r1, p, nb, lo, hi);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)),
+                           _mm256_mul_ps(_mm256_permutevar8x32_ps(s1, idx), d), acc1);
+  }
+}
+
+// Rows [n0, n1) (an even count) of y for one row of x and a weight with one scale per
+// block of 32 (GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), two rows at a time. The general tile's
+// per-row set-up (expanded scale copies, format checks at run time) cost as much as the
+// products at K = 576; this reads the stored scales in place, eight blocks at a time. Each
+// output is bit-identical to qgemm_tile's, so one sequence decodes alone as in a batch.
+template <int KIND, bool F16, bool OFFSET>
+void gemv2_g32(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+  const int64_t nb = w.K / 32, npair = x.npair, S = w.S;
+  const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5 : w.K;
+  const int64_t whole = nb / 8 * 4;  // pairs in groups of eight whole blocks
+  const float* xs = x.srow(0);
+  for (int64_t n = n0; n + 2 <= n1; n += 2) {
+    const uint8_t* r0 = w.q + n * row_bytes;
+    const uint8_t* r1 = r0 + row_bytes;
+    const int64_t at0 = n * S, at1 = at0 + S;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t p8 = 0;
+    for (; p8 < whole; p8 += 4) {
+      const int64_t b8 = 2 * p8;
+      if (OFFSET) {
+        const __m256 xsum = _mm256_loadu_ps(xs + b8);
+        acc0 = _mm256_fmadd_ps(load8<F16>(w.offset, at0 + b8), xsum, acc0);
+        acc1 = _mm256_fmadd_ps(load8<F16>(w.offset, at1 + b8), xsum, acc1);
+      }
+      gemv2_group<KIND, 4>(w, r0, r1, x, p8, load8<F16>(w.scale, at0 + b8),
+                           load8<F16>(w.scale, at1 + b8), acc0, acc1);
+    }
+    if (p8 < npair) {  // the last blocks: scales copied out zero-padded, as row_scales does
+      const int64_t b8 = 2 * p8;
+      alignas(32) float st[2][8] = {}, ot[2][8] = {};
+      for (int64_t j = 0; j < nb - b8; ++j) {
+        st[0][j] = load1<F16>(w.scale, at0 + b8 + j);
+        st[1][j] = load1<F16>(w.scale, at1 + b8 + j);
+        if (OFFSET) {
+          ot[0][j] = load1<F16>(w.offset, at0 + b8 + j);
+          ot[1][j] = load1<F16>(w.offset, at1 + b8 + j);
+        }
+      }
+      if (OFFSET) {
+        const __m256 xsum = _mm256_loadu_ps(xs + b8);
+        acc0 = _mm256_fmadd_ps(_mm256_load_ps(ot[0]), xsum, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_load_ps(ot[1]), xsum, acc1);
+      }
+      const __m256 s0 = _mm256_load_ps(st[0]), s1 = _mm256_load_ps(st[1]);
+      switch (npair - p8) {
+        case 1: gemv2_group<KIND, 1>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
+        case 2: gemv2_group<KIND, 2>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
+        default: gemv2_group<KIND, 3>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
+      }
+    }
+    y[n] = hsum(acc0) + (w.bias ? w.bias[n] : 0.0f);
+    y[n + 1] = hsum(acc1) + (w.bias ? w.bias[n + 1] : 0.0f);
+  }
+}
+
+// Rows [n0, n1) at M = 1 through gemv2_g32 when the weight has one scale per block of 32;
+// returns the first row left for the general tile (n0 when none was done).
+template <int KIND>
+int64_t gemv_g32_rows(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+  if (w.half || w.gshift != 0) return n0;
+  const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
+  if (KIND == kInt4 || KIND == kInt5) {
+    if (w.f16) {
+      gemv2_g32<KIND, true, true>(w, x, n0, n2, y);
+    } else {
+      gemv2_g32<KIND, false, true>(w, x, n0, n2, y);
+    }
+  } else if (KIND == kInt6 || w.offset) {
+    gemv2_g32<KIND, false, true>(w, x, n0, n2, y);
+  } else {
+    gemv2_g32<KIND, false, false>(w, x, n0, n2, y);
+  }
+  return n2;
+}
+
 template <int KIND, bool HALF>
 void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, float* y,
                      int64_t ldy, float* buf) {
   // A band of W rows stays in L1 while every tile of x passes over it.
   constexpr int64_t kBand = 16;
+  if (M == 1 && !HALF) n0 = gemv_g32_rows<KIND>(w, x, n0, n1, y);
   for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
     const int64_t b1 = std::min(n1, b0 + kBand);
     if (M == 1) {
@@ -539,7 +681,8 @@ void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, flo
                 int64_t ldy) {
   const int64_t nb8 = (w.K / 32 + 7) / 8 * 8;
   // 4 rows of (scales, offsets) for whole blocks or both halves
-  std::vector<float> buf(static_cast<size_t>(16 * nb8 + 8));
+  thread_local std::vector<float> buf;
+  buf.resize(static_cast<size_t>(16 * nb8 + 8));
   if (w.kind == kInt4) {
     qgemm_rows_half<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
   } else if (w.kind == kInt6) {
