@@ -532,14 +532,49 @@ inline __m256i pair_dot(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
       _mm256_set1_epi16(1));
 }
 
+// The scales (or offsets) of eight blocks from block b8 on of one row stored from `at`:
+// one per block into v, or with G = 16 (HALF: two per block, interleaved as stored) first
+// halves into v and second halves into v2.
+template <bool F16, bool HALF>
+inline void block_scales(const void* p, int64_t at, __m256& v, __m256& v2) {
+  if (!HALF) {
+    v = load8<F16>(p, at);
+    return;
+  }
+  const __m256 a = load8<F16>(p, at), b = load8<F16>(p, at + 8);
+  // per 128-bit lane [a0 a2 b0 b2 | a4 a6 b4 b6], then the lanes' 64-bit halves in order
+  v = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), 0xD8));
+  v2 = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), 0xD8));
+}
+
+// block_scales for the last nb - b8 < 8 blocks, zero-padded as row_scales pads them.
+template <bool F16, bool HALF>
+inline void last_block_scales(const void* p, int64_t at, int64_t blocks, __m256& v,
+                              __m256& v2) {
+  alignas(32) float t[2][8] = {};
+  for (int64_t j = 0; j < blocks; ++j) {
+    t[0][j] = load1<F16>(p, at + (HALF ? 2 * j : j));
+    if (HALF) t[1][j] = load1<F16>(p, at + 2 * j + 1);
+  }
+  v = _mm256_load_ps(t[0]);
+  v2 = _mm256_load_ps(t[1]);
+}
+
 // Four pairs (eight blocks) from pair p8 on of two weight rows r0, r1 against x, into
-// acc0 / acc1, with the rows' eight block scales s0 / s1: qgemm_tile's operations in its order.
-template <int KIND, int NP>
+// acc0 / acc1, with the rows' block scales s0 / s1 (second halves' t0 / t1 with G = 16):
+// qgemm_tile's operations in its order.
+template <int KIND, bool HALF, int NP>
 inline void gemv2_group(const QW& w, const uint8_t* r0, const uint8_t* r1, const QX& x,
-                        int64_t p8, __m256 s0, __m256 s1, __m256& acc0, __m256& acc1) {
+                        int64_t p8, __m256 s0, __m256 s1, __m256 t0, __m256 t1, __m256& acc0,
+                        __m256& acc1) {
   const int64_t nb = w.K / 32;
   const int8_t* xq = x.qrow(0);
   const float* de = x.derow(0);
+  const __m256 s[2] = {s0, s1}, t[2] = {t0, t1};
+  __m256* acc[2] = {&acc0, &acc1};
+  const uint8_t* r[2] = {r0, r1};
   for (int k = 0; k < NP; ++k) {
     const int64_t p = p8 + k;
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + p * 64));
@@ -547,64 +582,72 @@ inline void gemv2_group(const QW& w, const uint8_t* r0, const uint8_t* r1, const
     const __m256 d = _mm256_loadu_ps(de + p * 8);
     const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
                                           2 * k + 1, 2 * k + 1);
-    __m256i lo, hi;
-    weight_pair<KIND, NP == 4>(w, r0, p, nb, lo, hi);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)),
-                           _mm256_mul_ps(_mm256_permutevar8x32_ps(s0, idx), d), acc0);
-    weight_pair<KIND, NP == 4>(w, r1, p, nb, lo, hi);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)),
-                           _mm256_mul_ps(_mm256_permutevar8x32_ps(s1, idx), d), acc1);
+    for (int i = 0; i < 2; ++i) {
+      __m256i lo, hi;
+      weight_pair<KIND, NP == 4>(w, r[i], p, nb, lo, hi);
+      const __m256 ws = _mm256_mul_ps(_mm256_permutevar8x32_ps(s[i], idx), d);
+      if (HALF) {
+        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(lo, x0)), ws, *acc[i]);
+        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(hi, x1)),
+                                  _mm256_mul_ps(_mm256_permutevar8x32_ps(t[i], idx), d),
+                                  *acc[i]);
+      } else {
+        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)), ws,
+                                  *acc[i]);
+      }
+    }
   }
 }
 
-// Rows [n0, n1) (an even count) of y for one row of x and a weight with one scale per
-// block of 32 (GGUF's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0), two rows at a time. The general tile's
-// per-row set-up (expanded scale copies, format checks at run time) cost as much as the
-// products at K = 576; this reads the stored scales in place, eight blocks at a time. Each
-// output is bit-identical to qgemm_tile's, so one sequence decodes alone as in a batch.
-template <int KIND, bool F16, bool OFFSET>
-void gemv2_g32(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
-  const int64_t nb = w.K / 32, npair = x.npair, S = w.S;
+// Rows [n0, n1) (an even count) of y for one row of x and a weight with one scale per block
+// of 32 (GGUF's Q4_0/Q4_1/Q5_x/Q8_0, K-quants' Q4_K/Q5_K) or per half block (HALF: Q2_K,
+// Q3_K, Q6_K), two rows at a time. The general tile's per-row set-up (expanded scale
+// copies, format checks at run time) cost as much as the products at K = 576; this reads the
+// stored scales in place, eight blocks at a time. Each output is bit-identical to
+// qgemm_tile's, so one sequence decodes alone as in a batch.
+template <int KIND, bool F16, bool OFFSET, bool HALF>
+void gemv2(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+  const int64_t nb = w.K / 32, npair = x.npair, S = w.S, per = HALF ? 2 : 1;
   const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5 : w.K;
   const int64_t whole = nb / 8 * 4;  // pairs in groups of eight whole blocks
-  const float* xs = x.srow(0);
   for (int64_t n = n0; n + 2 <= n1; n += 2) {
     const uint8_t* r0 = w.q + n * row_bytes;
     const uint8_t* r1 = r0 + row_bytes;
     const int64_t at0 = n * S, at1 = at0 + S;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t p8 = 0;
-    for (; p8 < whole; p8 += 4) {
+    for (int64_t p8 = 0; p8 < npair; p8 += 4) {
       const int64_t b8 = 2 * p8;
-      if (OFFSET) {
-        const __m256 xsum = _mm256_loadu_ps(xs + b8);
-        acc0 = _mm256_fmadd_ps(load8<F16>(w.offset, at0 + b8), xsum, acc0);
-        acc1 = _mm256_fmadd_ps(load8<F16>(w.offset, at1 + b8), xsum, acc1);
-      }
-      gemv2_group<KIND, 4>(w, r0, r1, x, p8, load8<F16>(w.scale, at0 + b8),
-                           load8<F16>(w.scale, at1 + b8), acc0, acc1);
-    }
-    if (p8 < npair) {  // the last blocks: scales copied out zero-padded, as row_scales does
-      const int64_t b8 = 2 * p8;
-      alignas(32) float st[2][8] = {}, ot[2][8] = {};
-      for (int64_t j = 0; j < nb - b8; ++j) {
-        st[0][j] = load1<F16>(w.scale, at0 + b8 + j);
-        st[1][j] = load1<F16>(w.scale, at1 + b8 + j);
+      const bool last = p8 >= whole;
+      __m256 s0, s1, t0, t1, o0, o1, u0, u1;
+      if (!last) {
+        block_scales<F16, HALF>(w.scale, at0 + per * b8, s0, t0);
+        block_scales<F16, HALF>(w.scale, at1 + per * b8, s1, t1);
         if (OFFSET) {
-          ot[0][j] = load1<F16>(w.offset, at0 + b8 + j);
-          ot[1][j] = load1<F16>(w.offset, at1 + b8 + j);
+          block_scales<F16, HALF>(w.offset, at0 + per * b8, o0, u0);
+          block_scales<F16, HALF>(w.offset, at1 + per * b8, o1, u1);
+        }
+      } else {
+        last_block_scales<F16, HALF>(w.scale, at0 + per * b8, nb - b8, s0, t0);
+        last_block_scales<F16, HALF>(w.scale, at1 + per * b8, nb - b8, s1, t1);
+        if (OFFSET) {
+          last_block_scales<F16, HALF>(w.offset, at0 + per * b8, nb - b8, o0, u0);
+          last_block_scales<F16, HALF>(w.offset, at1 + per * b8, nb - b8, o1, u1);
         }
       }
-      if (OFFSET) {
-        const __m256 xsum = _mm256_loadu_ps(xs + b8);
-        acc0 = _mm256_fmadd_ps(_mm256_load_ps(ot[0]), xsum, acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_load_ps(ot[1]), xsum, acc1);
+      if (OFFSET && HALF) {
+        const __m256 xl = _mm256_loadu_ps(x.slrow(0) + b8), xh = _mm256_loadu_ps(x.shrow(0) + b8);
+        acc0 = _mm256_fmadd_ps(u0, xh, _mm256_fmadd_ps(o0, xl, acc0));
+        acc1 = _mm256_fmadd_ps(u1, xh, _mm256_fmadd_ps(o1, xl, acc1));
+      } else if (OFFSET) {
+        const __m256 xsum = _mm256_loadu_ps(x.srow(0) + b8);
+        acc0 = _mm256_fmadd_ps(o0, xsum, acc0);
+        acc1 = _mm256_fmadd_ps(o1, xsum, acc1);
       }
-      const __m256 s0 = _mm256_load_ps(st[0]), s1 = _mm256_load_ps(st[1]);
-      switch (npair - p8) {
-        case 1: gemv2_group<KIND, 1>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
-        case 2: gemv2_group<KIND, 2>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
-        default: gemv2_group<KIND, 3>(w, r0, r1, x, p8, s0, s1, acc0, acc1); break;
+      switch (last ? npair - p8 : 4) {
+        case 1: gemv2_group<KIND, HALF, 1>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
+        case 2: gemv2_group<KIND, HALF, 2>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
+        case 3: gemv2_group<KIND, HALF, 3>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
+        default: gemv2_group<KIND, HALF, 4>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1);
       }
     }
     y[n] = hsum(acc0) + (w.bias ? w.bias[n] : 0.0f);
@@ -612,22 +655,18 @@ void gemv2_g32(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
   }
 }
 
-// Rows [n0, n1) at M = 1 through gemv2_g32 when the weight has one scale per block of 32;
-// returns the first row left for the general tile (n0 when none was done).
-template <int KIND>
-int64_t gemv_g32_rows(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
-  if (w.half || w.gshift != 0) return n0;
+// Rows [n0, n1) at M = 1 through gemv2 when the weight has a scale per block of 32 or per
+// half block; returns the first row left for the general tile (n0 when none was done).
+template <int KIND, bool HALF>
+int64_t gemv_rows(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+  if (!HALF && w.gshift != 0) return n0;
   const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
-  if (KIND == kInt4 || KIND == kInt5) {
-    if (w.f16) {
-      gemv2_g32<KIND, true, true>(w, x, n0, n2, y);
-    } else {
-      gemv2_g32<KIND, false, true>(w, x, n0, n2, y);
-    }
-  } else if (KIND == kInt6 || w.offset) {
-    gemv2_g32<KIND, false, true>(w, x, n0, n2, y);
+  if (KIND == kInt8 && !w.offset) {
+    gemv2<KIND, false, false, HALF>(w, x, n0, n2, y);
+  } else if (w.f16 && (KIND == kInt4 || KIND == kInt5)) {
+    gemv2<KIND, true, true, HALF>(w, x, n0, n2, y);
   } else {
-    gemv2_g32<KIND, false, false>(w, x, n0, n2, y);
+    gemv2<KIND, false, true, HALF>(w, x, n0, n2, y);
   }
   return n2;
 }
@@ -637,7 +676,7 @@ void qgemm_rows_kind(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1
                      int64_t ldy, float* buf) {
   // A band of W rows stays in L1 while every tile of x passes over it.
   constexpr int64_t kBand = 16;
-  if (M == 1 && !HALF) n0 = gemv_g32_rows<KIND>(w, x, n0, n1, y);
+  if (M == 1) n0 = gemv_rows<KIND, HALF>(w, x, n0, n1, y);
   for (int64_t b0 = n0; b0 < n1; b0 += kBand) {
     const int64_t b1 = std::min(n1, b0 + kBand);
     if (M == 1) {
