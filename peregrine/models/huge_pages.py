@@ -39,45 +39,41 @@ def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
     huge pages are unavailable). Tensors shared between modules (tied weights) stay shared."""
     if not huge_pages_available():
         return 0
-    slots: list[tuple[dict, str, torch.Tensor, tuple]] = []
+    # the places each tensor is held, by tensor (tied weights are one tensor, two places)
+    places: dict[tuple, list[tuple[dict, str]]] = {}
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
                 if (t is not None and t.device.type == "cpu" and t.is_contiguous()
                         and t.numel() * t.element_size() >= min_bytes):
-                    slots.append((table, name, t, _key(t)))
-    unique: dict[tuple, torch.Tensor] = {}
-    for _, _, t, key in slots:
-        unique.setdefault(key, t)
-    if not unique:
+                    places.setdefault(_key(t), []).append((table, name))
+    if not places:
         return 0
-    sizes = {k: _padded(t) for k, t in unique.items()}
+    sizes = {key: (key[3] + _ALIGN - 1) // _ALIGN * _ALIGN for key in places}
     total = sum(sizes.values())
     # private: an anonymous shared mapping is shmem, which THP's `enabled` does not cover
     area = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
     arena = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive
     at = (-arena.data_ptr()) % HUGE_PAGE
-    copies: dict[tuple, torch.Tensor] = {}
-    for key, t in unique.items():
-        n = t.numel() * t.element_size()
-        copy = arena[at:at + n].view(t.dtype).view(t.shape)
-        copy.copy_(t)
-        copies[key] = copy
+    for key, held in places.items():
+        table, name = held[0]
+        old = table[name]
+        copy = arena[at:at + key[3]].view(old.dtype).view(old.shape)
+        copy.copy_(old)
         at += sizes[key]
-    for table, name, t, key in slots:
-        copy = copies[key]
-        if isinstance(t, torch.nn.Parameter):  # a tied one is set twice, to the same copy
-            t.data = copy
-        else:
-            table[name] = copy
+        # repoint every holder now, so each original is freed before the next is copied
+        # (the peak stays one tensor above the model, not two models)
+        for table, name in held:
+            if isinstance(table[name], torch.nn.Parameter):
+                table[name].data = copy
+            else:
+                table[name] = copy
+        del old
     logger.debug("moved %.1f MB of weights into huge pages", total / 1e6)
     return total
 
 
 def _key(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, tuple(t.shape)
-
-
-def _padded(t: torch.Tensor) -> int:
-    return (t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+    """A tensor's identity and size in bytes (last): where it is, what it holds."""
+    return t.data_ptr(), t.dtype, tuple(t.shape), t.numel() * t.element_size()
