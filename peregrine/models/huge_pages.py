@@ -4,7 +4,8 @@ One decode step streams every weight of the model from memory once. With 4 KiB p
 100 MB model is 25,000 pages per step, each a TLB miss and a restart of the hardware
 prefetcher, which does not cross a page. Copied into one mapping advised for huge pages
 (`madvise(MADV_HUGEPAGE)`, which works whether the system's THP setting is `always` or
-`madvise`), the same weights are 50 pages: on the 2-core EPYC of docs/benchmarks.md a
+`madvise`), the same weights are 50 pages (embedding tables, looked up a row per token, stay
+where they are unless tied to the LM head): on the 2-core EPYC of docs/benchmarks.md a
 one-sequence decode step of SmolLM2 runs 6-7% faster and its LM head 9-10%.
 """
 
@@ -34,19 +35,26 @@ def huge_pages_available() -> bool:
 
 
 def move_to_huge_pages(model: torch.nn.Module, min_bytes: int = 1 << 16) -> int:
-    """Copy the model's CPU parameters and buffers of at least `min_bytes` into one
-    huge-page mapping and point the modules at the copies; returns the bytes moved (0 when
-    huge pages are unavailable). Tensors shared between modules (tied weights) stay shared."""
+    """Copy the model's CPU parameters and buffers of at least `min_bytes` (but embedding
+    tables not tied to a linear) into one huge-page mapping and point the modules at the
+    copies; returns the bytes moved (0 when huge pages are unavailable). Tensors shared
+    between modules (tied weights) stay shared."""
     if not huge_pages_available():
         return 0
     # the places each tensor is held, by tensor (tied weights are one tensor, two places)
     places: dict[tuple, list[tuple[dict, str]]] = {}
+    streamed: set[tuple] = set()
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
                 if (t is not None and t.device.type == "cpu" and t.is_contiguous()
                         and t.numel() * t.element_size() >= min_bytes):
                     places.setdefault(_key(t), []).append((table, name))
+                    if not isinstance(module, torch.nn.Embedding):
+                        streamed.add(_key(t))
+    # an embedding table is looked up a row per token, not streamed: unless it is tied to
+    # a linear (the LM head), leave it where it is
+    places = {key: held for key, held in places.items() if key in streamed}
     if not places:
         return 0
     sizes = {key: (key[3] + _ALIGN - 1) // _ALIGN * _ALIGN for key in places}

@@ -16,6 +16,7 @@ class Tied(torch.nn.Module):
         self.head.weight = self.embed.weight  # tied
         self.register_buffer("table", torch.arange(40000, dtype=torch.int32))
         self.register_buffer("small", torch.ones(3))
+        self.lookup = torch.nn.Embedding(1000, 64)  # not tied: looked up, never streamed
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(self.proj(self.embed(ids))) + self.table[:300].float()
@@ -29,7 +30,7 @@ def test_moved_tensors_keep_values_sharing_and_outputs():
     before = {n: t.clone() for n, t in net.state_dict().items()}
     out = net(ids)
     moved = move_to_huge_pages(net, min_bytes=1024)
-    # the tied weight counts once; the 12-byte buffer stays where it was
+    # the tied weight counts once; the 12-byte buffer and the untied embedding stay
     assert moved == 300 * 64 * 4 + 64 * 64 * 4 + 40000 * 4
     assert net.head.weight is net.embed.weight
     assert isinstance(net.proj.weight, torch.nn.Parameter)
@@ -40,6 +41,7 @@ def test_moved_tensors_keep_values_sharing_and_outputs():
     assert all(p % 64 == 0 for p in ptrs)
     assert ptrs[-1] - ptrs[0] < HUGE_PAGE  # one area, packed
     assert net.small.data_ptr() != ptrs[0]
+    assert not ptrs[0] <= net.lookup.weight.data_ptr() <= ptrs[-1]
 
 
 def test_nothing_moves_without_huge_pages(monkeypatch):
