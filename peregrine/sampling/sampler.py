@@ -316,6 +316,17 @@ def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor, nums: list[int]
     return logprobs_to_host(targets, *gathered, nums)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) [B]: through the C++ kernel for float32 CPU logits (torch's CPU
+    argmax took about 1 ms for 32 rows of a 49k vocabulary, 56 us for one), else torch."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        from peregrine.kernels.cpu import q8_ops
+        ops = q8_ops()
+        if ops is not None and logits.shape[1] > 0:
+            return ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler(nn.Module):
     """Logits [B, V] -> token ids [B] (plus logprobs for the rows that ask)."""
 
@@ -326,11 +337,11 @@ class Sampler(nn.Module):
         raw = logits if raw is None else raw
         logits = apply_logits_processors(logits, st)
         if st.all_greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy_tokens(logits)
         else:
             probs = torch.softmax(logits / st.temperature.unsqueeze(1), dim=-1)
             tokens = sample_filtered(probs, st)
-            tokens = torch.where(st.greedy, logits.argmax(dim=-1), tokens)
+            tokens = torch.where(st.greedy, greedy_tokens(logits), tokens)
         if st.logprob_rows is None:
             return SamplerOutput(tokens.tolist())
         rows = st.logprob_rows

@@ -224,3 +224,24 @@ def test_bad_inputs_raise_an_exception(q8, case):
     args = BAD_INPUTS[case](torch.randn(2, 96), q4, s4, o4, q8w, s8)
     with pytest.raises(RuntimeError):
         q8.q8_linear(*args)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (32, 4099), (3, 7), (2, 1), (1, 8), (5, 100003)])
+def test_argmax_rows_is_torch_argmax(q8, rows, vocab):
+    """The greedy rows' kernel picks what torch.argmax picks: the first maximum (ties are
+    common in masked logits), the first NaN when a row holds one, index 0 of an all -inf row;
+    row by row and, with fewer rows than threads, over pieces of the vocabulary."""
+    g = torch.Generator().manual_seed(vocab)
+    cases = [torch.randn(rows, vocab, generator=g),
+             torch.randint(0, 3, (rows, vocab), generator=g).float(),
+             torch.full((rows, vocab), float("-inf"))]
+    with_nan = cases[1].clone()
+    with_nan[:, vocab // 2:] = float("nan")
+    threads = torch.get_num_threads()
+    try:
+        for logits in cases + [with_nan]:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                assert torch.equal(q8.argmax_rows(logits), logits.argmax(-1))
+    finally:
+        torch.set_num_threads(threads)
