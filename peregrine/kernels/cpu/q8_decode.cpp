@@ -1368,12 +1368,16 @@ torch::Tensor argmax_rows(torch::Tensor logits) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("argmax_rows", &argmax_rows, "torch.argmax(logits, -1) of float32 logits [B, V]");
+  // The GIL is released while these run (they touch no Python object): the server's event
+  // loop streams the last step's tokens while the engine thread computes the next step.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(logits, -1) of float32 logits [B, V]",
+        no_gil);
   m.def("q8_linear", &q8_linear, "y = x W^T (+ b): W int4 (q uint8 packed, scale, offset), "
         "int6 (q uint8 < 64, scale, offset; kind=2), int5 (nibbles then fifth bits; kind=3) or int8 (q int8, scale f32, offset or "
         "None), x quantized to int8 per 32 values",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
-        py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1);
+        py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1, no_gil);
   py::class_<DecoderOptions>(m, "DecoderOptions")
       .def(py::init<>())
       .def_readwrite("gelu_tanh", &DecoderOptions::gelu_tanh)
@@ -1391,7 +1395,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t,
                     const DecoderOptions&>())
       .def("add_layer", &Decoder::add_layer)
-      .def("forward", &Decoder::forward)
+      .def("forward", &Decoder::forward, no_gil)
       .def("num_layers", &Decoder::num_layers)
       .def("set_final_norm", &Decoder::set_final_norm);
 }
