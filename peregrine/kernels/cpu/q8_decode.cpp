@@ -562,19 +562,15 @@ inline void last_block_scales(const void* p, int64_t at, int64_t blocks, __m256&
   v2 = _mm256_load_ps(t[1]);
 }
 
-// Four pairs (eight blocks) from pair p8 on of two weight rows r0, r1 against x, into
-// acc0 / acc1, with the rows' block scales s0 / s1 (second halves' t0 / t1 with G = 16):
-// qgemm_tile's operations in its order.
-template <int KIND, bool HALF, int NP>
-inline void gemv2_group(const QW& w, const uint8_t* r0, const uint8_t* r1, const QX& x,
-                        int64_t p8, __m256 s0, __m256 s1, __m256 t0, __m256 t1, __m256& acc0,
-                        __m256& acc1) {
+// Four pairs (eight blocks) from pair p8 on of RN weight rows r[i] against x, into acc[i],
+// with the rows' block scales s[i] (second halves' t[i] with G = 16): qgemm_tile's
+// operations in its order.
+template <int KIND, bool HALF, int RN, int NP>
+inline void gemv_group(const QW& w, const uint8_t* const* r, const QX& x, int64_t p8,
+                       const __m256* s, const __m256* t, __m256* acc) {
   const int64_t nb = w.K / 32;
   const int8_t* xq = x.qrow(0);
   const float* de = x.derow(0);
-  const __m256 s[2] = {s0, s1}, t[2] = {t0, t1};
-  __m256* acc[2] = {&acc0, &acc1};
-  const uint8_t* r[2] = {r0, r1};
   for (int k = 0; k < NP; ++k) {
     const int64_t p = p8 + k;
     const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + p * 64));
@@ -582,91 +578,94 @@ inline void gemv2_group(const QW& w, const uint8_t* r0, const uint8_t* r1, const
     const __m256 d = _mm256_loadu_ps(de + p * 8);
     const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1,
                                           2 * k + 1, 2 * k + 1);
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < RN; ++i) {
       __m256i lo, hi;
       weight_pair<KIND, NP == 4>(w, r[i], p, nb, lo, hi);
       const __m256 ws = _mm256_mul_ps(_mm256_permutevar8x32_ps(s[i], idx), d);
       if (HALF) {
-        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(lo, x0)), ws, *acc[i]);
-        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(hi, x1)),
-                                  _mm256_mul_ps(_mm256_permutevar8x32_ps(t[i], idx), d),
-                                  *acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(lo, x0)), ws, acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(half_dot<KIND>(hi, x1)),
+                                 _mm256_mul_ps(_mm256_permutevar8x32_ps(t[i], idx), d), acc[i]);
       } else {
-        *acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)), ws,
-                                  *acc[i]);
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot<KIND>(lo, hi, x0, x1)), ws,
+                                 acc[i]);
       }
     }
   }
 }
 
-// Rows [n0, n1) (an even count) of y for one row of x and a weight with one scale per block
-// of 32 (GGUF's Q4_0/Q4_1/Q5_x/Q8_0, K-quants' Q4_K/Q5_K) or per half block (HALF: Q2_K,
-// Q3_K, Q6_K), two rows at a time. The general tile's per-row set-up (expanded scale
-// copies, format checks at run time) cost as much as the products at K = 576; this reads the
-// stored scales in place, eight blocks at a time. Each output is bit-identical to
+// Rows [n0, n1) (a multiple of RN) of y for one row of x and a weight with one scale per
+// block of 32 (GGUF's Q4_0/Q4_1/Q5_x/Q8_0, K-quants' Q4_K/Q5_K) or per half block (HALF:
+// Q2_K, Q3_K, Q6_K), RN rows at a time. The general tile's per-row set-up (expanded scale
+// copies, format checks at run time) cost as much as the products at K = 576; this reads
+// the stored scales in place, eight blocks at a time. Each output is bit-identical to
 // qgemm_tile's, so one sequence decodes alone as in a batch.
-template <int KIND, bool F16, bool OFFSET, bool HALF>
-void gemv2(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+template <int KIND, bool F16, bool OFFSET, bool HALF, int RN>
+void gemv(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
   const int64_t nb = w.K / 32, npair = x.npair, S = w.S, per = HALF ? 2 : 1;
   const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5 : w.K;
   const int64_t whole = nb / 8 * 4;  // pairs in groups of eight whole blocks
-  for (int64_t n = n0; n + 2 <= n1; n += 2) {
-    const uint8_t* r0 = w.q + n * row_bytes;
-    const uint8_t* r1 = r0 + row_bytes;
-    const int64_t at0 = n * S, at1 = at0 + S;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t n = n0; n + RN <= n1; n += RN) {
+    const uint8_t* r[RN];
+    int64_t at[RN];
+    __m256 acc[RN];
+    for (int i = 0; i < RN; ++i) {
+      r[i] = w.q + (n + i) * row_bytes;
+      at[i] = (n + i) * S;
+      acc[i] = _mm256_setzero_ps();
+    }
     for (int64_t p8 = 0; p8 < npair; p8 += 4) {
       const int64_t b8 = 2 * p8;
       const bool last = p8 >= whole;
-      __m256 s0, s1, t0, t1, o0, o1, u0, u1;
-      if (!last) {
-        block_scales<F16, HALF>(w.scale, at0 + per * b8, s0, t0);
-        block_scales<F16, HALF>(w.scale, at1 + per * b8, s1, t1);
-        if (OFFSET) {
-          block_scales<F16, HALF>(w.offset, at0 + per * b8, o0, u0);
-          block_scales<F16, HALF>(w.offset, at1 + per * b8, o1, u1);
+      __m256 s[RN], t[RN], o[RN], u[RN];
+      for (int i = 0; i < RN; ++i) {
+        const int64_t from = at[i] + per * b8;
+        if (!last) {
+          block_scales<F16, HALF>(w.scale, from, s[i], t[i]);
+          if (OFFSET) block_scales<F16, HALF>(w.offset, from, o[i], u[i]);
+        } else {
+          last_block_scales<F16, HALF>(w.scale, from, nb - b8, s[i], t[i]);
+          if (OFFSET) last_block_scales<F16, HALF>(w.offset, from, nb - b8, o[i], u[i]);
         }
-      } else {
-        last_block_scales<F16, HALF>(w.scale, at0 + per * b8, nb - b8, s0, t0);
-        last_block_scales<F16, HALF>(w.scale, at1 + per * b8, nb - b8, s1, t1);
-        if (OFFSET) {
-          last_block_scales<F16, HALF>(w.offset, at0 + per * b8, nb - b8, o0, u0);
-          last_block_scales<F16, HALF>(w.offset, at1 + per * b8, nb - b8, o1, u1);
+        if (OFFSET && HALF) {
+          acc[i] = _mm256_fmadd_ps(o[i], _mm256_loadu_ps(x.slrow(0) + b8), acc[i]);
+          acc[i] = _mm256_fmadd_ps(u[i], _mm256_loadu_ps(x.shrow(0) + b8), acc[i]);
+        } else if (OFFSET) {
+          acc[i] = _mm256_fmadd_ps(o[i], _mm256_loadu_ps(x.srow(0) + b8), acc[i]);
         }
-      }
-      if (OFFSET && HALF) {
-        const __m256 xl = _mm256_loadu_ps(x.slrow(0) + b8), xh = _mm256_loadu_ps(x.shrow(0) + b8);
-        acc0 = _mm256_fmadd_ps(u0, xh, _mm256_fmadd_ps(o0, xl, acc0));
-        acc1 = _mm256_fmadd_ps(u1, xh, _mm256_fmadd_ps(o1, xl, acc1));
-      } else if (OFFSET) {
-        const __m256 xsum = _mm256_loadu_ps(x.srow(0) + b8);
-        acc0 = _mm256_fmadd_ps(o0, xsum, acc0);
-        acc1 = _mm256_fmadd_ps(o1, xsum, acc1);
       }
       switch (last ? npair - p8 : 4) {
-        case 1: gemv2_group<KIND, HALF, 1>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
-        case 2: gemv2_group<KIND, HALF, 2>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
-        case 3: gemv2_group<KIND, HALF, 3>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1); break;
-        default: gemv2_group<KIND, HALF, 4>(w, r0, r1, x, p8, s0, s1, t0, t1, acc0, acc1);
+        case 1: gemv_group<KIND, HALF, RN, 1>(w, r, x, p8, s, t, acc); break;
+        case 2: gemv_group<KIND, HALF, RN, 2>(w, r, x, p8, s, t, acc); break;
+        case 3: gemv_group<KIND, HALF, RN, 3>(w, r, x, p8, s, t, acc); break;
+        default: gemv_group<KIND, HALF, RN, 4>(w, r, x, p8, s, t, acc);
       }
     }
-    y[n] = hsum(acc0) + (w.bias ? w.bias[n] : 0.0f);
-    y[n + 1] = hsum(acc1) + (w.bias ? w.bias[n + 1] : 0.0f);
+    for (int i = 0; i < RN; ++i) y[n + i] = hsum(acc[i]) + (w.bias ? w.bias[n + i] : 0.0f);
   }
 }
 
-// Rows [n0, n1) at M = 1 through gemv2 when the weight has a scale per block of 32 or per
+// Rows [n0, n1) at M = 1 through gemv when the weight has a scale per block of 32 or per
 // half block; returns the first row left for the general tile (n0 when none was done).
+// Packed formats go two rows at a time (two streams of weights measured fastest);
+// one-byte formats one row at a time: two streams of int8 weights out of memory ran at
+// 6-7 GB/s on one core, one stream at 16-20 GB/s.
 template <int KIND, bool HALF>
 int64_t gemv_rows(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
   if (!HALF && w.gshift != 0) return n0;
+  if (KIND == kInt8 || KIND == kInt6) {
+    if (KIND == kInt8 && !w.offset) {
+      gemv<KIND, false, false, HALF, 1>(w, x, n0, n1, y);
+    } else {
+      gemv<KIND, false, true, HALF, 1>(w, x, n0, n1, y);
+    }
+    return n1;
+  }
   const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
-  if (KIND == kInt8 && !w.offset) {
-    gemv2<KIND, false, false, HALF>(w, x, n0, n2, y);
-  } else if (w.f16 && (KIND == kInt4 || KIND == kInt5)) {
-    gemv2<KIND, true, true, HALF>(w, x, n0, n2, y);
+  if (w.f16) {
+    gemv<KIND, true, true, HALF, 2>(w, x, n0, n2, y);
   } else {
-    gemv2<KIND, false, true, HALF>(w, x, n0, n2, y);
+    gemv<KIND, false, true, HALF, 2>(w, x, n0, n2, y);
   }
   return n2;
 }
