@@ -75,8 +75,8 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     unfit = None if gguf_file is None else gguf_blocks_unfit(gguf_file, cfg)
     if unfit and source.format == "gguf" and quantization in ("auto", "gguf"):
         if quantization == "gguf":
-            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense projections "
-                                 f"stored apart; {source.name!r} {unfit}: load it "
+            raise ModelLoadError(f"--quantization gguf keeps the blocks of projections stored "
+                                 f"apart or stacked experts; {source.name!r} {unfit}: load it "
                                  "dequantized (--quantization none|int8|int4)")
         quantization = "none"
     try:

@@ -78,6 +78,9 @@ def test_quantized_experts_are_kept_in_their_blocks(tmp_path, smollm2_path, arch
             assert isinstance(gate_up, cls) and isinstance(down, cls)
             assert torch.equal(gate_up.dequantize(), theirs.experts.gate_up_proj[e])
             assert torch.equal(down.dequantize(), theirs.experts.down_proj[e])
+            # each expert owns its buffers: no view keeps a whole unpacked stack alive
+            assert all(b.untyped_storage().nbytes() == b.numel() * b.element_size()
+                       for b in [*gate_up.buffers(), *down.buffers()])
         if arch == "qwen2moe":
             assert isinstance(mine.shared_expert_gate, FloatLinear)
             for proj in ("gate_up_proj", "down_proj"):
