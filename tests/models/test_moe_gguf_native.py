@@ -29,13 +29,17 @@ MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0)
 QWEN2_MOE = dict(num_hidden_layers=2, num_experts=6, num_experts_per_tok=2,
                  moe_intermediate_size=32, shared_expert_intermediate_size=64,
                  mlp_only_layers=[], norm_topk_prob=False)
+QWEN3_MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=32,
+                 norm_topk_prob=True, rope_theta=1000000.0)
+FAMILIES = {"llama": ("mixtral", MIXTRAL), "qwen2moe": ("qwen2_moe", QWEN2_MOE),
+            "qwen3moe": ("qwen3_moe", QWEN3_MOE)}
 
 
 def moe_gguf(tmp_path, smollm2_path: str, arch: str, qtype: str,
              expert_qtype: str | None = None, **overrides) -> tuple[str, torch.nn.Module]:
-    """A tiny random Mixtral (llama) or Qwen2-MoE (qwen2moe) with sharp routing, written
+    """A tiny random Mixtral (llama), Qwen2-MoE or Qwen3-MoE with sharp routing, written
     as a GGUF file with its matrices in `qtype` (experts in `expert_qtype`)."""
-    family, base = ("mixtral", MIXTRAL) if arch == "llama" else ("qwen2_moe", QWEN2_MOE)
+    family, base = FAMILIES[arch]
     path, ref = write_hf_checkpoint(tmp_path, family, **{**base, **overrides})
     # experts at their trained scale: scaled ones would amplify int8 activation rounding
     sharpen_experts(ref, path, experts=1.0)
@@ -57,7 +61,8 @@ def sparse_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.mlp for layer in net.layers if hasattr(layer.mlp, "experts")]
 
 
-CASES = [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2moe", "Q4_0"), ("qwen2moe", "Q8_0")]
+CASES = [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2moe", "Q4_0"), ("qwen2moe", "Q8_0"),
+         ("qwen3moe", "Q4_0")]
 
 
 @pytest.mark.parametrize("arch,qtype", CASES)
@@ -107,8 +112,14 @@ def test_logits_equal_the_dequantized_model_to_int8_rounding(tmp_path, smollm2_p
     with int8_dots(False):
         torch.testing.assert_close(logits(native, prompts), want, atol=1e-4, rtol=1e-4)
     got = logits(native, prompts)
-    assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    bound = 0.02 * want.abs().amax()
+    assert (got - want).abs().amax() <= bound
+    # the same pick wherever the float model's top two are further apart than the bound
+    # allows to swap (random tiny models have near-ties: Qwen3-MoE's here)
+    top2 = want.topk(2).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * bound
+    same = got.argmax(-1) == want.argmax(-1)
+    assert bool(same[clear].all()) and same.float().mean() >= 0.9
 
 
 def routed_logits(net: torch.nn.Module, seq: list[int]
