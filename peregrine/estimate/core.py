@@ -96,7 +96,6 @@ def model_spec(model: str | None) -> ModelSpec:
     if source.path.endswith(".gguf"):
         f = GGUFFile(source.path)
         cfg = gguf_config(f, source.name)
-        # a mixture of experts' GGUF loads dequantized: no GGUF-native linears
         types = None if gguf_blocks_unfit(f, cfg) else gguf_module_types(f, cfg)
         return ModelSpec(source.name, cfg, source.path, types,
                          gguf_dequant_scratch(f), os.path.getsize(source.path))

@@ -6,9 +6,10 @@ The experts run grouped, not per token: the (token, slot) pairs are sorted by ex
 each expert multiplies the contiguous rows routed to it in one matmul, and the rows are
 put back in (token, slot) order and summed with their weights. On CUDA the float experts
 run as two Triton grouped GEMMs (kernels/triton/fused_moe.py); quantized experts
-(`--quantization`) are one QuantLinear per expert projection, so they run on the same
-kernels as every other quantized linear. Under expert parallelism a block holds only some
-experts (`held`) and computes only the pairs routed to them (layers/parallel_moe.py)."""
+(`--quantization`, or a GGUF file's own blocks: models/gguf_native.py) are one
+QuantLinear per expert projection, so they run on the same kernels as every other
+quantized linear. Under expert parallelism a block holds only some experts (`held`) and
+computes only the pairs routed to them (layers/parallel_moe.py)."""
 
 from __future__ import annotations
 

@@ -12,13 +12,16 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from peregrine.models.errors import ModelLoadError
 from peregrine.models.gguf_quants import BLOCK_FORMS, unpack
+
+if TYPE_CHECKING:
+    from peregrine.models.config import ModelConfig
 
 try:
     import gguf
@@ -163,3 +166,13 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = w.shape[0]
     return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2)
             .reshape(w.shape))
+
+
+def rope_permuted_heads(cfg: ModelConfig, name: str) -> int | None:
+    """The head count of tensor `name` when llama.cpp permuted its rows for RoPE (Q/K of
+    the llama architecture, Mixtral's included), else None."""
+    if cfg.architecture not in ("llama", "mixtral"):
+        return None
+    if ".attn_q." in name:
+        return cfg.num_heads
+    return cfg.num_kv_heads if ".attn_k." in name else None

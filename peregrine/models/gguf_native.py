@@ -9,11 +9,20 @@ to unsigned where the format is unsigned (q - qmin, offset qmin * scale: exact, 
 power of two). Q4_0/Q4_1 stay int4 with float16 scales and Q8_0 int8, as stored; K-quant
 scales (d * sc) keep float32. The loader's fusions carry over: Q/K rows are un-permuted and
 q/k/v and gate/up are concatenated along the output dimension; tensors a file stores fused
-(Phi-3's attn_qkv, ffn_up) are already in that order and are taken whole."""
+(Phi-3's attn_qkv, ffn_up) are already in that order and are taken whole.
+
+A mixture of experts' routed experts are stored stacked, ffn_{gate,up,down}_exps
+[E, rows, cols]: each tensor is unpacked once and sliced per expert, expert e's gate_up
+being its gate rows then its up rows (as FusedExperts stacks them); the loader builds
+QuantExperts from them. A layer's experts are kept only all together (QuantExperts has no
+float expert). The router and Qwen2-MoE's shared-expert gate stay float (memory_model
+.always_float); the shared expert is a dense MLP like any other."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import numpy as np
 import torch
@@ -22,7 +31,8 @@ from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Line
 from peregrine.layers.quant_formats import pack_int4, pack_int5
 from peregrine.memory_model import LinearFormat, gguf_native_format
 from peregrine.models.config import ModelConfig
-from peregrine.models.gguf_file import QT, GGUFFile, unpermute_rope_rows
+from peregrine.models.gguf_file import (QT, GGUFFile, rope_permuted_heads,
+                                        unpermute_rope_rows)
 from peregrine.models.gguf_quants import BLOCK_FORMS, Unpacked, unpack
 
 logger = logging.getLogger("peregrine")
@@ -40,14 +50,24 @@ _FUSED_BY_ARCH = {"phi3": {**_FUSED, "self_attn.qkv_proj": ("attn_qkv",),
 
 
 def _unpacked(f: GGUFFile, name: str, cfg: ModelConfig) -> Unpacked:
-    """One tensor's integers, scales and offsets, rows un-permuted like the float loader."""
+    """One tensor's integers, scales and offsets, rows un-permuted like the float loader;
+    stacked experts [E, rows, cols] come as [E * rows, cols]."""
     t = f.tensors[name]
-    u = unpack(torch.from_numpy(np.array(t.data)).reshape(-1), t.qtype, t.shape)
-    if cfg.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
-        heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+    rows = math.prod(t.shape[:-1])
+    u = unpack(torch.from_numpy(np.array(t.data)).reshape(-1), t.qtype, (rows, t.shape[-1]))
+    heads = rope_permuted_heads(cfg, name)
+    if heads is not None:
         u = Unpacked(unpermute_rope_rows(u.q, heads), unpermute_rope_rows(u.scale, heads),
                      None if u.offset is None else unpermute_rope_rows(u.offset, heads), u.group)
     return u
+
+
+def _expert_rows(u: Unpacked, expert: int, num_experts: int) -> Unpacked:
+    """Expert `expert`'s rows of a stacked experts tensor unpacked as [E * rows, cols]."""
+    n = u.q.shape[0] // num_experts
+    rows = slice(expert * n, (expert + 1) * n)
+    return Unpacked(u.q[rows], u.scale[rows], None if u.offset is None else u.offset[rows],
+                    u.group)
 
 
 def _in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> tuple[torch.Tensor, torch.Tensor,
@@ -84,22 +104,46 @@ def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
     return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset, scale_dtype=scale_dtype)
 
 
-def _linear(f: GGUFFile, names: list[str], cfg: ModelConfig) -> QuantLinear | None:
-    """One quantized linear from GGUF tensors fused along rows; None when a part is not a
-    block type."""
-    qtypes = [f.tensors[n].qtype for n in names]
-    if gguf_native_format(qtypes).method == "float":
-        return None
-    return native_linear([(_unpacked(f, n, cfg), t) for n, t in zip(names, qtypes)])
+# One part of a linear: a GGUF tensor and, for stacked experts [E, rows, cols], the expert
+Part = tuple[str, int | None]
+
+
+def _layer_parts(cfg: ModelConfig, i: int) -> dict[str, list[Part]]:
+    """Layer `i`'s modules -> their parts, in order along the output dim. A sparse layer's
+    MLP is its experts (each expert's gate_up and down, named as memory_model names them)
+    and Qwen2-MoE's shared expert; the router and the shared expert's gate stay float."""
+    fused = _FUSED_BY_ARCH.get(cfg.architecture, _FUSED)
+    blk = f"blk.{i}."
+    sparse = cfg.is_moe_layer(i)
+    out = {f"layers.{i}.{module}": [(f"{blk}{p}.weight", None) for p in parts]
+           for module, parts in fused.items() if not (sparse and module.startswith("mlp."))}
+    if not sparse:
+        return out
+    experts = range(cfg.num_experts)
+    out.update({f"layers.{i}.mlp.experts.gate_up_proj.{e}": [
+        (f"{blk}ffn_gate_exps.weight", e), (f"{blk}ffn_up_exps.weight", e)] for e in experts})
+    out.update({f"layers.{i}.mlp.experts.down_proj.{e}": [(f"{blk}ffn_down_exps.weight", e)]
+                for e in experts})
+    if cfg.shared_expert_intermediate_size:
+        out[f"layers.{i}.mlp.shared_expert.gate_up_proj"] = [
+            (f"{blk}ffn_gate_shexp.weight", None), (f"{blk}ffn_up_shexp.weight", None)]
+        out[f"layers.{i}.mlp.shared_expert.down_proj"] = [(f"{blk}ffn_down_shexp.weight", None)]
+    return out
+
+
+def _module_parts(cfg: ModelConfig) -> dict[str, list[Part]]:
+    """Our module name -> its parts, every layer's and the LM head's."""
+    out: dict[str, list[Part]] = {}
+    for i in range(cfg.num_layers):
+        out.update(_layer_parts(cfg, i))
+    out["lm_head"] = [("token_embd.weight" if cfg.tie_word_embeddings else "output.weight",
+                       None)]
+    return out
 
 
 def gguf_module_tensors(cfg: ModelConfig) -> dict[str, list[str]]:
     """Our module name -> the GGUF tensors fused into it, in order along the output dim."""
-    fused = _FUSED_BY_ARCH.get(cfg.architecture, _FUSED)
-    out = {f"layers.{i}.{module}": [f"blk.{i}.{p}.weight" for p in parts]
-           for i in range(cfg.num_layers) for module, parts in fused.items()}
-    out["lm_head"] = ["token_embd.weight" if cfg.tie_word_embeddings else "output.weight"]
-    return out
+    return {module: [name for name, _ in parts] for module, parts in _module_parts(cfg).items()}
 
 
 def gguf_module_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, list[QT]]:
@@ -110,12 +154,38 @@ def gguf_module_types(f: GGUFFile, cfg: ModelConfig) -> dict[str, list[QT]]:
 
 def gguf_quantized_linears(f: GGUFFile, cfg: ModelConfig) -> dict[str, QuantLinear]:
     """Our module name -> quantized linear for every linear of the file stored in block
-    types (float ones are left out)."""
+    types (float ones are left out, and a sparse layer's experts unless all of them are
+    kept)."""
+    # each stacked experts tensor is unpacked once for all its experts; gate_up alternates
+    # two of them, so two at a time bound the memory to a layer's largest pair
+    unpacked = functools.lru_cache(maxsize=2)(lambda name: _unpacked(f, name, cfg))
     out: dict[str, QuantLinear] = {}
-    for module, names in gguf_module_tensors(cfg).items():
-        lin = _linear(f, names, cfg)
-        if lin is None:
-            logger.info("%s: not in GGUF block types, kept float", module)
-        else:
-            out[module] = lin
+    for module, parts in _module_parts(cfg).items():
+        qtypes = [f.tensors[name].qtype for name, _ in parts]
+        if gguf_native_format(qtypes).method == "float":
+            if parts[0][1] is None:  # experts: logged once per layer below
+                logger.info("%s: not in GGUF block types, kept float", module)
+            continue
+        out[module] = native_linear([
+            (unpacked(name) if e is None else _expert_rows(unpacked(name), e, cfg.num_experts),
+             t) for (name, e), t in zip(parts, qtypes)])
+    _drop_partial_experts(f, cfg, out)
     return out
+
+
+def _drop_partial_experts(f: GGUFFile, cfg: ModelConfig, out: dict[str, QuantLinear]) -> None:
+    """Take a sparse layer's expert linears out of `out` unless every one is there:
+    QuantExperts holds both projections of every expert, the float experts all of them."""
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        names = [f"layers.{i}.mlp.experts.{proj}.{e}" for proj in ("gate_up_proj", "down_proj")
+                 for e in range(cfg.num_experts)]
+        if all(n in out for n in names):
+            continue
+        for n in names:
+            out.pop(n, None)
+        types = {p: f.tensors[f"blk.{i}.ffn_{p}_exps.weight"].qtype.name
+                 for p in ("gate", "up", "down")}
+        logger.info("layers.%d.mlp.experts: not all in GGUF block types (%s), kept float", i,
+                    ", ".join(f"ffn_{p}_exps {t}" for p, t in types.items()))

@@ -16,7 +16,7 @@ from peregrine.config import EngineConfig
 from peregrine.memory_model import default_group_size, resolve_quantization
 from peregrine.models.config import ModelConfig
 from peregrine.models.errors import ModelLoadError
-from peregrine.models.gguf_file import GGUFFile, unpermute_rope_rows
+from peregrine.models.gguf_file import GGUFFile, rope_permuted_heads, unpermute_rope_rows
 from peregrine.models.huge_pages import move_to_huge_pages
 from peregrine.layers.norm import RMSNorm
 from peregrine.layers.rotary import RotaryEmbedding
@@ -75,8 +75,8 @@ def load_model(model: str | None = None, *, load_format: str = "auto",
     unfit = None if gguf_file is None else gguf_blocks_unfit(gguf_file, cfg)
     if unfit and source.format == "gguf" and quantization in ("auto", "gguf"):
         if quantization == "gguf":
-            raise ModelLoadError(f"--quantization gguf keeps the blocks of dense projections "
-                                 f"stored apart; {source.name!r} {unfit}: load it "
+            raise ModelLoadError(f"--quantization gguf keeps the blocks of projections stored "
+                                 f"apart or stacked experts; {source.name!r} {unfit}: load it "
                                  "dequantized (--quantization none|int8|int4)")
         quantization = "none"
     try:
@@ -123,11 +123,9 @@ def load_model_for(config: EngineConfig, device: torch.device | None = None) -> 
 
 def gguf_blocks_unfit(f: GGUFFile, cfg: ModelConfig) -> str | None:
     """Why the GGUF-native linears (models/gguf_native.py: attn_q/k/v and ffn_gate/up
-    fused by us, or Phi-3's attn_qkv / ffn_up as stored) cannot keep this file's blocks;
-    None when they can."""
+    fused by us, Phi-3's attn_qkv / ffn_up as stored, a mixture of experts' stacked
+    ffn_*_exps) cannot keep this file's blocks; None when they can."""
     from peregrine.models.gguf_native import gguf_module_tensors
-    if cfg.is_moe:
-        return "is a mixture of experts"
     missing = [name for module, names in gguf_module_tensors(cfg).items()
                if module.startswith("layers.0.") for name in names if name not in f.tensors]
     if missing:
@@ -151,10 +149,12 @@ def _quantize(net: LlamaForCausalLM, quantization: str, group_size: int | None,
               symmetric: bool, gguf_source: bool, native: dict | None) -> None:
     """Swap the linears for quantized ones: GGUF blocks as stored (`native`), or
     round-to-nearest."""
-    from peregrine.quantization.apply import QuantSpec, quantize_model, replace_linears
+    from peregrine.quantization.apply import (QuantSpec, quantize_model, replace_experts,
+                                              replace_linears)
     if quantization in ("none", "auto"):
         return
     if native is not None:
+        replace_experts(net, native)
         replace_linears(net, native)
         return
     group_size = default_group_size(quantization, group_size, gguf_source)
@@ -272,10 +272,7 @@ def gguf_tensors(f: GGUFFile, cfg: ModelConfig, kept: set[str] = frozenset()
         hf = gguf_to_hf_name(name, cfg.architecture)
         if hf is None:
             continue
-        heads = None
-        if cfg.architecture in ("llama", "mixtral") and (".attn_q." in name
-                                                         or ".attn_k." in name):
-            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
+        heads = rope_permuted_heads(cfg, name)
         # llama.cpp stores Gemma's (1 + w) norm weights with the 1 added
         shift = 1.0 if cfg.is_gemma and name.endswith("norm.weight") else 0.0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,11 +39,13 @@ dense_layer_tensors = named_layer_tensors(LAYER_NAMES)
 def write_model_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta: dict, *,
                      head_dim: int | None = None, hparams: Callable | None = None,
                      layer_tensors: LayerTensors = dense_layer_tensors,
-                     norm_shift: float = 0.0, qtype: str = "F32") -> None:
+                     norm_shift: float = 0.0, qtype: str = "F32",
+                     qtype_of: Callable[[str], str] | None = None) -> None:
     """`ref`'s weights and hyper-parameters as GGUF architecture `arch`; `head_dim` writes
     explicit key/value lengths, `hparams(writer)` the arch's own keys (and extra tensors);
     `norm_shift` is added to every norm weight (Gemma's stored 1 + w); `qtype` (F32, F16,
-    Q8_0, ...) is the type of the matrices, vectors staying float32 as llama.cpp keeps them."""
+    Q8_0, Q4_K, ...) is the type of the matrices (`qtype_of(gguf name)` when given), vectors
+    staying float32 as llama.cpp keeps them."""
     gguf = pytest.importorskip("gguf")
     c = ref.config
     w = gguf.GGUFWriter(path, arch)
@@ -62,7 +65,6 @@ def write_model_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta:
     if hparams is not None:
         hparams(w)
     write_tokenizer(w, tokenizer_meta)
-    quant = gguf.GGMLQuantizationType[qtype]
     for name, p in ref.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -73,14 +75,28 @@ def write_model_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta:
             tensors = layer_tensors(i, module, p)
         for out, t in tensors.items():
             values = (t.float() + (norm_shift if out.endswith("norm.weight") else 0.0)).numpy()
+            quant = gguf.GGMLQuantizationType[qtype if qtype_of is None else qtype_of(out)]
             if values.ndim < 2 or quant == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(out, values)
             else:
-                w.add_tensor(out, gguf.quants.quantize(values, quant), raw_dtype=quant)
+                raw, quant = quantize_values(values, quant)
+                w.add_tensor(out, raw, raw_dtype=quant)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def quantize_values(values: np.ndarray, quant) -> tuple[np.ndarray, object]:
+    """(raw blocks, the type used) of a matrix or stacked matrices [..., K]: gguf's own
+    quantizer, ours for the K-quants it lacks (falling back as llama.cpp does when K is not
+    a multiple of 256)."""
+    import gguf
+    if not quant.name.endswith("_K"):
+        return gguf.quants.quantize(values, quant), quant
+    from peregrine.quantization.kquants import quantize_tensor
+    raw, used = quantize_tensor(torch.from_numpy(values).reshape(-1, values.shape[-1]), quant)
+    return raw.reshape(*values.shape[:-1], -1), used
 
 
 def write_tokenizer(w, meta: dict) -> None:

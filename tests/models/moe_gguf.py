@@ -40,9 +40,17 @@ def layer_tensors(i: str, module: str, p: torch.Tensor, arch: str, c) -> dict[st
     return {f"blk.{i}.{out}.{kind}": p}
 
 
-def write_moe_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta: dict) -> None:
-    """`ref`'s float32 weights and hyper-parameters under llama.cpp's names for `arch`
-    (llama | qwen2moe | qwen3moe), with a tokenizer borrowed from another GGUF."""
+def write_moe_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta: dict,
+                   qtype: str = "F32", expert_qtype: str | None = None) -> None:
+    """`ref`'s weights and hyper-parameters under llama.cpp's names for `arch`
+    (llama | qwen2moe | qwen3moe), with a tokenizer borrowed from another GGUF: matrices in
+    `qtype`, the routed experts in `expert_qtype` (default `qtype`), the routers float32
+    as llama.cpp's quantizer keeps them."""
+    def qtype_of(name: str) -> str:
+        if ".ffn_gate_inp" in name:
+            return "F32"
+        return (expert_qtype or qtype) if "_exps." in name else qtype
+
     c = ref.config
 
     def hparams(w) -> None:
@@ -55,4 +63,5 @@ def write_moe_gguf(path: str, ref: torch.nn.Module, arch: str, tokenizer_meta: d
 
     head_dim = None if arch == "llama" else ref.model.layers[0].self_attn.head_dim
     write_model_gguf(path, ref, arch, tokenizer_meta, head_dim=head_dim, hparams=hparams,
-                     layer_tensors=lambda i, module, p: layer_tensors(i, module, p, arch, c))
+                     layer_tensors=lambda i, module, p: layer_tensors(i, module, p, arch, c),
+                     qtype_of=qtype_of)

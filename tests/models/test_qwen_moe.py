@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from peregrine.layers.moe import SparseMoE
+from peregrine.layers.moe import FusedExperts, SparseMoE
 from peregrine.models.config import ModelConfig
 from peregrine.models.llama import MLP
 from peregrine.models.loader import load_model
@@ -100,8 +100,8 @@ def test_shipped_qwen3_30b_a3b_config():
 @pytest.mark.parametrize("family,arch", [("qwen2_moe", "qwen2moe"), ("qwen3_moe", "qwen3moe")])
 def test_gguf_logits_match_transformers(tmp_path, smollm2_path, family, arch):
     """llama.cpp's qwen2moe / qwen3moe files: stacked ffn_*_exps experts, the router, the
-    shared expert; loaded dequantized (auto), and refused under --quantization gguf."""
-    from peregrine.models.errors import ModelLoadError
+    shared expert; float32 experts load as float under auto and --quantization gguf alike
+    (quantized ones keep their blocks: test_moe_gguf_native.py)."""
     from peregrine.models.gguf_file import GGUFFile
     from tests.models.moe_gguf import write_moe_gguf
     # all layers sparse: llama.cpp's MoE files have no mlp_only_layers
@@ -115,5 +115,6 @@ def test_gguf_logits_match_transformers(tmp_path, smollm2_path, family, arch):
                   "attention_bias"):
         assert getattr(loaded.config, field) == getattr(hf, field), field
     assert_logits_match(path, ref, random_prompts([7, 29]))
-    with pytest.raises(ModelLoadError, match="mixture of experts"):
-        load_model(path, quantization="gguf")
+    assert isinstance(loaded.model.layers[0].mlp.experts, FusedExperts)
+    assert isinstance(load_model(path, quantization="gguf").model.layers[0].mlp.experts,
+                      FusedExperts)
