@@ -101,11 +101,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int5(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values 0..31 [N, K] -> [N, K/2 + K/8]: int4-packed low nibbles, then fifth bits."""
+    """uint8 values 0..31 [N, K] -> [N, K/2 + K/8]: int4-packed low nibbles, then the fifth
+    bits, 8 bytes per pair of 32-blocks (A, B) in the order the kernel tests them: the 64
+    bits of a pair go to the kernel's two 32-lane halves lo = [A 0..15 | B 0..15] and hi =
+    [A 16..31 | B 16..31], and byte j holds lanes j, j+8, j+16, j+24 of lo (bits 0-3) and of
+    hi (bits 4-7), so one broadcast of the 8 bytes and a per-lane bit mask place every bit.
+    A last lone block A keeps 4 bytes, bit j = weight j."""
     import numpy as np
     q = q.to(torch.uint8)
-    bits = np.packbits(((q >> 4) & 1).numpy(), axis=1, bitorder="little")
-    return torch.cat([pack_int4(q & 0x0F), torch.from_numpy(bits)], dim=1).contiguous()
+    n, k = q.shape
+    bits = ((q >> 4) & 1).numpy()
+    pairs = k // 64
+    lanes = bits[:, :pairs * 64].reshape(n, pairs, 2, 2, 16)  # [row, pair, block, half, 16]
+    lo = lanes[:, :, :, 0].reshape(n, pairs, 4, 8)  # lane 8 * s + j, s = the lane's bit
+    hi = lanes[:, :, :, 1].reshape(n, pairs, 4, 8)
+    shifts = np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1)
+    packed = ((lo << shifts).sum(axis=2) | (hi << (shifts + 4)).sum(axis=2)).astype(np.uint8)
+    parts = [pack_int4(q & 0x0F), torch.from_numpy(packed.reshape(n, pairs * 8))]
+    if k % 64:
+        parts.append(torch.from_numpy(np.packbits(bits[:, pairs * 64:], axis=1,
+                                                  bitorder="little")))
+    return torch.cat(parts, dim=1).contiguous()
 
 
 def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,16 @@ def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
     import numpy as np
     n, width = packed.shape
     k = width // 5 * 8
-    high = np.unpackbits(packed[:, k // 2:].contiguous().numpy(), axis=1, bitorder="little")
+    pairs = k // 64
+    fifth = packed[:, k // 2:].contiguous().numpy()
+    by_pair = fifth[:, :pairs * 8].reshape(n, pairs, 1, 8)
+    shifts = np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1)
+    lo = ((by_pair >> shifts) & 1).reshape(n, pairs, 1, 2, 16)  # [row, pair, -, block, 16]
+    hi = ((by_pair >> (shifts + 4)) & 1).reshape(n, pairs, 1, 2, 16)
+    high = np.concatenate([lo, hi], axis=2).transpose(0, 1, 3, 2, 4).reshape(n, pairs * 64)
+    if k % 64:
+        tail = np.unpackbits(fifth[:, pairs * 8:], axis=1, bitorder="little")
+        high = np.concatenate([high, tail], axis=1)
     return unpack_int4(packed[:, :k // 2].contiguous()) | (torch.from_numpy(high) << 4)
 
 

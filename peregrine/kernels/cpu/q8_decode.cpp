@@ -11,8 +11,8 @@
 //   int6  q uint8 [N, K] below 64, scale/offset f32 [N, S]:   w = scale * q + offset
 //         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
 //   int5  q uint8 [N, K/2 + K/8], scale/offset f16 or f32:    w = scale * q + offset
-//         (GGUF Q5_0/Q5_1/Q5_K as stored: a row's low nibbles in int4's layout, then its
-//         fifth bits, 4 bytes per 32 weights, bit j = weight j)
+//         (GGUF Q5_0/Q5_1/Q5_K: a row's low nibbles in int4's layout, then its fifth
+//         bits, 8 bytes per pair of 32-blocks in the order int5_pair tests them)
 //   int8  q int8 [N, K], scale f32 [N, S], offset f32 or none: w = scale * q (+ offset)
 // G = 16 (K-quants' Q2_K, Q3_K, Q6_K) gives each half of a 32-block its own scale: the two
 // halves are accumulated separately (lanes of `lo` hold first halves, `hi` second halves).
@@ -311,22 +311,37 @@ inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __
 }
 
 // Pair p of an int5 row: int4's nibbles with the fifth bits of blocks A and B or-ed in.
-// The pair's 8 bytes of fifth bits (A's 4, then B's; bit j = weight j) are broadcast and
-// each byte of lo / hi picks the byte holding its bit: lo takes A's bits 0-15 (bytes 0, 1)
-// and B's (4, 5), hi A's 16-31 (2, 3) and B's (6, 7).
+// A whole pair's 8 bytes of fifth bits are stored in the order this tests them
+// (quant_formats.pack_int5): broadcast, byte j of every 64-bit lane holds the bits of lanes
+// j, j+8, j+16, j+24 of lo (bits 0-3) and of hi (bits 4-7), so a per-lane bit mask and a
+// compare place each bit. A lone last block A has 4 bytes, bit j = weight j, picked by
+// byte shuffles instead.
 inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m256i& lo,
                       __m256i& hi, bool whole = false) {
+  const __m256i five = _mm256_set1_epi8(0x10);
+  int4_pair(row, p, nb, lo, hi, whole);
+  const uint8_t* qh = row + K / 2 + p * 8;
+  if (whole || 2 * p + 1 < nb) {
+    const __m256i sel_lo = _mm256_set_epi64x(0x0808080808080808, 0x0404040404040404,
+                                             0x0202020202020202, 0x0101010101010101);
+    const __m256i sel_hi = _mm256_slli_epi64(sel_lo, 4);
+    int64_t ab;
+    std::memcpy(&ab, qh, 8);
+    const __m256i v = _mm256_set1_epi64x(ab);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, sel_lo), sel_lo), five));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, sel_hi), sel_hi), five));
+    return;
+  }
   const __m256i pick_lo = _mm256_set_epi64x(0x0505050505050505, 0x0404040404040404,
                                             0x0101010101010101, 0x0000000000000000);
   const __m256i pick_hi = _mm256_set_epi64x(0x0707070707070707, 0x0606060606060606,
                                             0x0303030303030303, 0x0202020202020202);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i five = _mm256_set1_epi8(0x10);
-  int4_pair(row, p, nb, lo, hi, whole);
-  const uint8_t* qh = row + K / 2 + p * 8;
-  int64_t ab = 0;
-  std::memcpy(&ab, qh, whole || 2 * p + 1 < nb ? 8 : 4);  // an odd tail has block A only
-  const __m256i v = _mm256_set1_epi64x(ab);
+  int64_t a = 0;
+  std::memcpy(&a, qh, 4);  // block A's bits; B's lanes meet zero x
+  const __m256i v = _mm256_set1_epi64x(a);
   const __m256i bl = _mm256_and_si256(_mm256_shuffle_epi8(v, pick_lo), bit);
   const __m256i bh = _mm256_and_si256(_mm256_shuffle_epi8(v, pick_hi), bit);
   lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(bl, bit), five));
