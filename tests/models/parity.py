@@ -19,6 +19,15 @@ def random_prompts(lengths: list[int], vocab: int = 256, seed: int = 1) -> list[
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def flat_logits(net: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
+    """Our logits of `prompts` run as one flat prefill batch."""
+    meta = AttentionMetadata.prefill_only([len(s) for s in prompts])
+    flat = torch.tensor([t for s in prompts for t in s])
+    pos = torch.cat([torch.arange(len(s)) for s in prompts])
+    with torch.inference_mode():
+        return net.compute_logits(net(flat, pos, meta))
+
+
 def sharpen_attention(ref: torch.nn.Module, path: str, factor: float = 30.0) -> None:
     """Scale every query projection of `ref` by `factor` and save it to `path` again:
     random weights give near-uniform attention, which hides errors in the scores (a RoPE

@@ -10,13 +10,12 @@ import os
 import pytest
 import torch
 
-from peregrine.attention_backend import AttentionMetadata
 from peregrine.engine.cpu_decode import fusable
 from peregrine.layers.moe import QuantExperts, route
 from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
-from tests.models.parity import (assert_greedy_matches, assert_logits_match, random_prompts,
-                                 sharpen_experts)
+from tests.models.parity import (assert_greedy_matches, assert_logits_match, flat_logits,
+                                 random_prompts, sharpen_experts)
 
 MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0)
 
@@ -26,15 +25,6 @@ def mixtral(tmp_path, **overrides) -> tuple[str, torch.nn.Module]:
     path, ref = write_hf_checkpoint(tmp_path, "mixtral", **{**MIXTRAL, **overrides})
     sharpen_experts(ref, path)
     return path, ref
-
-
-def flat_logits(net: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
-    """Our float logits of `prompts` run as one flat prefill batch."""
-    meta = AttentionMetadata.prefill_only([len(s) for s in prompts])
-    flat = torch.tensor([t for s in prompts for t in s])
-    pos = torch.cat([torch.arange(len(s)) for s in prompts])
-    with torch.inference_mode():
-        return net.compute_logits(net(flat, pos, meta))
 
 
 def test_logits_match_transformers(tmp_path):

@@ -11,7 +11,6 @@ import logging
 import pytest
 import torch
 
-from peregrine.attention_backend import AttentionMetadata
 from peregrine.layers.linear import Int4Linear, Int8Linear, QuantLinear
 from peregrine.layers.moe import FloatLinear, FusedExperts, QuantExperts, route
 from peregrine.memory_model import held_weight_bytes, quantization_plan, weight_bytes
@@ -21,7 +20,7 @@ from peregrine.models.loader import load_model
 from tests.conftest import write_hf_checkpoint
 from tests.engine.test_cpu_decode import int8_dots
 from tests.models.moe_gguf import write_moe_gguf
-from tests.models.parity import random_prompts, sharpen_experts
+from tests.models.parity import flat_logits, random_prompts, sharpen_experts
 
 CLASSES = {"Q8_0": Int8Linear, "Q4_0": Int4Linear}
 MIXTRAL = dict(num_local_experts=8, num_experts_per_tok=2, rope_theta=1000000.0)
@@ -46,15 +45,6 @@ def moe_gguf(tmp_path, smollm2_path: str, arch: str, qtype: str,
     out = str(tmp_path / f"{arch}-{qtype}-{expert_qtype}.gguf")
     write_moe_gguf(out, ref, arch, GGUFFile(smollm2_path).metadata, qtype, expert_qtype)
     return out, ref
-
-
-def logits(net: torch.nn.Module, prompts: list[list[int]]) -> torch.Tensor:
-    """Our logits of `prompts` run as one flat prefill batch."""
-    meta = AttentionMetadata.prefill_only([len(s) for s in prompts])
-    flat = torch.tensor([t for s in prompts for t in s])
-    pos = torch.cat([torch.arange(len(s)) for s in prompts])
-    with torch.inference_mode():
-        return net.compute_logits(net(flat, pos, meta))
 
 
 def sparse_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
@@ -108,10 +98,10 @@ def test_logits_equal_the_dequantized_model_to_int8_rounding(tmp_path, smollm2_p
     native = load_model(path, quantization="auto").model
     floats = load_model(path, quantization="none").model
     prompts = random_prompts([9, 27])
-    want = logits(floats, prompts)
+    want = flat_logits(floats, prompts)
     with int8_dots(False):
-        torch.testing.assert_close(logits(native, prompts), want, atol=1e-4, rtol=1e-4)
-    got = logits(native, prompts)
+        torch.testing.assert_close(flat_logits(native, prompts), want, atol=1e-4, rtol=1e-4)
+    got = flat_logits(native, prompts)
     bound = 0.02 * want.abs().amax()
     assert (got - want).abs().amax() <= bound
     # the same pick wherever the float model's top two are further apart than the bound
@@ -132,7 +122,7 @@ def routed_logits(net: torch.nn.Module, seq: list[int]
             route(out, mlp.top_k, mlp.renormalize)[1].sort(-1).values))
         for mlp in sparse_blocks(net)]
     try:
-        out = logits(net, [seq])
+        out = flat_logits(net, [seq])
     finally:
         for h in hooks:
             h.remove()
@@ -200,7 +190,7 @@ def test_tied_router_resolves_as_transformers_does(tmp_path, smollm2_path):
     got = []
     net.layers[0].mlp.gate.register_forward_hook(
         lambda mod, args, o: got.append(route(o, 2, True)[1]))
-    logits(net, prompts)
+    flat_logits(net, prompts)
     assert torch.equal(got[0], torch.cat(want))
 
 
@@ -259,7 +249,7 @@ def test_kept_experts_split_over_ranks(tmp_path, smollm2_path, split):
     model = load_model(path, quantization="auto", dtype=torch.float64).model
     assert isinstance(model.layers[0].mlp.experts, QuantExperts)
     prompts = random_prompts([8, 3])
-    want = logits(model, prompts)
+    want = flat_logits(model, prompts)
 
     def rank(layout, groups):
         from dataclasses import replace
@@ -267,7 +257,7 @@ def test_kept_experts_split_over_ranks(tmp_path, smollm2_path, split):
         shard_model(net, replace(layout, expert_parallel=split == "expert-parallel"), groups)
         moe = net.layers[0].mlp
         assert isinstance(moe, ParallelMoE) and isinstance(moe.moe.experts, QuantExperts)
-        return logits(net, prompts), moe.moe.experts.held
+        return flat_logits(net, prompts), moe.moe.experts.held
 
     results = run_ranks(2, 1, rank)
     torch.testing.assert_close(results[0][0], want, rtol=0, atol=1e-10)  # gathered there
