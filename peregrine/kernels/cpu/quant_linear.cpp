@@ -549,25 +549,18 @@ torch::Tensor nf4_dequantize(torch::Tensor q, torch::Tensor scale, torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // no Python object is touched: the GIL is released (the LM head runs while the server
-  // streams)
-  const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("int8_linear", &int8_linear, "y = x @ (scale * q)^T, q int8 [N, K]",
-        no_gil);
-  m.def("fp8_linear", &fp8_linear, "y = x @ (scale * fp8(q))^T, q e4m3 bits [N, K]",
-        no_gil);
-  m.def("int4_linear", &int4_linear, "y = x @ (scale * q + offset)^T, q packed 4-bit",
-        no_gil);
-  m.def("nf4_linear", &nf4_linear, "y = x @ (scale * NF4[q])^T, q packed 4-bit",
-        no_gil);
-  m.def("quantize_x", &quantize_x, "x -> (int16 values, block scales, scaled block sums)",
-        no_gil);
-  m.def("int8_dequantize", &int8_dequantize, "float32 [N, K] of an int8 weight",
-        no_gil);
-  m.def("fp8_dequantize", &fp8_dequantize, "float32 [N, K] of an fp8 weight",
-        no_gil);
-  m.def("int4_dequantize", &int4_dequantize, "float32 [N, K] of an int4 weight",
-        no_gil);
-  m.def("nf4_dequantize", &nf4_dequantize, "float32 [N, K] of an nf4 weight",
-        no_gil);
+  // No Python object is touched, so each binding releases the GIL: the LM head runs while
+  // the server's event loop streams.
+  auto def = [&m](const char* name, auto fn, const char* doc) {
+    m.def(name, fn, doc, py::call_guard<py::gil_scoped_release>());
+  };
+  def("int8_linear", &int8_linear, "y = x @ (scale * q)^T, q int8 [N, K]");
+  def("fp8_linear", &fp8_linear, "y = x @ (scale * fp8(q))^T, q e4m3 bits [N, K]");
+  def("int4_linear", &int4_linear, "y = x @ (scale * q + offset)^T, q packed 4-bit");
+  def("nf4_linear", &nf4_linear, "y = x @ (scale * NF4[q])^T, q packed 4-bit");
+  def("quantize_x", &quantize_x, "x -> (int16 values, block scales, scaled block sums)");
+  def("int8_dequantize", &int8_dequantize, "float32 [N, K] of an int8 weight");
+  def("fp8_dequantize", &fp8_dequantize, "float32 [N, K] of an fp8 weight");
+  def("int4_dequantize", &int4_dequantize, "float32 [N, K] of an int4 weight");
+  def("nf4_dequantize", &nf4_dequantize, "float32 [N, K] of an nf4 weight");
 }
