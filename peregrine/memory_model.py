@@ -23,7 +23,7 @@ import torch
 
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import QT
-from peregrine.models.gguf_quants import BLOCK_FORMS
+from peregrine.models.gguf_quants import BLOCK_FORMS, SUPER_BLOCK_TYPES
 
 KV_QUANTIZED = ("int8", "fp8")
 # Weights per scale of each load-time format when --quantization-group-size is unset
@@ -139,6 +139,10 @@ class LinearFormat:
     group_size: int | None = None
     wide_scales: bool = False  # int4/int5: float32 scales/offsets (GGUF K-quants' d * sc)
     offset: bool = False  # int8 with float32 per-group offsets (K-quant minimums)
+    # int4/int5/int6 from GGUF K-quants only: scales and offsets as stored, an int8 per group
+    # and a float32 per 256 weights (d * sc, -dmin * m), instead of float32 per group; int6
+    # then packed, 6 bits a weight
+    sub_scales: bool = False
 
 
 FLOAT = LinearFormat()
@@ -173,12 +177,13 @@ def gguf_native_format(qtypes: list[QT]) -> LinearFormat:
     span = max(f.qmax - f.qmin for f in forms)
     group = min(f.group for f in forms)
     exact16 = all(f.f16_exact for f in forms)
+    sub = all(t in SUPER_BLOCK_TYPES for t in qtypes)
     if span <= 15:
-        return LinearFormat("int4", group, wide_scales=not exact16)
+        return LinearFormat("int4", group, wide_scales=not exact16, sub_scales=sub)
     if span <= 31:
-        return LinearFormat("int5", group, wide_scales=not exact16)
+        return LinearFormat("int5", group, wide_scales=not exact16, sub_scales=sub)
     if span <= 63:
-        return LinearFormat("int6", group)
+        return LinearFormat("int6", group, sub_scales=sub)
     return LinearFormat("int8", group, offset=any(f.offset for f in forms))
 
 
@@ -227,6 +232,9 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
     groups = 1 if fmt.group_size is None else -(-k // fmt.group_size)
     if fmt.method == "float":
         return n * k * float_bytes
+    if fmt.sub_scales:  # int8 scale and offset per group, float32 pair per 256 weights
+        packed = {"int4": n * k // 2, "int5": n * k // 2 + n * k // 8, "int6": n * k // 4 * 3}
+        return packed[fmt.method] + 2 * n * groups + 2 * 4 * n * (k // 256)
     if fmt.method == "int8":
         return n * k + 4 * n * groups * (2 if fmt.offset else 1)
     if fmt.method == "int4":

@@ -32,11 +32,12 @@ logger = logging.getLogger("peregrine")
 
 
 def _weight(lin: QuantLinear) -> list[torch.Tensor | None]:
-    """(q, scale, offset, bias, group size, kind) of an int4/int6/int8 linear, as the kernel
-    takes them."""
+    """(q, scale, offset, bias, group size, kind, scale and offset super-block factors) of
+    an int4/int5/int6/int8 linear, as the kernel takes them."""
     bias = None if lin.bias is None else lin.bias.data.float().contiguous()
     return [lin.qweight, lin.scale, getattr(lin, "offset", None), bias,
-            torch.tensor(lin.group_size or 0), torch.tensor(lin.kernel_kind)]
+            torch.tensor(lin.group_size or 0), torch.tensor(lin.kernel_kind),
+            getattr(lin, "scale_super", None), getattr(lin, "offset_super", None)]
 
 
 def fusable(model: LlamaForCausalLM, kv_caches: list[LayerCache]) -> str | None:

@@ -48,7 +48,8 @@ class QuantLinear(nn.Module):
 
     method = ""  # the --quantization name of the format
     int8_dot = False  # runs on q8_decode.cpp's int8 dot products (int4, int6)
-    kernel_kind = -1  # q8_decode.cpp's weight kind (0 int4, 1 int8, 2 int6); -1: by dtype
+    # q8_decode.cpp's weight kind (0 int4, 1 int8, 2 int6, 3 int5, 4 packed int6); -1: by dtype
+    kernel_kind = -1
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -74,6 +75,51 @@ class QuantLinear(nn.Module):
         return quant_matmul(x, self)
 
     # --- shared --------------------------------------------------------------------------------
+    def _set_scales(self, scale: torch.Tensor, offset: torch.Tensor | None, dtype: torch.dtype,
+                    scale_super: torch.Tensor | None = None,
+                    offset_super: torch.Tensor | None = None) -> None:
+        """Register scale and offset [N, S] in `dtype`, or, given the super-block factors
+        [N, K / 256] of GGUF K-quants, as their int8 sub-block values (the kernels multiply
+        them out: memory_model.LinearFormat.sub_scales)."""
+        compact = scale_super is not None
+        if compact and (offset is None) != (offset_super is None):
+            raise ValueError("an int8 sub-block offset needs its super-block factors")
+        kind = torch.int8 if compact else dtype
+        self.register_buffer("scale", scale.to(kind).contiguous())
+        self.register_buffer("offset", None if offset is None else offset.to(kind).contiguous())
+        self.register_buffer("scale_super", None if not compact
+                             else scale_super.float().contiguous())
+        self.register_buffer("offset_super", None if offset_super is None
+                             else offset_super.float().contiguous())
+
+    def float_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale, offset or None) as float32 [N, S], sub-block values multiplied out."""
+        offset = getattr(self, "offset", None)
+        sup = getattr(self, "scale_super", None)
+        if sup is None:
+            return self.scale.float(), None if offset is None else offset.float()
+        n, s = self.scale.shape
+        per = s // sup.shape[1]
+        scale = (self.scale.float().reshape(n, -1, per) * sup.unsqueeze(-1)).reshape(n, s)
+        if offset is not None:
+            offset = (offset.float().reshape(n, -1, per)
+                      * self.offset_super.unsqueeze(-1)).reshape(n, s)
+        return scale, offset
+
+    def plain(self) -> "QuantLinear":
+        """This layer with float32 scales and one byte per int6 weight (itself when it has
+        neither sub-block scales nor packed int6): for what slices the weight or reads it
+        directly (tensor parallelism, Triton)."""
+        packed = getattr(self, "packed", False)
+        if getattr(self, "scale_super", None) is None and not packed:
+            return self
+        scale, offset = self.float_scales()
+        bias = None if self.bias is None else self.bias.data
+        if isinstance(self, Int6Linear):
+            q = formats.unpack_int6(self.qweight) if packed else self.qweight
+            return Int6Linear(q, scale, offset, bias)
+        return type(self)(self.qweight, scale, offset, bias, scale_dtype=torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -89,7 +135,9 @@ class QuantLinear(nn.Module):
         from peregrine.kernels.cpu import q8_ops, quant_ops
         if self.int8_dot and x.dtype == torch.float32 and (q8 := q8_ops()) is not None:
             return q8.q8_linear(x, self.qweight, self.scale, getattr(self, "offset", None), None,
-                                self.group_size or 0, self.kernel_kind)
+                                self.group_size or 0, self.kernel_kind,
+                                getattr(self, "scale_super", None),
+                                getattr(self, "offset_super", None))
         ops = quant_ops() if x.dtype == torch.float32 else None
         if ops is None:
             return F.linear(x, self.dequantize().to(x.dtype))
@@ -159,14 +207,14 @@ class Int4Linear(QuantLinear):
     int8_dot = True
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16
-                 ) -> None:
+                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float16,
+                 scale_super: torch.Tensor | None = None,
+                 offset_super: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1] * 2, qweight.shape[0], bias)
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
         # float32 only for GGUF K-quants, whose scales (d * sc) float16 would round
-        self.register_buffer("scale", scale.to(scale_dtype).contiguous())
-        self.register_buffer("offset", offset.to(scale_dtype).contiguous())
+        self._set_scales(scale, offset, scale_dtype, scale_super, offset_super)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -174,13 +222,17 @@ class Int4Linear(QuantLinear):
         return cls(*formats.quantize_int4(w, group_size, symmetric), bias)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int4(self.qweight, self.scale, self.offset, self.group_size)
+        scale, offset = self.float_scales() if self.scale_super is not None else (
+            self.scale, self.offset)
+        return formats.dequantize_int4(self.qweight, scale, offset, self.group_size)
 
     def _cpu_kernel(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_linear(x, self.qweight, self.scale, self.offset, self.group_size or 0)
+        lin = self.plain()
+        return ops.int4_linear(x, lin.qweight, lin.scale, lin.offset, self.group_size or 0)
 
     def _cpu_dequantize(self, ops) -> torch.Tensor:
-        return ops.int4_dequantize(self.qweight, self.scale, self.offset, self.group_size or 0)
+        lin = self.plain()
+        return ops.int4_dequantize(lin.qweight, lin.scale, lin.offset, self.group_size or 0)
 
 
 class Int5Linear(QuantLinear):
@@ -192,43 +244,52 @@ class Int5Linear(QuantLinear):
     kernel_kind = 3
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32
-                 ) -> None:
+                 bias: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32,
+                 scale_super: torch.Tensor | None = None,
+                 offset_super: torch.Tensor | None = None) -> None:
         super().__init__(qweight.shape[1] // 5 * 8, qweight.shape[0], bias)
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
-        self.register_buffer("scale", scale.to(scale_dtype).contiguous())
-        self.register_buffer("offset", offset.to(scale_dtype).contiguous())
+        self._set_scales(scale, offset, scale_dtype, scale_super, offset_super)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int8(formats.unpack_int5(self.qweight), self.scale.float(),
-                                       self.group_size, self.offset.float())
+        scale, offset = self.float_scales()
+        return formats.dequantize_int8(formats.unpack_int5(self.qweight), scale,
+                                       self.group_size, offset)
 
     def _cuda_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.dequantize().to(x.dtype))
 
 
 class Int6Linear(QuantLinear):
-    """GGUF's 6-bit weights (Q6_K, and 5-bit ones fused with them) one per byte,
-    w = scale * q + offset with q in 0..63: unsigned, so the int8-dot kernel multiplies them
-    as they are."""
+    """GGUF's 6-bit weights (Q6_K, and 5-bit ones fused with them), w = scale * q + offset
+    with q in 0..63: unsigned, so the int8-dot kernel multiplies them as they are. One per
+    byte, or `packed` (K a multiple of 64): low nibbles and a plane of high bit pairs, 6 bits
+    a weight as the file keeps them (quant_formats.pack_int6)."""
 
     method = "int6"
     int8_dot = True
-    kernel_kind = 2
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> None:
-        super().__init__(qweight.shape[1], qweight.shape[0], bias)
-        if qweight.numel() and (qweight.min() < 0 or qweight.max() > 63):
+                 bias: torch.Tensor | None = None, scale_super: torch.Tensor | None = None,
+                 offset_super: torch.Tensor | None = None, packed: bool = False) -> None:
+        k = qweight.shape[1] // 3 * 4 if packed else qweight.shape[1]
+        super().__init__(k, qweight.shape[0], bias)
+        if not packed and qweight.numel() and (qweight.min() < 0 or qweight.max() > 63):
             raise ValueError("int6 weights must lie in 0..63")
+        if packed and (k % 64 or qweight.shape[1] != k // 4 * 3):
+            raise ValueError(f"packed int6 weights are [N, K/2 + K/4] with K a multiple of 64, "
+                             f"got {tuple(qweight.shape)}")
+        self.packed = packed
+        self.kernel_kind = 4 if packed else 2
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("offset", offset.float().contiguous())
+        self._set_scales(scale, offset, torch.float32, scale_super, offset_super)
 
     def dequantize(self) -> torch.Tensor:
-        return formats.dequantize_int8(self.qweight, self.scale, self.group_size, self.offset)
+        scale, offset = self.float_scales()
+        q = formats.unpack_int6(self.qweight) if self.packed else self.qweight
+        return formats.dequantize_int8(q, scale, self.group_size, offset)
 
 
 class NF4Linear(QuantLinear):

@@ -53,6 +53,8 @@ def slice_rows(lin: AnyLinear, rows: torch.Tensor) -> AnyLinear:
     bias = None if lin.bias is None else lin.bias.data[rows]
     if isinstance(lin, Linear):
         return linear_from(lin.weight.data[rows], bias)
+    if isinstance(lin, QuantLinear):  # K-quants' sub-block scales: slice float32 ones
+        lin = lin.plain()
     if isinstance(lin, Int8Linear):
         return Int8Linear(lin.qweight[rows], lin.scale[rows], bias,
                           offset=None if lin.offset is None else lin.offset[rows])
@@ -84,6 +86,7 @@ def slice_columns(lin: AnyLinear, start: int, end: int) -> AnyLinear:
     if not isinstance(lin, (Int8Linear, Int6Linear, Int5Linear, Int4Linear, NF4Linear,
                             FP8Linear)):
         raise ValueError(f"cannot split a {type(lin).__name__} across ranks")
+    lin = lin.plain()
     if start % 32 or (end % 32 and end != lin.in_features):
         raise ValueError(f"columns [{start}, {end}) of a quantized weight do not fall on its "
                          "32-weight grid")

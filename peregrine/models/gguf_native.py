@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear, QuantLinear
-from peregrine.layers.quant_formats import pack_int4, pack_int5
+from peregrine.layers.quant_formats import pack_int4, pack_int5, pack_int6
 from peregrine.memory_model import LinearFormat, gguf_native_format
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import (QT, GGUFFile, rope_permuted_heads,
@@ -57,17 +57,14 @@ def _unpacked(f: GGUFFile, name: str, cfg: ModelConfig) -> Unpacked:
     u = unpack(torch.from_numpy(np.array(t.data)).reshape(-1), t.qtype, (rows, t.shape[-1]))
     heads = rope_permuted_heads(cfg, name)
     if heads is not None:
-        u = Unpacked(unpermute_rope_rows(u.q, heads), unpermute_rope_rows(u.scale, heads),
-                     None if u.offset is None else unpermute_rope_rows(u.offset, heads), u.group)
+        u = u.map_rows(lambda t: unpermute_rope_rows(t, heads))
     return u
 
 
 def _expert_rows(u: Unpacked, expert: int, num_experts: int) -> Unpacked:
     """Expert `expert`'s rows of a stacked experts tensor unpacked as [E * rows, cols]."""
     n = u.q.shape[0] // num_experts
-    rows = slice(expert * n, (expert + 1) * n)
-    return Unpacked(u.q[rows], u.scale[rows], None if u.offset is None else u.offset[rows],
-                    u.group)
+    return u.map_rows(lambda t: t[expert * n:(expert + 1) * n])
 
 
 def _in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> tuple[torch.Tensor, torch.Tensor,
@@ -84,8 +81,23 @@ def _in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> tuple[torch.Tensor,
     return q, scale, offset
 
 
+def _sub_in_format(u: Unpacked, qtype: QT, fmt: LinearFormat) -> list[torch.Tensor]:
+    """_in_format's scale and offset as stored (int8 sub-block values, float32 factor per
+    super-block): [scale_sub, scale_super, offset_sub, offset_super]; `fmt` is unsigned with
+    offsets (int4/int5/int6)."""
+    rep = u.group // fmt.group_size
+    sub = u.sub
+    scale_sub = sub.scale_sub.repeat_interleave(rep, dim=1)
+    qmin = BLOCK_FORMS[qtype].qmin
+    if qmin < 0:  # shifted as _in_format shifts it: offset qmin * d * sc (qmin a power of 2)
+        return [scale_sub, sub.scale_super, scale_sub, qmin * sub.scale_super]
+    return [scale_sub, sub.scale_super, sub.offset_sub.repeat_interleave(rep, dim=1),
+            sub.offset_super]
+
+
 def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
-    """One quantized linear from unpacked GGUF tensors stacked along its rows."""
+    """One quantized linear from unpacked GGUF tensors stacked along its rows; K-quant
+    parts keep their scales compact (`LinearFormat.sub_scales`)."""
     fmt = gguf_native_format([t for _, t in parts])
     if fmt.method == "float":
         raise ValueError(f"not GGUF block types: {[t.name for _, t in parts]}")
@@ -93,6 +105,16 @@ def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
     q = torch.cat([c[0] for c in conv])
     scale = torch.cat([c[1] for c in conv])
     offset = None if conv[0][2] is None else torch.cat([c[2] for c in conv])
+    if fmt.sub_scales:
+        sub = [torch.cat(c) for c in zip(*(_sub_in_format(u, t, fmt) for u, t in parts))]
+        compact = {"scale_super": sub[1], "offset_super": sub[3]}
+        scale, offset = sub[0], sub[2]
+        if fmt.method == "int6":  # K is a multiple of 256: packed, 6 bits a weight
+            return Int6Linear(pack_int6(q.to(torch.uint8)), scale, offset, packed=True,
+                              **compact)
+        if fmt.method == "int5":
+            return Int5Linear(pack_int5(q.to(torch.uint8)), scale, offset, **compact)
+        return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset, **compact)
     if fmt.method == "int8":
         return Int8Linear(q.to(torch.int8), scale, offset=offset)
     if fmt.method == "int6":

@@ -167,6 +167,78 @@ def test_gguf_block_formats_give_a_row_the_same_bits_in_any_batch(q8, kind, grou
     assert torch.equal(q8.q8_linear(x, q, scale, offset, None, group, kid), alone)
 
 
+def make_sub_scales(n: int, k: int, group: int, seed: int):
+    """K-quant scales as stored: int8 sub-block values (signed as Q6_K's, or 0..63 as
+    Q4_K's) times a float32 per 256 weights, and the same multiplied out in float32."""
+    g = torch.Generator().manual_seed(seed)
+    s = k // group
+    sub = torch.randint(-128, 128, (n, s), generator=g).to(torch.int8)
+    osub = torch.randint(0, 64, (n, s), generator=g).to(torch.int8)
+    sup = (torch.rand(n, k // 256, generator=g) * 1e-3).half().float()
+    osup = -(torch.rand(n, k // 256, generator=g) * 1e-3).half().float()
+    per = s // (k // 256)
+    wide = (sub.float().reshape(n, -1, per) * sup.unsqueeze(-1)).reshape(n, s)
+    owide = (osub.float().reshape(n, -1, per) * osup.unsqueeze(-1)).reshape(n, s)
+    return (sub, sup, osub, osup), (wide, owide)
+
+
+@pytest.mark.parametrize("kind", ["int4-f32", "int5", "int6"])
+@pytest.mark.parametrize("group", [16, 32])
+@pytest.mark.parametrize("k", [256, 1536])
+@pytest.mark.parametrize("m", [1, 2, 6])
+def test_sub_block_scales_give_the_bits_of_the_float32_scales_they_multiply_out_to(
+        q8, kind, group, k, m):
+    """GGUF K-quants' compact scales (int8 sc with float32 d per 256 weights) compute what
+    the float32 products d * sc would, bit for bit, alone and in a batch."""
+    (q, _, _, kid), _ = make_gguf_weight(kind, N + 1, k, group, seed=k)
+    (sub, sup, osub, osup), (wide, owide) = make_sub_scales(N + 1, k, group, seed=k + group)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    want = q8.q8_linear(x, q, wide, owide, None, group, kid)
+    got = q8.q8_linear(x, q, sub, osub, None, group, kid, sup, osup)
+    assert torch.equal(got, want)
+
+
+def test_sub_block_scales_need_their_factors_and_whole_super_blocks(q8):
+    (q, _, _, kid), _ = make_gguf_weight("int4-f32", N, 256, 32)
+    (sub, sup, osub, osup), _ = make_sub_scales(N, 256, 32, seed=0)
+    x = torch.randn(1, 256)
+    with pytest.raises(RuntimeError, match="super-block factors"):
+        q8.q8_linear(x, q, sub, osub, None, 32, kid)
+    with pytest.raises(RuntimeError, match="super-block factors"):
+        q8.q8_linear(x, q, sub, osub, None, 32, kid, sup[:, :0], osup)
+    (q, _, _, kid), _ = make_gguf_weight("int4-f32", N, 160, 32)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        q8.q8_linear(torch.randn(1, 160), q, sub[:, :5].contiguous(), osub[:, :5].contiguous(),
+                     None, 32, kid, sup, osup)
+
+
+@pytest.mark.parametrize("scales", ["float32", "sub-block"])
+@pytest.mark.parametrize("group", [16, 32])
+@pytest.mark.parametrize("k", [64, 256, 576, 1536])
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_packed_int6_gives_the_bits_of_one_byte_per_weight(q8, scales, group, k, m):
+    """int6 packed as 6 bits a weight (nibbles and a plane of high bit pairs) computes what
+    the same values one per byte do, bit for bit, alone and in a batch."""
+    (q, scale, offset, _), _ = make_gguf_weight("int6", N + 1, k, group, seed=k)
+    sup = ()
+    if scales == "sub-block" and k % 256 == 0:
+        (scale, s_sup, offset, o_sup), _ = make_sub_scales(N + 1, k, group, seed=k)
+        sup = (s_sup, o_sup)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    want = q8.q8_linear(x, q, scale, offset, None, group, 2, *sup)
+    got = q8.q8_linear(x, formats.pack_int6(q), scale, offset, None, group, 4, *sup)
+    assert torch.equal(got, want)
+
+
+def test_int6_packing_round_trips_and_needs_whole_pairs():
+    q = torch.randint(0, 64, (3, 192), dtype=torch.uint8)
+    packed = formats.pack_int6(q)
+    assert packed.shape == (3, 192 // 2 + 192 // 4)
+    assert torch.equal(formats.unpack_int6(packed), q)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        formats.pack_int6(q[:, :96])
+
+
 def test_int5_packing_round_trips():
     q = torch.randint(0, 32, (3, 96), dtype=torch.uint8)
     packed = formats.pack_int5(q)

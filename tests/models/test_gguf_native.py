@@ -61,7 +61,9 @@ def test_a_q4_k_m_file_is_kept_in_its_blocks(smollm2_q4_k_m_path):
     assert isinstance(mods["layers.0.mlp.down_proj"], Int6Linear)  # Q6_K: 6 bits, groups of 16
     assert mods["layers.0.mlp.down_proj"].group_size == 16
     assert isinstance(mods["layers.4.mlp.down_proj"], Int4Linear)  # Q4_K
-    assert mods["layers.4.mlp.down_proj"].scale.dtype == torch.float32  # d * sc: not f16-exact
+    down = mods["layers.4.mlp.down_proj"]  # d * sc is not f16-exact: kept as stored
+    assert down.scale.dtype == torch.int8 and down.scale_super.dtype == torch.float32
+    assert down.weight_bytes() * 8 / (576 * 1536) == 4.75  # the file's 4.5 + float32 d, dmin
     assert isinstance(mods["layers.4.mlp.gate_up_proj"], Int5Linear)  # Q5_0 (K = 576), as stored
     assert mods["layers.4.mlp.gate_up_proj"].scale.dtype == torch.float16  # d, -16 d: exact
     assert isinstance(mods["layers.0.self_attn.qkv_proj"], Int8Linear)  # Q5_0 q/k + Q8_0 v
@@ -71,6 +73,21 @@ def test_a_q4_k_m_file_is_kept_in_its_blocks(smollm2_q4_k_m_path):
         # the same weights as the float loader's, up to float rounding of the shifted grids
         torch.testing.assert_close(mods[name].dequantize(), floats[name].weight.float(),
                                    rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_k_quant_scales_kept_as_stored_compute_the_bits_of_their_float32_products(
+        smollm2_q4_k_m_path):
+    f = GGUFFile(smollm2_q4_k_m_path)
+    mods = gguf_quantized_linears(f, gguf_config(f))
+    compact = {n: m for n, m in mods.items() if getattr(m, "scale_super", None) is not None}
+    assert {type(m).__name__ for m in compact.values()} == {"Int4Linear", "Int6Linear"}
+    x = torch.randn(3, 1536, generator=torch.Generator().manual_seed(0))
+    for name, m in list(compact.items())[:6]:
+        wide = m.plain()
+        assert wide.scale.dtype == torch.float32 and wide.weight_bytes() > m.weight_bytes()
+        assert torch.equal(m.dequantize(), wide.dequantize()), name
+        for rows in (x[:1], x):  # the one-row kernel and the batch tile
+            assert torch.equal(m(rows), wide(rows)), name
 
 
 def test_a_q4_k_m_file_serves_through_the_fused_step(smollm2_q4_k_m_path):

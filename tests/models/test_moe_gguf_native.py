@@ -213,7 +213,7 @@ def test_float_experts_stay_float(tmp_path, smollm2_path, caplog):
 
 
 def test_k_quant_experts_are_kept_in_their_blocks(tmp_path, smollm2_path):
-    """Q4_K experts (rows of 256) keep their super-blocks' scales: int4 with float32
+    """Q4_K experts (rows of 256) keep their super-blocks' scales: int4 with int8 sub-block
     scales, the float loader's weights to rounding."""
     path, ref = write_hf_checkpoint(tmp_path, "mixtral", hidden_size=256,
                                     intermediate_size=256,
@@ -227,7 +227,8 @@ def test_k_quant_experts_are_kept_in_their_blocks(tmp_path, smollm2_path):
     floats = load_model(out, quantization="none").model
     for mine, theirs in zip(sparse_blocks(native), sparse_blocks(floats), strict=True):
         down = mine.experts.down_proj[3]
-        assert isinstance(down, Int4Linear) and down.scale.dtype == torch.float32
+        assert isinstance(down, Int4Linear) and down.scale.dtype == torch.int8  # sc, as stored
+        assert down.scale_super.dtype == torch.float32  # d
         torch.testing.assert_close(down.dequantize(), theirs.experts.down_proj[3],
                                    rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(mine.experts.gate_up_proj[1].dequantize(),

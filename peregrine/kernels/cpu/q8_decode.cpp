@@ -9,11 +9,17 @@
 //   int4  q uint8 [N, K/2], scale/offset f16 or f32 [N, S]:  w = scale * q + offset
 //         (GGUF's Q4_0/Q4_1 layout: in each run of 32, byte i = weight i | weight i+16 << 4)
 //   int6  q uint8 [N, K] below 64, scale/offset f32 [N, S]:   w = scale * q + offset
-//         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
+//         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are),
+//         or packed (kind 4, K a multiple of 64): q uint8 [N, K/2 + K/4], the low nibbles
+//         in int4's layout, then the high two bits, 16 bytes per pair of 32-blocks in the
+//         order int6p_pair takes them (quant_formats.pack_int6)
 //   int5  q uint8 [N, K/2 + K/8], scale/offset f16 or f32:    w = scale * q + offset
 //         (GGUF Q5_0/Q5_1/Q5_K: a row's low nibbles in int4's layout, then its fifth
-//         bits, 8 bytes per pair of 32-blocks in the order int5_pair tests them)
+//         bits, 8 bytes per pair of 32-blocks in the order int5_pair takes them)
 //   int8  q int8 [N, K], scale f32 [N, S], offset f32 or none: w = scale * q (+ offset)
+// GGUF K-quants (K a multiple of 256) may keep their scales compact instead: scale and
+// offset int8 [N, S] (the sub-block integers sc, m) with a float32 factor per super-block of
+// 256 weights [N, K / 256] (d, -dmin): scale = d * sc, exact in float32, as stored.
 // G = 16 (K-quants' Q2_K, Q3_K, Q6_K) gives each half of a 32-block its own scale: the two
 // halves are accumulated separately (lanes of `lo` hold first halves, `hi` second halves).
 //
@@ -46,6 +52,7 @@ constexpr int kInt4 = 0;
 constexpr int kInt8 = 1;
 constexpr int kInt6 = 2;
 constexpr int kInt5 = 3;
+constexpr int kInt6P = 4;  // int6 packed: nibbles, then the high two bits
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -176,9 +183,15 @@ struct QW {
   int gshift = 0;      // block b (32 weights) uses scale column b >> gshift (G >= 32)
   bool half = false;   // G = 16: block b uses columns 2b (first half) and 2b + 1
   bool f16 = false;    // scale and offset stored as float16 (else float32)
+  // GGUF K-quants' compact scales: scale and offset int8 [N, S] (the sub-block integers),
+  // each times a float32 per super-block of 256 weights ([N, K / 256]): d * sc, -dmin * m
+  bool sub8 = false;
   const uint8_t* q = nullptr;
   const void* scale = nullptr;
   const void* offset = nullptr;  // same dtype as scale, or null (int8 only)
+  const float* scale_sup = nullptr;  // sub8: [N, Ssup]
+  const float* offset_sup = nullptr;
+  int64_t Ssup = 0;
   const float* bias = nullptr;   // [N] or null
 };
 
@@ -195,19 +208,30 @@ int infer_kind(const torch::Tensor& q, int64_t kind) {
   return q.scalar_type() == torch::kUInt8 ? kInt4 : kInt8;
 }
 
+// The float32 super-block factors [N, K / 256] of a sub8 scale or offset.
+const float* super_factors(const c10::optional<torch::Tensor>& t, const QW& w, const char* what) {
+  TORCH_CHECK(t.has_value() && t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+              t->dim() == 2 && t->size(0) == w.N && t->size(1) == w.K / 256,
+              "int8 sub-block ", what, "s need float32 super-block factors [N, K / 256]");
+  return t->data_ptr<float>();
+}
+
 QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
            const c10::optional<torch::Tensor>& offset, const c10::optional<torch::Tensor>& bias,
-           int64_t G) {
+           int64_t G, const c10::optional<torch::Tensor>& scale_sup = c10::nullopt,
+           const c10::optional<torch::Tensor>& offset_sup = c10::nullopt) {
   QW w;
   w.kind = kind;
-  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6 || kind == kInt5,
-              "unknown weight kind ", kind);
+  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6 || kind == kInt5 ||
+              kind == kInt6P, "unknown weight kind ", kind);
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.device().is_cpu(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(q.dim() == 2, "q must be 2-D");
   w.N = q.size(0);
   w.f16 = scale.scalar_type() == torch::kFloat16;
-  TORCH_CHECK(w.f16 || scale.scalar_type() == torch::kFloat32, "scale must be float16/32");
+  w.sub8 = scale.scalar_type() == torch::kInt8;
+  TORCH_CHECK(w.f16 || w.sub8 || scale.scalar_type() == torch::kFloat32,
+              "scale must be float16/32 (or int8 with super-block factors)");
   if (kind == kInt4) {
     TORCH_CHECK(q.scalar_type() == torch::kUInt8, "int4 weights: q uint8 [N, K/2]");
     TORCH_CHECK(offset.has_value(), "int4 weights need an offset shaped like the scale");
@@ -216,6 +240,11 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) % 20 == 0 && offset.has_value(),
                 "int5 weights: q uint8 [N, K/2 + K/8], scale and offset [N, S]");
     w.K = q.size(1) / 5 * 8;
+  } else if (kind == kInt6P) {
+    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) % 48 == 0 && !w.f16 &&
+                offset.has_value(), "packed int6 weights: q uint8 [N, K/2 + K/4] with K a "
+                "multiple of 64, scale and offset float32 or int8 sub-block values [N, S]");
+    w.K = q.size(1) / 3 * 4;
   } else if (kind == kInt6) {
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && !w.f16 && offset.has_value(),
                 "int6 weights: q uint8 [N, K] below 64, scale and offset float32 [N, S]");
@@ -236,6 +265,14 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
   w.gshift = group_shift(G);
   w.half = G == 16;
   TORCH_CHECK(w.S == (G == 0 ? 1 : (w.K + G - 1) / G), "scale must be [N, ceil(K / G)]");
+  if (w.sub8) {
+    TORCH_CHECK(kind != kInt8 && (G == 16 || G == 32) && w.K % 256 == 0,
+                "int8 sub-block scales: int4/int5/int6 weights, groups of 16 or 32, K a "
+                "multiple of 256");
+    w.Ssup = w.K / 256;
+    w.scale_sup = super_factors(scale_sup, w, "scale");
+    if (offset.has_value()) w.offset_sup = super_factors(offset_sup, w, "offset");
+  }
   w.q = reinterpret_cast<const uint8_t*>(q.data_ptr());
   w.scale = scale.data_ptr();
   if (bias.has_value()) {
@@ -280,7 +317,21 @@ inline void expand_scales(const QW& w, const T* s, const T* o, int64_t nb, float
 inline void row_scales(const QW& w, int64_t n, int64_t nb8, float* sb, float* ob, float* sb2,
                        float* ob2) {
   const int64_t nb = w.K / 32;
-  if (w.f16) {
+  if (w.sub8) {  // eight blocks of 32 per super-block
+    const int8_t* s = static_cast<const int8_t*>(w.scale) + n * w.S;
+    const int8_t* o = w.offset ? static_cast<const int8_t*>(w.offset) + n * w.S : nullptr;
+    const float* ss = w.scale_sup + n * w.Ssup;
+    const float* os = o ? w.offset_sup + n * w.Ssup : nullptr;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j = w.half ? 2 * b : b;
+      sb[b] = static_cast<float>(s[j]) * ss[b >> 3];
+      if (o) ob[b] = static_cast<float>(o[j]) * os[b >> 3];
+      if (w.half) {
+        sb2[b] = static_cast<float>(s[j + 1]) * ss[b >> 3];
+        if (o) ob2[b] = static_cast<float>(o[j + 1]) * os[b >> 3];
+      }
+    }
+  } else if (w.f16) {
     const uint16_t* s = static_cast<const uint16_t*>(w.scale) + n * w.S;
     const uint16_t* o = w.offset ? static_cast<const uint16_t*>(w.offset) + n * w.S : nullptr;
     expand_scales(w, s, o, nb, sb, ob, sb2, ob2);
@@ -311,10 +362,10 @@ inline void int4_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __
 }
 
 // Pair p of an int5 row: int4's nibbles with the fifth bits of blocks A and B or-ed in.
-// A whole pair's 8 bytes of fifth bits are stored in the order this tests them
+// A whole pair's 8 bytes of fifth bits are stored in the order this takes them
 // (quant_formats.pack_int5): broadcast, byte j of every 64-bit lane holds the bits of lanes
-// j, j+8, j+16, j+24 of lo (bits 0-3) and of hi (bits 4-7), so a per-lane bit mask and a
-// compare place each bit. A lone last block A has 4 bytes, bit j = weight j, picked by
+// j, j+8, j+16, j+24 of lo (bits 0-3) and of hi (bits 4-7), so a per-lane shift and a mask
+// place each bit. A lone last block A has 4 bytes, bit j = weight j, picked by
 // byte shuffles instead.
 inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m256i& lo,
                       __m256i& hi, bool whole = false) {
@@ -322,16 +373,15 @@ inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m2
   int4_pair(row, p, nb, lo, hi, whole);
   const uint8_t* qh = row + K / 2 + p * 8;
   if (whole || 2 * p + 1 < nb) {
-    const __m256i sel_lo = _mm256_set_epi64x(0x0808080808080808, 0x0404040404040404,
-                                             0x0202020202020202, 0x0101010101010101);
-    const __m256i sel_hi = _mm256_slli_epi64(sel_lo, 4);
+    // 64-bit lane s wants bit s (lo) and bit 4 + s (hi) of each byte at bit 4: one shift
+    // per lane moves it there, within its byte, and a mask keeps it
     int64_t ab;
     std::memcpy(&ab, qh, 8);
     const __m256i v = _mm256_set1_epi64x(ab);
     lo = _mm256_or_si256(lo, _mm256_and_si256(
-        _mm256_cmpeq_epi8(_mm256_and_si256(v, sel_lo), sel_lo), five));
+        _mm256_sllv_epi64(v, _mm256_setr_epi64x(4, 3, 2, 1)), five));
     hi = _mm256_or_si256(hi, _mm256_and_si256(
-        _mm256_cmpeq_epi8(_mm256_and_si256(v, sel_hi), sel_hi), five));
+        _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 1, 2, 3)), five));
     return;
   }
   const __m256i pick_lo = _mm256_set_epi64x(0x0505050505050505, 0x0404040404040404,
@@ -346,6 +396,21 @@ inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m2
   const __m256i bh = _mm256_and_si256(_mm256_shuffle_epi8(v, pick_hi), bit);
   lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi8(bl, bit), five));
   hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(bh, bit), five));
+}
+
+// Pair p of a packed int6 row (K a multiple of 64: pairs are whole): int4's nibbles with
+// the high two bits or-ed in. Byte j of the pair's 16 holds those of lo lanes j (bits 0-1)
+// and 16 + j (2-3) and of hi lanes j (4-5) and 16 + j (6-7): loaded into both 128-bit
+// lanes, one shift per 32-bit lane puts each lane's pair at bits 4-5, within its byte.
+inline void int6p_pair(const uint8_t* row, int64_t K, int64_t p, __m256i& lo, __m256i& hi) {
+  const __m256i two = _mm256_set1_epi8(0x30);
+  int4_pair(row, p, 2 * p + 2, lo, hi, true);
+  const __m256i v = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + K / 2 + p * 16)));
+  lo = _mm256_or_si256(lo, _mm256_and_si256(
+      _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2)), two));
+  hi = _mm256_or_si256(hi, _mm256_and_si256(
+      _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), two));
 }
 
 // Pair p of a one-byte-per-weight row (int8 or int6) in the same arrangement.
@@ -370,6 +435,13 @@ inline __m256 pair_scales(__m256 sv, int k) {
   return _mm256_permutevar8x32_ps(sv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx[k])));
 }
 
+// Eight int8 sub-block values as floats times one super-block factor.
+inline __m256 sub8_times(const int8_t* p, float sup) {
+  const __m256 v = _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  return _mm256_mul_ps(v, _mm256_set1_ps(sup));
+}
+
 // Where a row's block scales and offsets are read from, 8 blocks at a time: the stored
 // values directly (group size 32, and the row's last 8-wide load stays inside the tensor:
 // what it reads past the row's end meets zero x blocks, but memory past the tensor may hold
@@ -382,12 +454,18 @@ struct RowScales {
   const float* o32 = nullptr;
   const float* s2 = nullptr;
   const float* o2 = nullptr;
-  inline bool has_offset() const { return o16 || o32; }
+  const int8_t* s8 = nullptr;  // sub8, b a multiple of 8: times ss[b / 8]
+  const int8_t* o8 = nullptr;
+  const float* ss = nullptr;
+  const float* os = nullptr;
+  inline bool has_offset() const { return o16 || o32 || o8; }
   inline __m256 scale8(int64_t b) const {
+    if (s8) return sub8_times(s8 + b, ss[b >> 3]);
     return s16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + b)))
                : _mm256_loadu_ps(s32 + b);
   }
   inline __m256 offset8(int64_t b) const {
+    if (o8) return sub8_times(o8 + b, os[b >> 3]);
     return o16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(o16 + b)))
                : _mm256_loadu_ps(o32 + b);
   }
@@ -396,7 +474,14 @@ struct RowScales {
 inline RowScales row_scales_of(const QW& w, int64_t n, float* buf, int64_t nb8) {
   RowScales r;
   const bool direct = !w.half && w.gshift == 0 && (w.N - n) * w.S >= nb8;
-  if (direct && w.f16) {
+  if (direct && w.sub8) {
+    r.s8 = static_cast<const int8_t*>(w.scale) + n * w.S;
+    r.ss = w.scale_sup + n * w.Ssup;
+    if (w.offset) {
+      r.o8 = static_cast<const int8_t*>(w.offset) + n * w.S;
+      r.os = w.offset_sup + n * w.Ssup;
+    }
+  } else if (direct && w.f16) {
     r.s16 = static_cast<const uint16_t*>(w.scale) + n * w.S;
     if (w.offset) r.o16 = static_cast<const uint16_t*>(w.offset) + n * w.S;
   } else if (direct) {
@@ -467,6 +552,8 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
           int4_pair(w.q + (n0 + i) * (w.K / 2), p, nb, lo[i], hi[i]);
         } else if (KIND == kInt5) {
           int5_pair(w.q + (n0 + i) * (w.K / 8 * 5), w.K, p, nb, lo[i], hi[i]);
+        } else if (KIND == kInt6P) {
+          int6p_pair(w.q + (n0 + i) * (w.K / 4 * 3), w.K, p, lo[i], hi[i]);
         } else {
           byte_pair(w.q + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
         }
@@ -532,6 +619,8 @@ inline void weight_pair(const QW& w, const uint8_t* r, int64_t p, int64_t nb, __
     int4_pair(r, p, nb, lo, hi, WHOLE);
   } else if (KIND == kInt5) {
     int5_pair(r, w.K, p, nb, lo, hi, WHOLE);
+  } else if (KIND == kInt6P) {
+    int6p_pair(r, w.K, p, lo, hi);
   } else {
     byte_pair(r, p, nb, lo, hi, WHOLE);
   }
@@ -577,6 +666,23 @@ inline void last_block_scales(const void* p, int64_t at, int64_t blocks, __m256&
   v2 = _mm256_load_ps(t[1]);
 }
 
+// block_scales of int8 sub-block values p (one super-block: 8 blocks, 8 or 16 values) times
+// their super-block factor `sup`.
+template <bool HALF>
+inline void sub_block_scales(const int8_t* p, float sup, __m256& v, __m256& v2) {
+  if (!HALF) {
+    v = sub8_times(p, sup);
+    return;
+  }
+  // [a0 b0 a1 b1 ...]: first halves to the low 8 bytes, second halves to the high 8
+  const __m128i ab = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                                      _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9,
+                                                    11, 13, 15));
+  const __m256 d = _mm256_set1_ps(sup);
+  v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(ab)), d);
+  v2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(ab, 8))), d);
+}
+
 // Four pairs (eight blocks) from pair p8 on of RN weight rows r[i] against x, into acc[i],
 // with the rows' block scales s[i] (second halves' t[i] with G = 16): qgemm_tile's
 // operations in its order.
@@ -613,12 +719,17 @@ inline void gemv_group(const QW& w, const uint8_t* const* r, const QX& x, int64_
 // block of 32 (GGUF's Q4_0/Q4_1/Q5_x/Q8_0, K-quants' Q4_K/Q5_K) or per half block (HALF:
 // Q2_K, Q3_K, Q6_K), RN rows at a time. The general tile's per-row set-up (expanded scale
 // copies, format checks at run time) cost as much as the products at K = 576; this reads
-// the stored scales in place, eight blocks at a time. Each output is bit-identical to
+// the stored scales in place, eight blocks at a time (SC: float32, float16, or int8 sub-block
+// values times a float32 per super-block of 256 weights). Each output is bit-identical to
 // qgemm_tile's, so one sequence decodes alone as in a batch.
-template <int KIND, bool F16, bool OFFSET, bool HALF, int RN>
+constexpr int kF32 = 0, kF16 = 1, kSub8 = 2;
+
+template <int KIND, int SC, bool OFFSET, bool HALF, int RN>
 void gemv(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
+  constexpr bool F16 = SC == kF16;
   const int64_t nb = w.K / 32, npair = x.npair, S = w.S, per = HALF ? 2 : 1;
-  const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5 : w.K;
+  const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5
+                           : KIND == kInt6P ? w.K / 4 * 3 : w.K;
   const int64_t whole = nb / 8 * 4;  // pairs in groups of eight whole blocks
   for (int64_t n = n0; n + RN <= n1; n += RN) {
     const uint8_t* r[RN];
@@ -629,13 +740,19 @@ void gemv(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
       at[i] = (n + i) * S;
       acc[i] = _mm256_setzero_ps();
     }
+    const int8_t* s8 = static_cast<const int8_t*>(w.scale);
+    const int8_t* o8 = static_cast<const int8_t*>(w.offset);
     for (int64_t p8 = 0; p8 < npair; p8 += 4) {
       const int64_t b8 = 2 * p8;
       const bool last = p8 >= whole;
       __m256 s[RN], t[RN], o[RN], u[RN];
       for (int i = 0; i < RN; ++i) {
         const int64_t from = at[i] + per * b8;
-        if (!last) {
+        if (SC == kSub8) {  // K is a multiple of 256: never `last`
+          const int64_t sup = (n + i) * w.Ssup + b8 / 8;
+          sub_block_scales<HALF>(s8 + from, w.scale_sup[sup], s[i], t[i]);
+          if (OFFSET) sub_block_scales<HALF>(o8 + from, w.offset_sup[sup], o[i], u[i]);
+        } else if (!last) {
           block_scales<F16, HALF>(w.scale, from, s[i], t[i]);
           if (OFFSET) block_scales<F16, HALF>(w.offset, from, o[i], u[i]);
         } else {
@@ -671,19 +788,23 @@ int64_t gemv_rows(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
   if (!HALF && w.gshift != 0) return n0;
   if (KIND == kInt4) {
     const int64_t n2 = n0 + (n1 - n0) / 2 * 2;
-    if (w.f16) {
-      gemv<KIND, true, true, HALF, 2>(w, x, n0, n2, y);
+    if (w.sub8) {
+      gemv<KIND, kSub8, true, HALF, 2>(w, x, n0, n2, y);
+    } else if (w.f16) {
+      gemv<KIND, kF16, true, HALF, 2>(w, x, n0, n2, y);
     } else {
-      gemv<KIND, false, true, HALF, 2>(w, x, n0, n2, y);
+      gemv<KIND, kF32, true, HALF, 2>(w, x, n0, n2, y);
     }
     return n2;
   }
   if (KIND == kInt8 && !w.offset) {
-    gemv<KIND, false, false, HALF, 1>(w, x, n0, n1, y);
+    gemv<KIND, kF32, false, HALF, 1>(w, x, n0, n1, y);
+  } else if (KIND != kInt8 && w.sub8) {
+    gemv<KIND, kSub8, true, HALF, 1>(w, x, n0, n1, y);
   } else if (w.f16) {
-    gemv<KIND, true, true, HALF, 1>(w, x, n0, n1, y);
+    gemv<KIND, kF16, true, HALF, 1>(w, x, n0, n1, y);
   } else {
-    gemv<KIND, false, true, HALF, 1>(w, x, n0, n1, y);
+    gemv<KIND, kF32, true, HALF, 1>(w, x, n0, n1, y);
   }
   return n1;
 }
@@ -743,6 +864,8 @@ void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, flo
     qgemm_rows_half<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
   } else if (w.kind == kInt6) {
     qgemm_rows_half<kInt6>(w, x, M, n0, n1, y, ldy, buf.data());
+  } else if (w.kind == kInt6P) {
+    qgemm_rows_half<kInt6P>(w, x, M, n0, n1, y, ldy, buf.data());
   } else if (w.kind == kInt5) {
     qgemm_rows_half<kInt5>(w, x, M, n0, n1, y, ldy, buf.data());
   } else {
@@ -1244,17 +1367,20 @@ class Decoder {
 
   static QW take(const std::vector<c10::optional<torch::Tensor>>& t, std::vector<torch::Tensor>& keep,
                  int64_t N, int64_t K) {
-    TORCH_CHECK(t.size() == 5 || t.size() == 6, "a weight is (q, scale, offset or None, bias "
-                "or None, group size as a tensor[, kind as a tensor])");
+    TORCH_CHECK(t.size() >= 5 && t.size() <= 8, "a weight is (q, scale, offset or None, bias "
+                "or None, group size as a tensor[, kind as a tensor[, the scale's and the "
+                "offset's super-block factors or None]])");
     TORCH_CHECK(t[0].has_value() && t[1].has_value() && t[4].has_value(),
                 "a weight needs q, scale and group size");
-    const int kind = infer_kind(*t[0], t.size() == 6 && t[5].has_value() ? t[5]->item<int64_t>()
-                                                                         : -1);
-    QW w = make_qw(kind, *t[0], *t[1], t[2], t[3], t[4]->item<int64_t>());
+    const int kind = infer_kind(*t[0], t.size() >= 6 && t[5].has_value() ? t[5]->item<int64_t>()
+                                                                        : -1);
+    const c10::optional<torch::Tensor> none;
+    QW w = make_qw(kind, *t[0], *t[1], t[2], t[3], t[4]->item<int64_t>(),
+                   t.size() >= 7 ? t[6] : none, t.size() >= 8 ? t[7] : none);
     TORCH_CHECK(w.N == N && w.K == K, "weight shape [", w.N, ", ", w.K, "], expected [", N,
                 ", ", K, "]");
-    for (size_t i = 0; i < 4; ++i)
-      if (t[i].has_value()) keep.push_back(*t[i]);
+    for (size_t i = 0; i < t.size(); ++i)
+      if (i != 4 && i != 5 && t[i].has_value()) keep.push_back(*t[i]);
     return w;
   }
 
@@ -1270,10 +1396,11 @@ class Decoder {
 // y = x W^T (+ bias) for a float32 x [M, K] and a quantized W, parallel over W's rows.
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale,
                         c10::optional<torch::Tensor> offset, c10::optional<torch::Tensor> bias,
-                        int64_t G, int64_t kind_arg) {
+                        int64_t G, int64_t kind_arg, c10::optional<torch::Tensor> scale_sup,
+                        c10::optional<torch::Tensor> offset_sup) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be float32 [M, K]");
   const int kind = infer_kind(q, kind_arg);
-  const QW w = make_qw(kind, q, scale, offset, bias, G);
+  const QW w = make_qw(kind, q, scale, offset, bias, G, scale_sup, offset_sup);
   TORCH_CHECK(x.size(1) == w.K, "x and the weight disagree on K");
   auto xc = x.contiguous();
   const int64_t M = xc.size(0);
@@ -1394,7 +1521,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int6 (q uint8 < 64, scale, offset; kind=2), int5 (nibbles then fifth bits; kind=3) or int8 (q int8, scale f32, offset or "
         "None), x quantized to int8 per 32 values",
         py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("offset") = py::none(),
-        py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1, no_gil);
+        py::arg("bias") = py::none(), py::arg("group_size") = 32, py::arg("kind") = -1,
+        py::arg("scale_super") = py::none(), py::arg("offset_super") = py::none(), no_gil);
   py::class_<DecoderOptions>(m, "DecoderOptions")
       .def(py::init<>())
       .def_readwrite("gelu_tanh", &DecoderOptions::gelu_tanh)
