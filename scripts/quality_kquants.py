@@ -110,9 +110,9 @@ def main() -> int:
         if recipe and r["quantization"] == "gguf":
             r["within_target"] = r["ppl_vs_float"] <= TARGETS[recipe]
         target = f"<= {100 * TARGETS[recipe]:.1f}%" if recipe else "-"
-        print(f"| {name.rsplit(', ', 1)[0]} | {'blocks' if r['quantization'] == 'gguf' else 'float'}"
-              f" | {r['bytes'] / 1e6:.1f} | {r['ppl']:.4f} | {100 * r['ppl_vs_float']:+.2f}% |"
-              f" {target} |")
+        served = "blocks" if r["quantization"] == "gguf" else "float"
+        print(f"| {name.rsplit(', ', 1)[0]} | {served} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.4f} |"
+              f" {100 * r['ppl_vs_float']:+.2f}% | {target} |")
     out = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized = float32)",
            "text": "peregrine/quantization/corpus.py eval_text() (bundled, held out)",
            "tokens": len(ids), "context": ns.context, "results": rows,

@@ -63,7 +63,7 @@ def test_the_scale_search_never_does_worse_than_round_to_nearest(qtype, weights)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q5_0, QT.Q8_0], ids=lambda t: t.name)
-def test_round_to_nearest_is_the_gguf_packages_quantizer(qtype):
+def test_round_to_nearest_is_no_worse_than_the_gguf_packages_quantizer(qtype):
     w = gaussian()
     theirs = quants.dequantize(quants.quantize(w.numpy(), qtype).reshape(-1), qtype)
     err = (decoded(w, qtype, search=False) - w).square().sum()
