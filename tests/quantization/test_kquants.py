@@ -71,6 +71,15 @@ def test_round_to_nearest_is_no_worse_than_the_gguf_packages_quantizer(qtype):
     assert float(err) <= float(((torch.from_numpy(theirs).reshape(w.shape) - w) ** 2).sum())
 
 
+@pytest.mark.parametrize("qtype", list(BOUNDS), ids=lambda t: t.name)
+def test_blocks_of_zeros_decode_to_zeros(qtype):
+    w = torch.zeros(2, 512)
+    w[1, :256] = gaussian(1, 256)
+    back = decoded(w, qtype, importance=torch.rand(512))
+    assert not bool(back.isnan().any())
+    assert bool((back[0] == 0).all()) and bool((back[1, 256:] == 0).all())
+
+
 def test_importance_lowers_the_error_of_the_weighted_columns():
     w = gaussian()
     imp = torch.ones(512)
