@@ -1,7 +1,9 @@
 """Perplexity of GGUF K-quant files served from their own blocks, against the float model.
 
 Makes (once, into --dir) SmolLM2-135M as float32, Q4_K_M and Q6_K GGUF files from the
-embedded Q4_1 file with peregrine/quantization/kquants.py, and, where llama.cpp's
+embedded Q4_1 file with peregrine/quantization/kquants.py (its scale search for the least
+squared error, plain and weighted per input column by an importance matrix collected on
+the calibration half of the corpus, `*-peregrine-imatrix.gguf`), and, where llama.cpp's
 `llama-quantize` is found (../shared/peers/build_llamacpp.sh builds llama.cpp; build the
 `llama-quantize` target in the same tree), the same recipes by llama.cpp itself. Each file
 is then scored on the shipped held-out text (peregrine/quantization/perplexity.py), kept in
@@ -29,7 +31,7 @@ from peregrine.bench.results import save_json
 from peregrine.models.loader import load_model
 from peregrine.models.registry import default_gguf_path
 from peregrine.quantization.corpus import eval_text
-from peregrine.quantization.kquants import write_recipe
+from peregrine.quantization.kquants import importance_from_calibration, write_recipe
 from peregrine.quantization.perplexity import perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,11 +54,17 @@ def make_files(d: str) -> dict[str, str]:
     if not os.path.exists(files["float32"]):
         write_recipe(default_gguf_path(), files["float32"], "F32")
     quantize = llama_quantize()
+    importance = None
     for r in RECIPES:
         ours = os.path.join(d, f"smollm2-{r}-peregrine.gguf")
         if not os.path.exists(ours):
             write_recipe(default_gguf_path(), ours, r)
         files[f"{r} (peregrine's quantizer)"] = ours
+        weighted = os.path.join(d, f"smollm2-{r}-peregrine-imatrix.gguf")
+        if not os.path.exists(weighted):
+            importance = importance or importance_from_calibration(default_gguf_path())
+            write_recipe(default_gguf_path(), weighted, r, importance)
+        files[f"{r} (peregrine's quantizer, imatrix)"] = weighted
         if quantize:
             theirs = os.path.join(d, f"smollm2-{r}-llama.cpp.gguf")
             if not os.path.exists(theirs):
@@ -102,9 +110,9 @@ def main() -> int:
         if recipe and r["quantization"] == "gguf":
             r["within_target"] = r["ppl_vs_float"] <= TARGETS[recipe]
         target = f"<= {100 * TARGETS[recipe]:.1f}%" if recipe else "-"
-        print(f"| {name.split(',')[0]} | {'blocks' if r['quantization'] == 'gguf' else 'float'}"
-              f" | {r['bytes'] / 1e6:.1f} | {r['ppl']:.4f} | {100 * r['ppl_vs_float']:+.2f}% |"
-              f" {target} |")
+        served = "blocks" if r["quantization"] == "gguf" else "float"
+        print(f"| {name.rsplit(', ', 1)[0]} | {served} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.4f} |"
+              f" {100 * r['ppl_vs_float']:+.2f}% | {target} |")
     out = {"model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, dequantized = float32)",
            "text": "peregrine/quantization/corpus.py eval_text() (bundled, held out)",
            "tokens": len(ids), "context": ns.context, "results": rows,
