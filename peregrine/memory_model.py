@@ -140,8 +140,7 @@ class LinearFormat:
     wide_scales: bool = False  # int4/int5: float32 scales/offsets (GGUF K-quants' d * sc)
     offset: bool = False  # int8 with float32 per-group offsets (K-quant minimums)
     # int4/int5/int6 from GGUF K-quants only: scales and offsets as stored, an int8 per group
-    # and a float32 per 256 weights (d * sc, -dmin * m), instead of float32 per group; int6
-    # then packed, 6 bits a weight
+    # and a float32 per 256 weights (d * sc, -dmin * m), instead of float32 per group
     sub_scales: bool = False
 
 
@@ -233,7 +232,7 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
     if fmt.method == "float":
         return n * k * float_bytes
     if fmt.sub_scales:  # int8 scale and offset per group, float32 pair per 256 weights
-        packed = {"int4": n * k // 2, "int5": n * k // 2 + n * k // 8, "int6": n * k // 4 * 3}
+        packed = {"int4": n * k // 2, "int5": n * k // 2 + n * k // 8, "int6": n * k}
         return packed[fmt.method] + 2 * n * groups + 2 * 4 * n * (k // 256)
     if fmt.method == "int8":
         return n * k + 4 * n * groups * (2 if fmt.offset else 1)

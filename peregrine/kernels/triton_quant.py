@@ -56,7 +56,7 @@ def quant_matmul(x: torch.Tensor, layer: torch.nn.Module, block_m: int = 16,
     fmt = _FORMATS.get(layer.method)
     if fmt is None:
         raise ValueError(f"no Triton kernel for {layer.method!r} weights")
-    layer = layer.plain()  # GGUF K-quants' sub-block scales multiplied out, int6 unpacked
+    layer = layer.plain()  # GGUF K-quants' int8 sub-block scales multiplied out
     x = x.contiguous()
     m, k = x.shape
     n = layer.out_features

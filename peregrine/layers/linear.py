@@ -48,8 +48,7 @@ class QuantLinear(nn.Module):
 
     method = ""  # the --quantization name of the format
     int8_dot = False  # runs on q8_decode.cpp's int8 dot products (int4, int6)
-    # q8_decode.cpp's weight kind (0 int4, 1 int8, 2 int6, 3 int5, 4 packed int6); -1: by dtype
-    kernel_kind = -1
+    kernel_kind = -1  # q8_decode.cpp's weight kind (0 int4, 1 int8, 2 int6, 3 int5); -1: by dtype
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -107,18 +106,14 @@ class QuantLinear(nn.Module):
         return scale, offset
 
     def plain(self) -> "QuantLinear":
-        """This layer with float32 scales and one byte per int6 weight (itself when it has
-        neither sub-block scales nor packed int6): for what slices the weight or reads it
-        directly (tensor parallelism, Triton)."""
-        packed = getattr(self, "packed", False)
-        if getattr(self, "scale_super", None) is None and not packed:
+        """This layer with float32 scales (itself when they are not sub-block values): for
+        what slices the scales or reads them directly (tensor parallelism, Triton)."""
+        if getattr(self, "scale_super", None) is None:
             return self
         scale, offset = self.float_scales()
         bias = None if self.bias is None else self.bias.data
-        if isinstance(self, Int6Linear):
-            q = formats.unpack_int6(self.qweight) if packed else self.qweight
-            return Int6Linear(q, scale, offset, bias)
-        return type(self)(self.qweight, scale, offset, bias, scale_dtype=torch.float32)
+        extra = {} if isinstance(self, Int6Linear) else {"scale_dtype": torch.float32}
+        return type(self)(self.qweight, scale, offset, bias, **extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -262,34 +257,28 @@ class Int5Linear(QuantLinear):
 
 
 class Int6Linear(QuantLinear):
-    """GGUF's 6-bit weights (Q6_K, and 5-bit ones fused with them), w = scale * q + offset
-    with q in 0..63: unsigned, so the int8-dot kernel multiplies them as they are. One per
-    byte, or `packed` (K a multiple of 64): low nibbles and a plane of high bit pairs, 6 bits
-    a weight as the file keeps them (quant_formats.pack_int6)."""
+    """GGUF's 6-bit weights (Q6_K, and 5-bit ones fused with them) one per byte,
+    w = scale * q + offset with q in 0..63: unsigned, so the int8-dot kernel multiplies them
+    as they are. (Packed as the file packs them, 6 bits a weight, the unpacking cost more than
+    the bytes saved: 24-30% slower on AVX2 at one and two threads.)"""
 
     method = "int6"
     int8_dot = True
+    kernel_kind = 2
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor | None = None, scale_super: torch.Tensor | None = None,
-                 offset_super: torch.Tensor | None = None, packed: bool = False) -> None:
-        k = qweight.shape[1] // 3 * 4 if packed else qweight.shape[1]
-        super().__init__(k, qweight.shape[0], bias)
-        if not packed and qweight.numel() and (qweight.min() < 0 or qweight.max() > 63):
+                 offset_super: torch.Tensor | None = None) -> None:
+        super().__init__(qweight.shape[1], qweight.shape[0], bias)
+        if qweight.numel() and (qweight.min() < 0 or qweight.max() > 63):
             raise ValueError("int6 weights must lie in 0..63")
-        if packed and (k % 64 or qweight.shape[1] != k // 4 * 3):
-            raise ValueError(f"packed int6 weights are [N, K/2 + K/4] with K a multiple of 64, "
-                             f"got {tuple(qweight.shape)}")
-        self.packed = packed
-        self.kernel_kind = 4 if packed else 2
         self.group_size = formats.infer_group_size(self.in_features, scale.shape[1])
         self.register_buffer("qweight", qweight.to(torch.uint8).contiguous())
         self._set_scales(scale, offset, torch.float32, scale_super, offset_super)
 
     def dequantize(self) -> torch.Tensor:
         scale, offset = self.float_scales()
-        q = formats.unpack_int6(self.qweight) if self.packed else self.qweight
-        return formats.dequantize_int8(q, scale, self.group_size, offset)
+        return formats.dequantize_int8(self.qweight, scale, self.group_size, offset)
 
 
 class NF4Linear(QuantLinear):

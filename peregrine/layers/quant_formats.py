@@ -6,7 +6,6 @@ Triton kernels read the same tensors:
     int8  q int8 [N, K],       scale f32 [N, S] (offset f32)      w = scale * q (+ offset)
     int4  q uint8 [N, K/2],    scale, offset f16 or f32 [N, S]    w = scale * q + offset, q in 0..15
     int6  q uint8 [N, K],      scale, offset f32 [N, S]           w = scale * q + offset, q in 0..63
-          (or packed [N, K/2 + K/4]: nibbles as int4's, then the high two bits; see pack_int6)
     int5  q uint8 [N, 5K/8],   scale, offset f16 or f32 [N, S]    w = scale * q + offset, q in 0..31
           (a row's low nibbles packed as int4's, then its fifth bits: bit j of the row's
           bit string is weight j's, 4 bytes per 32 weights; GGUF Q5_x's own layout)
@@ -141,30 +140,6 @@ def unpack_int5(packed: torch.Tensor) -> torch.Tensor:
         tail = np.unpackbits(fifth[:, pairs * 8:], axis=1, bitorder="little")
         high = np.concatenate([high, tail], axis=1)
     return unpack_int4(packed[:, :k // 2].contiguous()) | (torch.from_numpy(high) << 4)
-
-
-def pack_int6(q: torch.Tensor) -> torch.Tensor:
-    """uint8 values 0..63 [N, K], K a multiple of 64 -> [N, K/2 + K/4]: int4-packed low
-    nibbles, then the high two bits, 16 bytes per pair of 32-blocks (A, B) in the order the
-    kernel takes them: byte j holds those of A j (bits 0-1), B j (2-3), A 16+j (4-5) and
-    B 16+j (6-7), so one load into both 128-bit lanes and a shift per lane place them."""
-    q = q.to(torch.uint8)
-    n, k = q.shape
-    if k % 64:
-        raise ValueError(f"packed int6 rows must be a multiple of 64 weights, got {k}")
-    h = (q >> 4).reshape(n, k // 64, 2, 2, 16)  # [row, pair, block, half, 16]
-    high = (h[:, :, 0, 0] | (h[:, :, 1, 0] << 2) | (h[:, :, 0, 1] << 4) | (h[:, :, 1, 1] << 6))
-    return torch.cat([pack_int4(q & 0x0F), high.reshape(n, k // 4)], dim=1)
-
-
-def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K/2 + K/4] (see pack_int6) -> uint8 values 0..63 [N, K]."""
-    n, width = packed.shape
-    k = width // 3 * 4
-    b = packed[:, k // 2:].reshape(n, k // 64, 1, 1, 16)
-    shifts = torch.tensor([[0, 4], [2, 6]], dtype=torch.uint8).reshape(1, 1, 2, 2, 1)
-    high = ((b >> shifts) & 3).reshape(n, k)  # [row, pair, block, half, 16] in weight order
-    return unpack_int4(packed[:, :k // 2].contiguous()) | (high << 4)
 
 
 # --- round-to-nearest quantizers -------------------------------------------------------------

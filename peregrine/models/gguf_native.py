@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from peregrine.layers.linear import Int4Linear, Int5Linear, Int6Linear, Int8Linear, QuantLinear
-from peregrine.layers.quant_formats import pack_int4, pack_int5, pack_int6
+from peregrine.layers.quant_formats import pack_int4, pack_int5
 from peregrine.memory_model import LinearFormat, gguf_native_format
 from peregrine.models.config import ModelConfig
 from peregrine.models.gguf_file import (QT, GGUFFile, rope_permuted_heads,
@@ -109,9 +109,8 @@ def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
         sub = [torch.cat(c) for c in zip(*(_sub_in_format(u, t, fmt) for u, t in parts))]
         compact = {"scale_super": sub[1], "offset_super": sub[3]}
         scale, offset = sub[0], sub[2]
-        if fmt.method == "int6":  # K is a multiple of 256: packed, 6 bits a weight
-            return Int6Linear(pack_int6(q.to(torch.uint8)), scale, offset, packed=True,
-                              **compact)
+        if fmt.method == "int6":
+            return Int6Linear(q.to(torch.uint8), scale, offset, **compact)
         if fmt.method == "int5":
             return Int5Linear(pack_int5(q.to(torch.uint8)), scale, offset, **compact)
         return Int4Linear(pack_int4(q.to(torch.uint8)), scale, offset, **compact)

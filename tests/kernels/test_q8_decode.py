@@ -212,33 +212,6 @@ def test_sub_block_scales_need_their_factors_and_whole_super_blocks(q8):
                      None, 32, kid, sup, osup)
 
 
-@pytest.mark.parametrize("scales", ["float32", "sub-block"])
-@pytest.mark.parametrize("group", [16, 32])
-@pytest.mark.parametrize("k", [64, 256, 576, 1536])
-@pytest.mark.parametrize("m", [1, 3, 6])
-def test_packed_int6_gives_the_bits_of_one_byte_per_weight(q8, scales, group, k, m):
-    """int6 packed as 6 bits a weight (nibbles and a plane of high bit pairs) computes what
-    the same values one per byte do, bit for bit, alone and in a batch."""
-    (q, scale, offset, _), _ = make_gguf_weight("int6", N + 1, k, group, seed=k)
-    sup = ()
-    if scales == "sub-block" and k % 256 == 0:
-        (scale, s_sup, offset, o_sup), _ = make_sub_scales(N + 1, k, group, seed=k)
-        sup = (s_sup, o_sup)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    want = q8.q8_linear(x, q, scale, offset, None, group, 2, *sup)
-    got = q8.q8_linear(x, formats.pack_int6(q), scale, offset, None, group, 4, *sup)
-    assert torch.equal(got, want)
-
-
-def test_int6_packing_round_trips_and_needs_whole_pairs():
-    q = torch.randint(0, 64, (3, 192), dtype=torch.uint8)
-    packed = formats.pack_int6(q)
-    assert packed.shape == (3, 192 // 2 + 192 // 4)
-    assert torch.equal(formats.unpack_int6(packed), q)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        formats.pack_int6(q[:, :96])
-
-
 def test_int5_packing_round_trips():
     q = torch.randint(0, 32, (3, 96), dtype=torch.uint8)
     packed = formats.pack_int5(q)

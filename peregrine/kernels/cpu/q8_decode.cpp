@@ -9,10 +9,7 @@
 //   int4  q uint8 [N, K/2], scale/offset f16 or f32 [N, S]:  w = scale * q + offset
 //         (GGUF's Q4_0/Q4_1 layout: in each run of 32, byte i = weight i | weight i+16 << 4)
 //   int6  q uint8 [N, K] below 64, scale/offset f32 [N, S]:   w = scale * q + offset
-//         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are),
-//         or packed (kind 4, K a multiple of 64): q uint8 [N, K/2 + K/4], the low nibbles
-//         in int4's layout, then the high two bits, 16 bytes per pair of 32-blocks in the
-//         order int6p_pair takes them (quant_formats.pack_int6)
+//         (GGUF Q6_K values, one per byte: unsigned, so maddubs takes them as they are)
 //   int5  q uint8 [N, K/2 + K/8], scale/offset f16 or f32:    w = scale * q + offset
 //         (GGUF Q5_0/Q5_1/Q5_K: a row's low nibbles in int4's layout, then its fifth
 //         bits, 8 bytes per pair of 32-blocks in the order int5_pair takes them)
@@ -52,7 +49,6 @@ constexpr int kInt4 = 0;
 constexpr int kInt8 = 1;
 constexpr int kInt6 = 2;
 constexpr int kInt5 = 3;
-constexpr int kInt6P = 4;  // int6 packed: nibbles, then the high two bits
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -222,8 +218,8 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
            const c10::optional<torch::Tensor>& offset_sup = c10::nullopt) {
   QW w;
   w.kind = kind;
-  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6 || kind == kInt5 ||
-              kind == kInt6P, "unknown weight kind ", kind);
+  TORCH_CHECK(kind == kInt4 || kind == kInt8 || kind == kInt6 || kind == kInt5,
+              "unknown weight kind ", kind);
   TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && q.device().is_cpu(),
               "quantized weights must be contiguous CPU tensors");
   TORCH_CHECK(q.dim() == 2, "q must be 2-D");
@@ -240,11 +236,6 @@ QW make_qw(int kind, const torch::Tensor& q, const torch::Tensor& scale,
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) % 20 == 0 && offset.has_value(),
                 "int5 weights: q uint8 [N, K/2 + K/8], scale and offset [N, S]");
     w.K = q.size(1) / 5 * 8;
-  } else if (kind == kInt6P) {
-    TORCH_CHECK(q.scalar_type() == torch::kUInt8 && q.size(1) % 48 == 0 && !w.f16 &&
-                offset.has_value(), "packed int6 weights: q uint8 [N, K/2 + K/4] with K a "
-                "multiple of 64, scale and offset float32 or int8 sub-block values [N, S]");
-    w.K = q.size(1) / 3 * 4;
   } else if (kind == kInt6) {
     TORCH_CHECK(q.scalar_type() == torch::kUInt8 && !w.f16 && offset.has_value(),
                 "int6 weights: q uint8 [N, K] below 64, scale and offset float32 [N, S]");
@@ -398,21 +389,6 @@ inline void int5_pair(const uint8_t* row, int64_t K, int64_t p, int64_t nb, __m2
   hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi8(bh, bit), five));
 }
 
-// Pair p of a packed int6 row (K a multiple of 64: pairs are whole): int4's nibbles with
-// the high two bits or-ed in. Byte j of the pair's 16 holds those of lo lanes j (bits 0-1)
-// and 16 + j (2-3) and of hi lanes j (4-5) and 16 + j (6-7): loaded into both 128-bit
-// lanes, one shift per 32-bit lane puts each lane's pair at bits 4-5, within its byte.
-inline void int6p_pair(const uint8_t* row, int64_t K, int64_t p, __m256i& lo, __m256i& hi) {
-  const __m256i two = _mm256_set1_epi8(0x30);
-  int4_pair(row, p, 2 * p + 2, lo, hi, true);
-  const __m256i v = _mm256_broadcastsi128_si256(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + K / 2 + p * 16)));
-  lo = _mm256_or_si256(lo, _mm256_and_si256(
-      _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 2, 2, 2, 2)), two));
-  hi = _mm256_or_si256(hi, _mm256_and_si256(
-      _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), two));
-}
-
 // Pair p of a one-byte-per-weight row (int8 or int6) in the same arrangement.
 inline void byte_pair(const uint8_t* row, int64_t p, int64_t nb, __m256i& lo, __m256i& hi,
                       bool whole = false) {
@@ -552,8 +528,6 @@ void qgemm_tile(const QW& w, const QX& x, int64_t m0, int64_t n0, float* y, int6
           int4_pair(w.q + (n0 + i) * (w.K / 2), p, nb, lo[i], hi[i]);
         } else if (KIND == kInt5) {
           int5_pair(w.q + (n0 + i) * (w.K / 8 * 5), w.K, p, nb, lo[i], hi[i]);
-        } else if (KIND == kInt6P) {
-          int6p_pair(w.q + (n0 + i) * (w.K / 4 * 3), w.K, p, lo[i], hi[i]);
         } else {
           byte_pair(w.q + (n0 + i) * w.K, p, nb, lo[i], hi[i]);
         }
@@ -619,8 +593,6 @@ inline void weight_pair(const QW& w, const uint8_t* r, int64_t p, int64_t nb, __
     int4_pair(r, p, nb, lo, hi, WHOLE);
   } else if (KIND == kInt5) {
     int5_pair(r, w.K, p, nb, lo, hi, WHOLE);
-  } else if (KIND == kInt6P) {
-    int6p_pair(r, w.K, p, lo, hi);
   } else {
     byte_pair(r, p, nb, lo, hi, WHOLE);
   }
@@ -728,8 +700,7 @@ template <int KIND, int SC, bool OFFSET, bool HALF, int RN>
 void gemv(const QW& w, const QX& x, int64_t n0, int64_t n1, float* y) {
   constexpr bool F16 = SC == kF16;
   const int64_t nb = w.K / 32, npair = x.npair, S = w.S, per = HALF ? 2 : 1;
-  const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5
-                           : KIND == kInt6P ? w.K / 4 * 3 : w.K;
+  const int64_t row_bytes = KIND == kInt4 ? w.K / 2 : KIND == kInt5 ? w.K / 8 * 5 : w.K;
   const int64_t whole = nb / 8 * 4;  // pairs in groups of eight whole blocks
   for (int64_t n = n0; n + RN <= n1; n += RN) {
     const uint8_t* r[RN];
@@ -864,8 +835,7 @@ void qgemm_rows(const QW& w, const QX& x, int64_t M, int64_t n0, int64_t n1, flo
     qgemm_rows_half<kInt4>(w, x, M, n0, n1, y, ldy, buf.data());
   } else if (w.kind == kInt6) {
     qgemm_rows_half<kInt6>(w, x, M, n0, n1, y, ldy, buf.data());
-  } else if (w.kind == kInt6P) {
-    qgemm_rows_half<kInt6P>(w, x, M, n0, n1, y, ldy, buf.data());
+
   } else if (w.kind == kInt5) {
     qgemm_rows_half<kInt5>(w, x, M, n0, n1, y, ldy, buf.data());
   } else {
