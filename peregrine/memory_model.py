@@ -142,6 +142,7 @@ class LinearFormat:
     # int4/int5/int6 from GGUF K-quants only: scales and offsets as stored, an int8 per group
     # and a float32 per 256 weights (d * sc, -dmin * m), instead of float32 per group
     sub_scales: bool = False
+    shared_offsets: bool = False  # sub_scales of signed types (Q6_K, Q3_K): offset qmin * sc
 
 
 FLOAT = LinearFormat()
@@ -177,12 +178,15 @@ def gguf_native_format(qtypes: list[QT]) -> LinearFormat:
     group = min(f.group for f in forms)
     exact16 = all(f.f16_exact for f in forms)
     sub = all(t in SUPER_BLOCK_TYPES for t in qtypes)
+    shared = sub and all(f.qmin < 0 for f in forms)
     if span <= 15:
-        return LinearFormat("int4", group, wide_scales=not exact16, sub_scales=sub)
+        return LinearFormat("int4", group, wide_scales=not exact16, sub_scales=sub,
+                            shared_offsets=shared)
     if span <= 31:
-        return LinearFormat("int5", group, wide_scales=not exact16, sub_scales=sub)
+        return LinearFormat("int5", group, wide_scales=not exact16, sub_scales=sub,
+                            shared_offsets=shared)
     if span <= 63:
-        return LinearFormat("int6", group, sub_scales=sub)
+        return LinearFormat("int6", group, sub_scales=sub, shared_offsets=shared)
     return LinearFormat("int8", group, offset=any(f.offset for f in forms))
 
 
@@ -233,7 +237,8 @@ def linear_weight_bytes(out_features: int, in_features: int, fmt: LinearFormat,
         return n * k * float_bytes
     if fmt.sub_scales:  # int8 scale and offset per group, float32 pair per 256 weights
         packed = {"int4": n * k // 2, "int5": n * k // 2 + n * k // 8, "int6": n * k}
-        return packed[fmt.method] + 2 * n * groups + 2 * 4 * n * (k // 256)
+        subs = 1 if fmt.shared_offsets else 2
+        return packed[fmt.method] + subs * n * groups + 2 * 4 * n * (k // 256)
     if fmt.method == "int8":
         return n * k + 4 * n * groups * (2 if fmt.offset else 1)
     if fmt.method == "int4":

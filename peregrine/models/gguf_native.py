@@ -107,6 +107,8 @@ def native_linear(parts: list[tuple[Unpacked, QT]]) -> QuantLinear:
     offset = None if conv[0][2] is None else torch.cat([c[2] for c in conv])
     if fmt.sub_scales:
         sub = [torch.cat(c) for c in zip(*(_sub_in_format(u, t, fmt) for u, t in parts))]
+        if fmt.shared_offsets:  # signed types' offsets are qmin * scale: one copy of sc
+            sub[2] = sub[0]
         compact = {"scale_super": sub[1], "offset_super": sub[3]}
         scale, offset = sub[0], sub[2]
         if fmt.method == "int6":

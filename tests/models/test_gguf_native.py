@@ -64,6 +64,8 @@ def test_a_q4_k_m_file_is_kept_in_its_blocks(smollm2_q4_k_m_path):
     down = mods["layers.4.mlp.down_proj"]  # d * sc is not f16-exact: kept as stored
     assert down.scale.dtype == torch.int8 and down.scale_super.dtype == torch.float32
     assert down.weight_bytes() * 8 / (576 * 1536) == 4.75  # the file's 4.5 + float32 d, dmin
+    six = mods["layers.0.mlp.down_proj"]  # Q6_K's offsets are -32 * scale: the same integers
+    assert six.offset is six.scale and six.weight_bytes() * 8 / (576 * 1536) == 8.75
     assert isinstance(mods["layers.4.mlp.gate_up_proj"], Int5Linear)  # Q5_0 (K = 576), as stored
     assert mods["layers.4.mlp.gate_up_proj"].scale.dtype == torch.float16  # d, -16 d: exact
     assert isinstance(mods["layers.0.self_attn.qkv_proj"], Int8Linear)  # Q5_0 q/k + Q8_0 v
@@ -88,6 +90,28 @@ def test_k_quant_scales_kept_as_stored_compute_the_bits_of_their_float32_product
         assert torch.equal(m.dequantize(), wide.dequantize()), name
         for rows in (x[:1], x):  # the one-row kernel and the batch tile
             assert torch.equal(m(rows), wide(rows)), name
+
+
+def test_tensors_kept_in_blocks_are_neither_dequantized_nor_written(smollm2_q4_k_m_path):
+    """The float parameters of linears kept in their blocks are replaced after loading:
+    loading leaves them unwritten (pages never touched are never resident), so a file's
+    load does not first build the float model."""
+    from peregrine.models.loader import _kept_in_blocks, gguf_tensors, load_weights
+    from peregrine.models.loader import _materialize, model_class
+    f = GGUFFile(smollm2_q4_k_m_path)
+    cfg = gguf_config(f)
+    kept = _kept_in_blocks(gguf_quantized_linears(f, cfg), f, cfg)
+    assert "blk.3.ffn_down.weight" in kept and "token_embd.weight" not in kept  # tied
+    sources = dict(gguf_tensors(f, cfg, kept))
+    assert sources["model.layers.3.mlp.down_proj.weight"]() is None
+    with torch.device("meta"):
+        net = model_class(cfg)(cfg, max_positions=64)
+    net = _materialize(net, torch.device("cpu"), torch.float32, cfg)
+    for p in net.parameters():
+        p.data.fill_(7.0)
+    load_weights(net, gguf_tensors(f, cfg, kept))  # every slot counts as filled
+    assert (net.layers[3].mlp.down_proj.weight == 7.0).all()  # not written
+    assert (net.layers[3].input_layernorm.weight != 7.0).any()  # what is not kept is loaded
 
 
 def test_a_q4_k_m_file_serves_through_the_fused_step(smollm2_q4_k_m_path):
